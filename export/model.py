@@ -1,0 +1,246 @@
+"""The denoiser: the Ministral-3 decoder of the Nemotron-Labs Diffusion family, both attention modes in one forward.
+
+`forward` is the engine contract (DESIGN §4): it reads a KV cache `past_key_values [B, L, 2, KV, P, D]`, runs the
+`T` new tokens causally or bidirectionally (chosen per row by `causal`), and returns float32 logits and the keys
+(after RoPE) and values of the new tokens only; the caller owns the cache and writes them into it.
+Parameter names follow the checkpoint (`encoder.*`, `diffusion_head`), so a real state dict loads unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.config import ModelConfig
+
+# Additive mask value for disallowed keys: large enough to zero a softmax, small enough for fp16 (max 65504).
+MASK_FILL = -3.0e4
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def yarn_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """YaRN inverse frequencies and the cos/sin attention factor, computed as transformers computes them."""
+    rope, dim = config.rope, config.head_dim
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = mscale(rope.factor, rope.mscale) / mscale(rope.factor, rope.mscale_all_dim)
+        else:
+            attention_factor = mscale(rope.factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(rope.rope_theta)
+        )
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = 1 - ramp
+    pos_freqs = rope.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        query_scale: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        q = q * query_scale
+        keys = torch.cat((past_k, k), dim=2)
+        values = torch.cat((past_v, v), dim=2)
+        group = self.heads // self.kv_heads
+        if group > 1:  # GQA: each KV head serves `group` query heads
+            s = keys.shape[2]
+            keys = keys[:, :, None].expand(b, self.kv_heads, group, s, self.head_dim).reshape(b, self.heads, s, -1)
+            values = values[:, :, None].expand(b, self.kv_heads, group, s, self.head_dim).reshape(b, self.heads, s, -1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=self.head_dim**-0.5)
+        out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return self.o_proj(out), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DiffusionLM(nn.Module):
+    """Nemotron-Labs Diffusion denoiser. Causal rows give shifted logits (i predicts i+1), bidirectional rows
+    unshifted ones (i predicts i)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        inv_freq, attention_factor = yarn_inverse_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_factor = attention_factor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diffusion_head.weight.dtype
+
+    def empty_cache(self, batch: int) -> torch.Tensor:
+        c = self.config
+        return torch.zeros(batch, c.num_hidden_layers, 2, c.num_key_value_heads, 0, c.head_dim, dtype=self.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: torch.Tensor,
+        causal: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = input_ids.shape[1]
+        p = past_key_values.shape[4]
+        idx = torch.arange(t, device=input_ids.device)
+        lower = idx[None, :] <= idx[:, None]  # [T, T] causal pattern over the new tokens
+        new = torch.where(causal.reshape(-1, 1, 1), lower, torch.ones_like(lower))  # [B or 1, T, T]
+        new = new.expand(input_ids.shape[0], t, t)
+        cached = torch.ones(input_ids.shape[0], t, p, dtype=torch.bool, device=input_ids.device)
+        allowed = torch.cat((cached, new), dim=-1) & attention_mask.bool()[:, None, :]
+        return self.forward_with_mask(input_ids, position_ids, allowed, past_key_values)
+
+    def forward_with_mask(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        allowed: torch.Tensor,
+        past_key_values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward with an explicit `allowed [B, T, P+T]` key mask (training uses the block-causal one)."""
+        if past_key_values is None:
+            past_key_values = self.empty_cache(input_ids.shape[0]).to(input_ids.device)
+        dtype = self.dtype
+        pos = position_ids.float()
+        freqs = pos[..., None] * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_factor).to(dtype)[:, None]
+        sin = (emb.sin() * self.attention_factor).to(dtype)[:, None]
+        rope = self.config.rope
+        query_scale = 1 + rope.llama_4_scaling_beta * torch.log(
+            1 + torch.floor(pos / rope.original_max_position_embeddings)
+        )
+        query_scale = query_scale[:, None, :, None].to(dtype)
+        bias = torch.where(allowed, 0.0, MASK_FILL).to(dtype)[:, None]  # [B, 1, T, P+T]
+
+        x = self.encoder.embed_tokens(input_ids)
+        presents = []
+        for i, layer in enumerate(self.encoder.layers):
+            attn, k, v = layer.self_attn(
+                layer.input_layernorm(x),
+                cos,
+                sin,
+                query_scale,
+                past_key_values[:, i, 0],
+                past_key_values[:, i, 1],
+                bias,
+            )
+            x = x + attn
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            presents.append(torch.stack((k, v), dim=1))  # [B, 2, KV, T, D]
+        logits = self.diffusion_head(self.encoder.norm(x)).float()
+        return logits, torch.stack(presents, dim=1)
+
+
+def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a checkpoint, name → shape: 3 + 9 × layers entries."""
+    h, d = config.hidden_size, config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "encoder.embed_tokens.weight": (config.vocab_size, h),
+        "encoder.norm.weight": (h,),
+        "diffusion_head.weight": (config.vocab_size, h),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"encoder.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (config.num_attention_heads * d, h),
+            p + "self_attn.k_proj.weight": (config.num_key_value_heads * d, h),
+            p + "self_attn.v_proj.weight": (config.num_key_value_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, config.num_attention_heads * d),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (config.intermediate_size, h),
+            p + "mlp.up_proj.weight": (config.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, config.intermediate_size),
+        }
+    return shapes

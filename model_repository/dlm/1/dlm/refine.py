@@ -1,0 +1,359 @@
+"""The three generation modes as step functions over a batch (DESIGN §1).
+
+Each live request is a `Sequence`; its mode is a small strategy object with two methods:
+`plan(seq)` says which tokens the next engine pass runs for that row (and whether causally), and
+`update(seq, logits)` reads that row's logits, commits tokens, and returns how many of the pass's new key/value
+columns the row keeps in its KV cache. `step` runs one engine pass over any mix of sequences and modes, so the
+same loop serves `generate` here and the continuous-batching scheduler in Triton.
+
+Every pass a row takes part in counts as one forward for it; the prompt's prefill is the first. Block layout: the
+causal pass (the prefill, or the pass that writes a finished block into the cache) predicts the block's first token,
+the seed; the remaining `block_length - 1` positions start masked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from dlm.runtime import Runtime
+
+MODES = ("ar", "diffusion", "speculative")
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """The ids decoding needs, read from the checkpoint's config.json."""
+
+    mask_token_id: int
+    eos_token_ids: frozenset[int]
+    block_size: int
+    max_position_embeddings: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "TokenSpec":
+        eos = config["eos_token_id"]
+        return cls(
+            mask_token_id=int(config["mask_token_id"]),
+            eos_token_ids=frozenset(int(e) for e in (eos if isinstance(eos, list) else [eos])),
+            block_size=int(config["block_size"]),
+            max_position_embeddings=int(config["max_position_embeddings"]),
+        )
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    mode: str = "diffusion"
+    max_tokens: int = 64
+    block_length: int | None = None  # None: the checkpoint's block_size
+    threshold: float | None = 0.9  # None: commit an even share of the block in `steps` passes
+    steps: int = 8
+    temperature: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and its allowed range."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode '{self.mode}' is unknown: expected one of {', '.join(MODES)}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.block_length is not None and self.block_length < 2:
+            raise ValueError(f"block_length must be at least 2, got {self.block_length}")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+
+
+@dataclass
+class Pass:
+    """What one row runs in the next engine pass."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    causal: bool
+
+
+@dataclass
+class Sequence:
+    """One request's decoding state. `tokens` holds what is final (the end token included when one was hit)."""
+
+    prompt: list[int]
+    params: GenerationParams
+    spec: TokenSpec
+    slot: int = 0
+    tokens: list[int] = field(default_factory=list)
+    cache_length: int = 0
+    forwards: int = 0
+    done: bool = False
+    finish_reason: str | None = None  # "eos" or "length"
+    # the block being refined: its tokens (mask id where not committed) and first position
+    block: np.ndarray | None = None
+    block_start: int = 0
+    block_steps: int = 0
+    phase: str = "prefill"
+
+    def __post_init__(self) -> None:
+        self.params.validate()
+        if not self.prompt:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        self.rng = np.random.default_rng(self.params.seed)
+        self.strategy = STRATEGIES[self.params.mode]
+
+    @property
+    def block_length(self) -> int:
+        return self.params.block_length or self.spec.block_size
+
+    @property
+    def context_needed(self) -> int:
+        """Cache positions this request can touch: prompt, answer, and one block of look-ahead."""
+        return len(self.prompt) + self.params.max_tokens + self.block_length
+
+    @property
+    def output(self) -> list[int]:
+        """Generated tokens, cut before the first end token."""
+        return self.tokens[:-1] if self.finish_reason == "eos" else list(self.tokens)
+
+    def finish_with(self, new_tokens: Iterable[int]) -> bool:
+        """Append committed tokens, stopping at the first end token or at `max_tokens`; True when finished."""
+        for token in new_tokens:
+            self.tokens.append(int(token))
+            if token in self.spec.eos_token_ids:
+                self.done, self.finish_reason = True, "eos"
+                return True
+            if len(self.tokens) >= self.params.max_tokens:
+                self.done, self.finish_reason = True, "length"
+                return True
+        return False
+
+
+def choose(logits: np.ndarray, seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Token and confidence per row of `logits [n, V]`: argmax at temperature 0, Gumbel-max sampling (float64)
+    above it. Confidence is the softmax probability of the chosen token; the mask id is never chosen."""
+    x = logits.astype(np.float64)
+    x[:, seq.spec.mask_token_id] = -np.inf
+    probs = np.exp(x - x.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    t = seq.params.temperature
+    if t > 0:
+        gumbel = -np.log(-np.log(seq.rng.random(x.shape)))
+        tokens = np.argmax(x / t + gumbel, axis=1)
+    else:
+        tokens = np.argmax(x, axis=1)
+    return tokens, probs[np.arange(len(tokens)), tokens]
+
+
+def prefill_pass(seq: Sequence) -> Pass:
+    n = len(seq.prompt)
+    return Pass(np.asarray(seq.prompt, dtype=np.int64), np.arange(n, dtype=np.int64), causal=True)
+
+
+def block_pass(seq: Sequence, causal: bool) -> Pass:
+    assert seq.block is not None
+    return Pass(seq.block.copy(), seq.block_start + np.arange(len(seq.block), dtype=np.int64), causal)
+
+
+def start_block(seq: Sequence, seed: int) -> None:
+    """Open the next block at the first uncached position: the seed, then masks."""
+    seq.block = np.full(seq.block_length, seq.spec.mask_token_id, dtype=np.int64)
+    seq.block[0] = seed
+    seq.block_start = seq.cache_length
+    seq.block_steps = 0
+
+
+class AutoRegressive:
+    """One causal pass per token."""
+
+    @staticmethod
+    def plan(seq: Sequence) -> Pass:
+        if seq.phase == "prefill":
+            return prefill_pass(seq)
+        return Pass(np.asarray(seq.tokens[-1:], dtype=np.int64), np.array([seq.cache_length]), causal=True)
+
+    @staticmethod
+    def update(seq: Sequence, logits: np.ndarray) -> int:
+        keep = len(seq.prompt) if seq.phase == "prefill" else 1
+        seq.phase = "decode"
+        token, _ = choose(logits[-1:], seq)
+        seq.finish_with(token)
+        return keep
+
+
+class BlockDiffusion:
+    """Bidirectional passes commit tokens of the block until none is masked; a causal pass then writes the block
+    into the cache and yields the next seed. Committed tokens are never re-masked."""
+
+    @staticmethod
+    def plan(seq: Sequence) -> Pass:
+        if seq.phase == "prefill":
+            return prefill_pass(seq)
+        return block_pass(seq, causal=seq.phase == "write")
+
+    @staticmethod
+    def update(seq: Sequence, logits: np.ndarray) -> int:
+        if seq.phase in ("prefill", "write"):
+            keep = len(logits)
+            if seq.phase == "write":
+                assert seq.block is not None
+                seq.finish_with(seq.block[1:])  # the seed was appended when the block opened
+            if not seq.done:
+                BlockDiffusion._open(seq, int(choose(logits[-1:], seq)[0][0]), keep)
+            return keep
+        BlockDiffusion._denoise(seq, logits)
+        return 0
+
+    @staticmethod
+    def _open(seq: Sequence, seed: int, written: int) -> None:
+        start_block(seq, seed)
+        seq.block_start += written
+        seq.phase = "denoise"
+        if seq.finish_with([seed]):
+            return
+        BlockDiffusion._finish_if_settled(seq)
+
+    @staticmethod
+    def _denoise(seq: Sequence, logits: np.ndarray) -> None:
+        assert seq.block is not None
+        mask = seq.spec.mask_token_id
+        open_positions = np.flatnonzero(seq.block[: BlockDiffusion._limit(seq)] == mask)
+        tokens, confidence = choose(logits[open_positions], seq)
+        p = seq.params
+        if p.threshold is not None:
+            chosen = confidence >= p.threshold
+            chosen[np.argmax(confidence)] = True
+        else:
+            share = math.ceil(len(open_positions) / max(p.steps - seq.block_steps, 1))
+            chosen = np.zeros(len(open_positions), dtype=bool)
+            chosen[np.argsort(-confidence, kind="stable")[:share]] = True
+        seq.block[open_positions[chosen]] = tokens[chosen]
+        seq.block_steps += 1
+        BlockDiffusion._finish_if_settled(seq)
+
+    @staticmethod
+    def _limit(seq: Sequence) -> int:
+        """Positions of the block that may still be generated under `max_tokens` (the seed is in `tokens`)."""
+        return min(seq.block_length, seq.params.max_tokens - len(seq.tokens) + 1)
+
+    @staticmethod
+    def _finish_if_settled(seq: Sequence) -> None:
+        """Finish at an end token with everything before it committed; write the block once it is complete."""
+        assert seq.block is not None
+        limit = BlockDiffusion._limit(seq)
+        open_ = seq.block[:limit] == seq.spec.mask_token_id
+        first_open = int(np.argmax(open_)) if open_.any() else limit
+        settled = seq.block[1:first_open]
+        reaches_max_tokens = limit == seq.params.max_tokens - len(seq.tokens) + 1
+        if any(int(t) in seq.spec.eos_token_ids for t in settled) or (first_open == limit and reaches_max_tokens):
+            seq.finish_with(settled)  # stops at the end token or at max_tokens
+        elif first_open == limit:
+            seq.phase = "write"
+
+
+class SelfSpeculative:
+    """One bidirectional pass drafts the block, one causal pass verifies it: the longest agreeing prefix plus one
+    bonus token are accepted. At temperature 0 the output equals `ar` token for token; above it each committed
+    token is a sample of the causal model given the committed prefix, so it stays exact in distribution."""
+
+    @staticmethod
+    def plan(seq: Sequence) -> Pass:
+        if seq.phase == "prefill":
+            return prefill_pass(seq)
+        return block_pass(seq, causal=seq.phase == "verify")
+
+    @staticmethod
+    def update(seq: Sequence, logits: np.ndarray) -> int:
+        if seq.phase == "prefill":
+            keep = len(seq.prompt)
+            SelfSpeculative._open(seq, int(choose(logits[-1:], seq)[0][0]), keep)
+            return keep
+        assert seq.block is not None
+        if seq.phase == "draft":
+            draft_positions = np.arange(1, len(seq.block))
+            seq.block[1:] = np.argmax(SelfSpeculative._without_mask(logits[draft_positions], seq), axis=1)
+            seq.phase = "verify"
+            return 0
+        predicted, _ = choose(logits, seq)  # predicted[i] is the causal model's token for position i + 1
+        drafts = seq.block[1:]
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == predicted[accepted]:
+            accepted += 1
+        keep = 1 + accepted  # the seed and the accepted drafts are now in the cache
+        bonus = int(predicted[accepted])
+        if not seq.finish_with(drafts[:accepted]):
+            SelfSpeculative._open(seq, bonus, keep)
+        return keep
+
+    @staticmethod
+    def _without_mask(logits: np.ndarray, seq: Sequence) -> np.ndarray:
+        x = logits.copy()
+        x[:, seq.spec.mask_token_id] = -np.inf
+        return x
+
+    @staticmethod
+    def _open(seq: Sequence, seed: int, written: int) -> None:
+        start_block(seq, seed)
+        seq.block_start += written
+        seq.phase = "draft"
+        seq.finish_with([seed])
+
+
+STRATEGIES = {"ar": AutoRegressive, "diffusion": BlockDiffusion, "speculative": SelfSpeculative}
+
+
+def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0) -> None:
+    """One engine pass over every sequence in `seqs` (any mix of modes); commits their tokens and KV columns."""
+    plans = [seq.strategy.plan(seq) for seq in seqs]
+    b, t = len(plans), max(len(p.tokens) for p in plans)
+    input_ids = np.full((b, t), pad_token_id, dtype=np.int64)
+    position_ids = np.zeros((b, t), dtype=np.int64)
+    new_mask = np.zeros((b, t), dtype=np.int64)
+    for i, p in enumerate(plans):
+        n = len(p.tokens)
+        input_ids[i, :n], position_ids[i, :n], new_mask[i, :n] = p.tokens, p.positions, 1
+    slots = np.array([s.slot for s in seqs], dtype=np.int64)
+    starts = np.array([s.cache_length for s in seqs], dtype=np.int64)
+    causal = np.array([p.causal for p in plans])
+    logits = runtime.forward(slots, input_ids, position_ids, new_mask, starts, causal)
+    counts = np.zeros(b, dtype=np.int64)
+    for i, (seq, p) in enumerate(zip(seqs, plans)):
+        seq.forwards += 1
+        counts[i] = seq.strategy.update(seq, logits[i, : len(p.tokens)])
+        seq.cache_length += int(counts[i])
+    runtime.commit(slots, starts, counts)
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated tokens, cut before the first end token
+    num_tokens: int  # committed tokens up to and including the first end token
+    num_forwards: int  # engine passes this request took part in, the prefill included
+    finish_reason: str
+
+
+def generate(
+    runtime: Runtime,
+    prompts: list[list[int]],
+    params: GenerationParams | list[GenerationParams],
+    spec: TokenSpec,
+) -> list[Generation]:
+    """Decode a batch to the end, every row in the same engine passes; rows that finish stop changing."""
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    seqs = [Sequence(list(p), q, spec, slot=i) for i, (p, q) in enumerate(zip(prompts, params_list))]
+    context = max(s.context_needed for s in seqs)
+    if context > spec.max_position_embeddings:
+        raise ValueError(
+            f"prompt + max_tokens + block_length = {context} positions exceeds the model's "
+            f"max_position_embeddings ({spec.max_position_embeddings})"
+        )
+    if runtime.slots < len(seqs) or runtime.context < context:
+        runtime.allocate(max(len(seqs), runtime.slots), max(context, runtime.context))
+    live = list(seqs)
+    while live:
+        step(runtime, live)
+        live = [s for s in live if not s.done]
+    return [Generation(s.output, len(s.tokens), s.forwards, s.finish_reason or "length") for s in seqs]
