@@ -49,3 +49,29 @@ TINY_CONFIG = {
 @pytest.fixture
 def tiny_config_dict() -> dict:
     return copy.deepcopy(TINY_CONFIG)
+
+
+@pytest.fixture
+def tiny_model(tiny_config_dict):
+    """A random tiny denoiser in fp32 with weights large enough to give peaked, non-trivial logits."""
+    import torch
+
+    from export.config import ModelConfig
+    from export.model import DiffusionLM
+
+    torch.manual_seed(0)
+    model = DiffusionLM(ModelConfig.from_dict(tiny_config_dict)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="session")
+def miniature():
+    """The shipped miniature, loaded once for the session."""
+    from export.inprocess import InProcessGenerator
+
+    if not (MINIATURE / "config.json").is_file():
+        pytest.fail(f"the shipped miniature is missing from {MINIATURE}: run scripts/train_miniature.py")
+    return InProcessGenerator(MINIATURE)

@@ -1,0 +1,59 @@
+"""Generate from a checkpoint in this process: the shared decoding loop (`dlm.refine`) over the PyTorch runtime.
+
+Used by the demo, the quality harness and the tests; Triton runs the same `dlm` code around its own runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dlm.refine import GenerationParams, TokenSpec, generate
+from dlm.runtime import CacheLayout, TorchRuntime
+from export.checkpoint import load_checkpoint, load_tokenizer
+
+
+@dataclass
+class TextGeneration:
+    text: str
+    tokens: list[int]
+    num_tokens: int
+    num_forwards: int
+    finish_reason: str
+    seconds: float
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Committed tokens (end token included) per forward after the prompt's prefill."""
+        return self.num_tokens / max(self.num_forwards - 1, 1)
+
+
+class InProcessGenerator:
+    def __init__(self, checkpoint: str | Path, dtype: str = "float32", device: str = "cpu"):
+        checkpoint = Path(checkpoint)
+        config = json.loads((checkpoint / "config.json").read_text())
+        self.model = load_checkpoint(checkpoint, dtype=dtype).to(device)
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.spec = TokenSpec.from_config(config)
+        self.runtime = TorchRuntime(self.model, CacheLayout.from_config(config), device=device)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def generate(self, prompts: list[str], params: GenerationParams) -> list[TextGeneration]:
+        """Decode all prompts as one batch; `seconds` is the batch's wall time."""
+        start = time.perf_counter()
+        results = generate(self.runtime, [self.encode(p) for p in prompts], params, self.spec)
+        seconds = time.perf_counter() - start
+        return [
+            TextGeneration(self.decode(r.tokens), r.tokens, r.num_tokens, r.num_forwards, r.finish_reason, seconds)
+            for r in results
+        ]
+
