@@ -22,7 +22,7 @@ from export.tasks import TASKS, Problem, held_out_set
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 STEPS = (1, 2, 4, 8, 16, 32)
-DEFAULT_COUNTS = {"addition": 500, "reverse": 100, "spell": 143}
+DEFAULT_COUNTS = {"addition": 500, "upper": 100, "spell": 143}
 
 
 @dataclass
@@ -120,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=Path(__file__).parent / "miniature")
     parser.add_argument("--out", type=Path, default=Path("artifacts/quality"))
-    parser.add_argument("--count", type=int, help="problems per task (default: 500 addition, 100 reverse, 143 spell)")
+    parser.add_argument("--count", type=int, help="problems per task (default: 500 addition, 100 upper, 143 spell)")
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     counts = {t: args.count for t in TASKS} if args.count else DEFAULT_COUNTS

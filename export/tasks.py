@@ -1,10 +1,11 @@
 """Synthetic tasks with checkable answers: what the miniature is trained on and what the quality harness scores.
 
 - `addition`: `A+B=` followed by the sum, A and B of up to 4 digits.
-- `reverse`: `rev:<letters>=` followed by the letters reversed; 32 to 40 letters, so answers are 32+ tokens.
+- `upper`: `upper:<36 lowercase letters>=` followed by the same letters in upper case: answers of 37 tokens with
+  the end token, every position decidable from the prompt alone, the regime where parallel decoding pays.
 - `spell`: `spell:N=` followed by N written in English words (0 to 999): a short text-like answer.
 
-Held-out problems never appear in training: an addition pair is held out when `(31 * A + B) % 50 == 0`; `reverse` and
+Held-out problems never appear in training: an addition pair is held out when `(31 * A + B) % 50 == 0`; `upper` and
 `spell` test sets come from their own random stream and `spell` holds out every number divisible by 7.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-TASKS = ("addition", "reverse", "spell")
+TASKS = ("addition", "upper", "spell")
+UPPER_LENGTH = 36
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -55,9 +57,9 @@ def sample(task: str, rng: random.Random, held_out: bool) -> Problem:
             a, b = _operand(rng), _operand(rng)
             if _is_held_out(task, a, b) == held_out:
                 return Problem(task, f"{a}+{b}=", str(a + b))
-        elif task == "reverse":
-            text = "".join(rng.choice(LETTERS) for _ in range(rng.randint(32, 40)))
-            return Problem(task, f"rev:{text}=", text[::-1])
+        elif task == "upper":
+            text = "".join(rng.choice(LETTERS) for _ in range(UPPER_LENGTH))
+            return Problem(task, f"upper:{text}=", text.upper())
         elif task == "spell":
             n = rng.randint(0, 999)
             if _is_held_out(task, n) == held_out:
@@ -67,7 +69,7 @@ def sample(task: str, rng: random.Random, held_out: bool) -> Problem:
 
 
 def held_out_set(task: str, count: int, seed: int = 1234) -> list[Problem]:
-    """A fixed list of held-out problems (the reverse task uses a stream training never draws from)."""
+    """A fixed list of held-out problems (the upper task uses a stream training never draws from)."""
     if task == "spell":  # every held-out number once
         return [Problem(task, f"spell:{n}=", number_words(n)) for n in range(0, 1000, 7)][:count]
     rng = random.Random(f"held-out/{task}/{seed}")

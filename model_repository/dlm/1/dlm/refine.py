@@ -158,11 +158,11 @@ def block_pass(seq: Sequence, causal: bool) -> Pass:
     return Pass(seq.block.copy(), seq.block_start + np.arange(len(seq.block), dtype=np.int64), causal)
 
 
-def start_block(seq: Sequence, seed: int) -> None:
-    """Open the next block at the first uncached position: the seed, then masks."""
+def start_block(seq: Sequence, seed: int, start: int) -> None:
+    """Open the next block at position `start` (the first one not in the cache): the seed, then masks."""
     seq.block = np.full(seq.block_length, seq.spec.mask_token_id, dtype=np.int64)
     seq.block[0] = seed
-    seq.block_start = seq.cache_length
+    seq.block_start = start
     seq.block_steps = 0
 
 
@@ -209,8 +209,7 @@ class BlockDiffusion:
 
     @staticmethod
     def _open(seq: Sequence, seed: int, written: int) -> None:
-        start_block(seq, seed)
-        seq.block_start += written
+        start_block(seq, seed, seq.cache_length + written)
         seq.phase = "denoise"
         if seq.finish_with([seed]):
             return
@@ -296,8 +295,7 @@ class SelfSpeculative:
 
     @staticmethod
     def _open(seq: Sequence, seed: int, written: int) -> None:
-        start_block(seq, seed)
-        seq.block_start += written
+        start_block(seq, seed, seq.cache_length + written)
         seq.phase = "draft"
         seq.finish_with([seed])
 

@@ -1,0 +1,165 @@
+"""The engine contract of DESIGN §4 as one object: tensor names, dtypes, dynamic axes and the optimization profile.
+
+Export traces with these names and axes, the TensorRT build takes its profile from here, and every runtime binds
+the same names and refuses shapes outside the same profile, so the three cannot disagree (the idea of TensorRT's
+demo/Diffusion). The contract travels in each artifact's manifest, so the serving side rebuilds it without `export`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Dynamic axes, by the names they carry in the ONNX graph. P+T has its own axis (DESIGN §4).
+BATCH, TOKENS, PAST, PAST_PLUS_TOKENS = "batch", "tokens", "past", "past_plus_tokens"
+CACHE_DTYPE = "cache"  # placeholder dtype: the model's dtype (float32 or float16)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name, or CACHE_DTYPE
+    dims: tuple[int | str, ...]  # a str is a dynamic axis, an int a fixed size
+
+
+@dataclass(frozen=True)
+class Profile:
+    """min / opt / max of each dynamic axis. `past_plus_tokens` is consistent with the others at each point."""
+
+    batch: tuple[int, int, int]
+    tokens: tuple[int, int, int]
+    past: tuple[int, int, int]
+    past_plus_tokens: tuple[int, int, int]
+
+    @classmethod
+    def from_limits(
+        cls, block_size: int, max_batch: int, max_context: int, max_tokens: int | None = None
+    ) -> "Profile":
+        """Ranges from the model's block size and the serving limits: at most `max_batch` rows per pass, at most
+        `max_context` positions per sequence (prompt + answer + one block), at most `max_tokens` new tokens per pass
+        (the longest prompt prefill; default all of `max_context`). The opt point is a denoising pass over one block
+        at half the context, the pass the decoding loop runs most."""
+        max_tokens = max_context if max_tokens is None else max_tokens
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if not block_size < max_context:
+            raise ValueError(f"max_context ({max_context}) must exceed the block size ({block_size})")
+        if not 1 <= max_tokens <= max_context:
+            raise ValueError(f"max_tokens must be in [1, max_context={max_context}], got {max_tokens}")
+        opt_tokens = min(block_size, max_tokens)
+        opt_past = min(max_context // 2, max_context - opt_tokens)
+        return cls(
+            batch=(1, max(1, max_batch // 2), max_batch),
+            tokens=(1, opt_tokens, max_tokens),
+            past=(0, opt_past, max_context - 1),
+            past_plus_tokens=(1, opt_past + opt_tokens, max_context),
+        )
+
+    @property
+    def max_context(self) -> int:
+        return self.past_plus_tokens[2]
+
+    def axis(self, name: str) -> tuple[int, int, int]:
+        return getattr(self, name)
+
+    def check(self, batch: int, tokens: int, past: int) -> None:
+        """Refuse a pass the artifact was not built for, naming the axis, its range and the build option."""
+        for name, value, option in (
+            (BATCH, batch, "--max-batch"),
+            (TOKENS, tokens, "--max-tokens"),
+            (PAST, past, "--max-context"),
+            (PAST_PLUS_TOKENS, past + tokens, "--max-context"),
+        ):
+            low, _, high = self.axis(name)
+            if not low <= value <= high:
+                raise ValueError(
+                    f"{name} = {value} is outside the range [{low}, {high}] this artifact was built for; "
+                    f"rebuild it with a larger {option}"
+                )
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Profile":
+        return cls(**{k: tuple(int(x) for x in data[k]) for k in (BATCH, TOKENS, PAST, PAST_PLUS_TOKENS)})
+
+
+@dataclass(frozen=True)
+class EngineContract:
+    """The denoiser's inputs and outputs for one model and cache dtype, plus the profile it is built for."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    cache_dtype: str  # "float32" or "float16"
+    profile: Profile
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], cache_dtype: str, profile: Profile) -> "EngineContract":
+        """From a checkpoint's config.json content."""
+        return cls(
+            int(config["num_hidden_layers"]),
+            int(config["num_key_value_heads"]),
+            int(config["head_dim"]),
+            int(config["vocab_size"]),
+            cache_dtype,
+            profile,
+        )
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        cache = (BATCH, self.num_layers, 2, self.num_kv_heads, PAST, self.head_dim)
+        return (
+            TensorSpec("input_ids", "int64", (BATCH, TOKENS)),
+            TensorSpec("position_ids", "int64", (BATCH, TOKENS)),
+            TensorSpec("attention_mask", "int64", (BATCH, PAST_PLUS_TOKENS)),
+            TensorSpec("past_key_values", CACHE_DTYPE, cache),
+            TensorSpec("causal", "bool", (BATCH,)),
+        )
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        present = (BATCH, self.num_layers, 2, self.num_kv_heads, TOKENS, self.head_dim)
+        return (
+            TensorSpec("logits", "float32", (BATCH, TOKENS, self.vocab_size)),
+            TensorSpec("present_key_values", CACHE_DTYPE, present),
+        )
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dtype(self, spec: TensorSpec) -> str:
+        return self.cache_dtype if spec.dtype == CACHE_DTYPE else spec.dtype
+
+    def shape(self, spec: TensorSpec, batch: int, tokens: int, past: int) -> tuple[int, ...]:
+        sizes = {BATCH: batch, TOKENS: tokens, PAST: past, PAST_PLUS_TOKENS: past + tokens}
+        return tuple(sizes[d] if isinstance(d, str) else d for d in spec.dims)
+
+    def profile_shapes(self, spec: TensorSpec) -> tuple[tuple[int, ...], ...]:
+        """(min, opt, max) shape of one input, as TensorRT's `IOptimizationProfile.set_shape` takes them."""
+        return tuple(
+            tuple(self.profile.axis(d)[i] if isinstance(d, str) else d for d in spec.dims) for i in range(3)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["profile"] = self.profile.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EngineContract":
+        return cls(
+            int(data["num_layers"]),
+            int(data["num_kv_heads"]),
+            int(data["head_dim"]),
+            int(data["vocab_size"]),
+            str(data["cache_dtype"]),
+            Profile.from_dict(data["profile"]),
+        )

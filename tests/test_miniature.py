@@ -1,0 +1,52 @@
+"""The shipped miniature: the real checkpoint format, its tokenizer, and lossless self-speculation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import MINIATURE
+from dlm.refine import GenerationParams
+from export.checkpoint import load_checkpoint, load_tokenizer
+from export.evaluate import run_setting
+from export.model import expected_tensor_shapes
+from export.tasks import TASKS, held_out_set
+
+
+def test_files_and_format_are_the_real_ones():
+    files = {p.name for p in MINIATURE.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= files
+    assert sum(p.stat().st_size for p in MINIATURE.iterdir()) < 20 * 2**20
+    config = json.loads((MINIATURE / "config.json").read_text())
+    assert config["architectures"] == ["NemotronLabsDiffusionModel"]
+    assert config["model_type"] == "nemotron_labs_diffusion"
+    assert config["rope_parameters"]["rope_type"] == "yarn"
+    model = load_checkpoint(MINIATURE)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected_tensor_shapes(model.config)
+
+
+def test_tokenizer_adds_bos_through_its_own_post_processor():
+    tokenizer = load_tokenizer(MINIATURE)
+    config = json.loads((MINIATURE / "config.json").read_text())
+    ids = tokenizer.encode("12+34=").ids
+    assert ids[0] == config["bos_token_id"] and len(ids) == 7
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "12+34="
+    assert tokenizer.token_to_id("</s>") == config["eos_token_id"]
+    assert tokenizer.token_to_id("<mask>") == config["mask_token_id"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_speculative_equals_ar_on_every_held_out_prompt(miniature, task):
+    problems = held_out_set(task, 500 if task == "addition" else 100)
+    ar = run_setting(miniature, problems, GenerationParams(mode="ar"), batch=128)
+    speculative = run_setting(miniature, problems, GenerationParams(mode="speculative"), batch=128)
+    mismatches = [p.prompt for p, a, s in zip(problems, ar, speculative) if a.tokens != s.tokens]
+    assert not mismatches, f"{len(mismatches)} prompts differ, first: {mismatches[:3]}"
+    assert sum(s.num_forwards for s in speculative) < sum(a.num_forwards for a in ar)
+
+
+def test_the_miniature_is_trained(miniature):
+    problems = held_out_set("addition", 40)
+    results = run_setting(miniature, problems, GenerationParams(mode="diffusion", threshold=0.9), batch=64)
+    assert sum(r.text == p.answer for r, p in zip(results, problems)) >= 30

@@ -1,0 +1,127 @@
+"""The decoding loop (`dlm.refine`) on a random tiny model: batching, end tokens, limits, sampling, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from dlm.refine import GenerationParams, TokenSpec, generate
+from dlm.runtime import CacheLayout, TorchRuntime
+
+PROMPTS = [[1, 5, 6, 7, 8], [1, 9], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 40, 41]]
+SETTINGS = [
+    GenerationParams(mode="ar", max_tokens=21),
+    GenerationParams(mode="speculative", max_tokens=21),
+    GenerationParams(mode="diffusion", max_tokens=21, threshold=0.9),
+    GenerationParams(mode="diffusion", max_tokens=21, threshold=None, steps=3),
+]
+IDS = ["ar", "speculative", "diffusion-threshold", "diffusion-steps"]
+
+
+@pytest.fixture
+def runtime(tiny_model, tiny_config_dict):
+    return TorchRuntime(tiny_model, CacheLayout.from_config(tiny_config_dict))
+
+
+@pytest.fixture
+def spec(tiny_config_dict):
+    return dataclasses.replace(TokenSpec.from_config(tiny_config_dict), eos_token_ids=frozenset())  # never ends
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=IDS)
+def test_batch_invariance(runtime, spec, params):
+    batch = generate(runtime, PROMPTS, params, spec)
+    for prompt, together in zip(PROMPTS, batch):
+        alone = generate(runtime, [prompt], params, spec)[0]
+        assert together.tokens == alone.tokens
+        assert together.num_forwards == alone.num_forwards
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=IDS)
+def test_rows_stop_at_their_first_end_token_while_others_continue(runtime, spec, params):
+    free = generate(runtime, PROMPTS, params, spec)
+    first = free[0].tokens
+    eos = next(t for i, t in enumerate(first) if i >= 3 and t not in first[:i])  # first appears at index >= 3
+    with_eos = generate(runtime, PROMPTS, params, dataclasses.replace(spec, eos_token_ids=frozenset({eos})))
+    for before, after in zip(free, with_eos):
+        if eos in before.tokens:
+            cut = before.tokens.index(eos)
+            assert after.tokens == before.tokens[:cut] and after.finish_reason == "eos"
+            assert after.num_tokens == cut + 1  # the end token counts as committed
+        else:
+            assert after.tokens == before.tokens and after.finish_reason == "length"
+    assert with_eos[0].num_forwards < free[0].num_forwards
+
+
+@pytest.mark.parametrize("mode", ["ar", "speculative", "diffusion"])
+@pytest.mark.parametrize("max_tokens", [1, 7, 13, 16, 17])
+def test_max_tokens_need_not_be_a_multiple_of_the_block(runtime, spec, mode, max_tokens):
+    out = generate(runtime, PROMPTS[:2], GenerationParams(mode=mode, max_tokens=max_tokens), spec)
+    for r in out:
+        assert len(r.tokens) == max_tokens and r.num_tokens == max_tokens and r.finish_reason == "length"
+        assert r.num_forwards >= 1
+
+
+def test_fixed_steps_bound_the_passes_per_block(runtime, spec):
+    block = spec.block_size
+    for steps in (1, 2, 7):
+        r = generate(runtime, PROMPTS[:1], GenerationParams("diffusion", 3 * block, threshold=None, steps=steps), spec)[0]
+        # prefill, then per block `steps` denoising passes and one causal pass (none after the last block)
+        assert r.num_forwards == 1 + 3 * steps + 2
+    assert generate(runtime, PROMPTS[:1], GenerationParams("ar", 3 * block), spec)[0].num_forwards == 3 * block
+
+
+def test_speculative_equals_ar_at_temperature_zero(runtime, spec):
+    ar = generate(runtime, PROMPTS, GenerationParams(mode="ar", max_tokens=30), spec)
+    sp = generate(runtime, PROMPTS, GenerationParams(mode="speculative", max_tokens=30), spec)
+    assert [r.tokens for r in ar] == [r.tokens for r in sp]
+
+
+@pytest.mark.parametrize("mode", ["ar", "speculative", "diffusion"])
+def test_sampling_is_reproducible_per_seed(runtime, spec, mode):
+    def run(seed):
+        params = GenerationParams(mode=mode, max_tokens=16, temperature=1.5, seed=seed)
+        return [r.tokens for r in generate(runtime, PROMPTS, params, spec)]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_mask_token_is_never_generated(runtime, spec):
+    for params in SETTINGS:
+        for r in generate(runtime, PROMPTS, dataclasses.replace(params, temperature=1.0), spec):
+            assert spec.mask_token_id not in r.tokens
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("mode", "beam", "mode 'beam' is unknown"),
+        ("max_tokens", 0, "max_tokens must be at least 1"),
+        ("threshold", 0.0, r"threshold must be in \(0, 1\]"),
+        ("threshold", 1.5, r"threshold must be in \(0, 1\]"),
+        ("steps", 0, "steps must be at least 1"),
+        ("block_length", 1, "block_length must be at least 2"),
+        ("temperature", float("nan"), "temperature must be a finite number"),
+        ("temperature", -1.0, "temperature must be a finite number"),
+    ],
+)
+def test_invalid_parameters_name_the_field(runtime, spec, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        generate(runtime, PROMPTS[:1], dataclasses.replace(GenerationParams(), **{field: value}), spec)
+
+
+def test_context_beyond_the_model_is_refused(runtime, spec):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(runtime, PROMPTS[:1], GenerationParams(max_tokens=10_000), spec)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(runtime, [[]], GenerationParams(), spec)
+
+
+def test_block_length_is_a_request_control(runtime, spec):
+    for block in (2, 4, 16):
+        r = generate(runtime, PROMPTS[:1], GenerationParams("diffusion", 20, block_length=block, threshold=None, steps=1), spec)[0]
+        blocks = int(np.ceil(20 / block))
+        assert r.num_forwards == 1 + blocks + (blocks - 1)

@@ -1,0 +1,295 @@
+"""The runtimes over built artifacts: the same tokens as PyTorch in every mode, the cache allocated once, the
+profile enforced, and artifacts that are missing or were built for something else refused with a clear message.
+TensorRT tests are marked `tensorrt` and skip, saying why, where TensorRT or a GPU is absent."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MINIATURE, TINY_CONFIG
+from dlm.artifact import ArtifactError, load_artifact
+from dlm.contract import EngineContract
+from dlm.refine import GenerationParams, TokenSpec, generate
+from dlm.runtime import (
+    CacheLayout,
+    OnnxRuntime,
+    RuntimeUnavailable,
+    TensorRTRuntime,
+    TorchExportRuntime,
+    TorchRuntime,
+    load_runtime,
+    tensorrt_usable,
+)
+from export.__main__ import main
+from export.checkpoint import load_checkpoint, save_checkpoint
+from export.config import ModelConfig
+from export.manifest import check, write_entry
+from export.model import DiffusionLM
+
+PROMPTS = [[1, 5, 6, 7, 8], [1, 9], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 40, 41]]
+SETTINGS = {
+    "ar": GenerationParams(mode="ar", max_tokens=19),
+    "speculative": GenerationParams(mode="speculative", max_tokens=19),
+    "diffusion-threshold": GenerationParams(mode="diffusion", max_tokens=19, threshold=0.9),
+    "diffusion-steps": GenerationParams(mode="diffusion", max_tokens=19, threshold=None, steps=3),
+}
+MAX_BATCH, MAX_CONTEXT = 4, 64
+
+
+def tiny_checkpoint(directory, scale: float = 0.3):
+    torch.manual_seed(0)
+    model = DiffusionLM(ModelConfig.from_dict(TINY_CONFIG)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, scale)
+    save_checkpoint(model, directory, dtype="float32")
+    return directory
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the comparisons are tiny, and extra threads only contend on a 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny random checkpoint and its model.onnx + model.pt2 (one trace), built once for the module."""
+    root = tmp_path_factory.mktemp("runtimes")
+    checkpoint, out = tiny_checkpoint(root / "checkpoint"), root / "artifact"
+    rc = main(["onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--max-batch", str(MAX_BATCH),
+               "--max-context", str(MAX_CONTEXT), "--torch-export"])
+    assert rc == 0
+    return checkpoint, out
+
+
+@pytest.fixture(scope="module")
+def config(built):
+    return json.loads((built[0] / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def spec(config):
+    return dataclasses.replace(TokenSpec.from_config(config), eos_token_ids=frozenset())  # never ends early
+
+
+@pytest.fixture(scope="module")
+def reference(built, config):
+    return TorchRuntime(load_checkpoint(built[0], "float32"), CacheLayout.from_config(config))
+
+
+@pytest.fixture(scope="module")
+def runtimes(built, config):
+    """Each artifact runtime, loaded once (loading model.pt2 takes a second or two)."""
+    return {"onnxruntime": load_runtime("onnxruntime", built[1], config, threads=1),
+            "torch": load_runtime("torch", built[1], config)}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("name", ["onnxruntime", "torch"])
+def test_same_tokens_as_pytorch_at_temperature_0(runtimes, spec, reference, name, setting):
+    runtime = runtimes[name]
+    assert type(runtime) is {"onnxruntime": OnnxRuntime, "torch": TorchExportRuntime}[name]
+    want = generate(reference, PROMPTS, SETTINGS[setting], spec)
+    got = generate(runtime, PROMPTS, SETTINGS[setting], spec)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert [g.num_forwards for g in got] == [w.num_forwards for w in want]
+
+
+def test_onnxruntime_allocates_the_cache_once(built, config, spec):
+    runtime = OnnxRuntime(built[1], config, threads=1)
+    runtime.allocate(MAX_BATCH, MAX_CONTEXT)
+    buffers = [runtime._cache, runtime._past, runtime._present_buffer, runtime._logits]
+    addresses = [b.ctypes.data for b in buffers]
+    for setting in ("speculative", "diffusion-threshold"):
+        generate(runtime, PROMPTS, SETTINGS[setting], spec)
+    now = [runtime._cache, runtime._past, runtime._present_buffer, runtime._logits]
+    assert all(a is b for a, b in zip(buffers, now)) and [b.ctypes.data for b in now] == addresses
+    assert np.shares_memory(runtime._present, runtime._present_buffer)  # outputs were written in place
+
+
+def test_profile_is_enforced(built, config):
+    runtime = OnnxRuntime(built[1], config, threads=1)
+    with pytest.raises(ValueError, match=f"exceeds the {MAX_CONTEXT} this artifact was built for.*--max-context"):
+        runtime.allocate(1, MAX_CONTEXT + 1)
+    runtime.allocate(MAX_BATCH + 1, 16)
+    b = MAX_BATCH + 1
+    with pytest.raises(ValueError, match=rf"batch = {b} is outside the range \[1, {MAX_BATCH}\].*--max-batch"):
+        runtime.forward(np.arange(b), np.ones((b, 2), np.int64), np.zeros((b, 2), np.int64),
+                        np.ones((b, 2), np.int64), np.zeros(b, np.int64), np.ones(b, bool))
+
+
+def test_auto_picks_onnxruntime_then_torch_export(built, tmp_path):
+    _, out = built
+    if not tensorrt_usable():
+        (tmp_path / "with_plan").mkdir()
+        for name in ("model.onnx", "manifest.json"):
+            shutil.copy(out / name, tmp_path / "with_plan" / name)
+        (tmp_path / "with_plan" / "model.plan").write_bytes(b"not a plan")  # ignored without TensorRT and a GPU
+        assert isinstance(load_runtime("auto", tmp_path / "with_plan"), OnnxRuntime)
+    (tmp_path / "pt2").mkdir()
+    for name in ("model.pt2", "manifest.json"):
+        shutil.copy(out / name, tmp_path / "pt2" / name)
+    assert isinstance(load_runtime("auto", tmp_path / "pt2"), TorchExportRuntime)
+    with pytest.raises(ValueError, match="runtime 'tflite' is unknown"):
+        load_runtime("tflite", out)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("onnxruntime", r"no model.onnx in .*: build it with `python -m export onnx --checkpoint"),
+        ("torch", r"no model.pt2 in .*: build it with `python -m export torch-export --checkpoint"),
+        ("auto", r"no model.plan, model.onnx, model.pt2 in .*: build one with `python -m export onnx"),
+    ],
+)
+def test_missing_artifact_is_refused(tmp_path, name, message):
+    with pytest.raises(ArtifactError, match=message):
+        load_runtime(name, tmp_path)
+
+
+def test_artifact_without_manifest_entry_is_refused(built, tmp_path):
+    shutil.copy(built[1] / "model.onnx", tmp_path / "model.onnx")
+    with pytest.raises(ArtifactError, match="manifest.json has no entry for model.onnx.*rebuild it with"):
+        load_runtime("onnxruntime", tmp_path)
+
+
+def test_artifact_for_another_model_is_refused(built, config):
+    other = {**config, "hidden_size": 96, "num_hidden_layers": 3}
+    with pytest.raises(ArtifactError) as error:
+        load_runtime("onnxruntime", built[1], other)
+    message = str(error.value)
+    assert "other model config: hidden_size 64 (artifact) != 96 (this model), num_hidden_layers 2 (artifact)" in message
+    assert f"Rebuild it with `python -m export onnx --checkpoint {built[0]} --out {built[1]}" in message
+    # the weights' storage dtype is not part of the network
+    load_artifact(built[1], "onnx", config={**config, "dtype": "bfloat16"})
+
+
+def test_artifact_from_another_checkpoint_is_refused(built, tmp_path):
+    check(built[1], "onnx", checkpoint=built[0])  # the one it was built from passes
+    retrained = tiny_checkpoint(tmp_path / "retrained", scale=0.2)  # same config, other weights
+    with pytest.raises(ArtifactError, match=r"checkpoint \w{12} \(artifact\) != \w{12} \(here\)\. Rebuild it with"):
+        check(built[1], "onnx", checkpoint=retrained)
+
+
+def test_changed_artifact_is_refused(built, tmp_path):
+    for name in ("model.onnx", "manifest.json"):
+        shutil.copy(built[1] / name, tmp_path / name)
+    with open(tmp_path / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match="model.onnx was changed after it was built"):
+        load_runtime("onnxruntime", tmp_path)
+
+
+def test_plan_for_another_tensorrt_or_gpu_is_refused(built, config, tmp_path):
+    """The check TensorRTRuntime runs before deserializing, exercised without TensorRT."""
+    entry = load_artifact(built[1], "onnx").entry
+    (tmp_path / "model.plan").write_bytes(b"plan bytes")
+    write_entry(tmp_path, "tensorrt", files=["model.plan"], config=config, checkpoint_hash=entry["checkpoint_sha256"],
+                precision="fp16", contract=EngineContract.from_dict(entry["contract"]),
+                command="python -m export engine --onnx X/model.onnx --precision fp16 --out Y",
+                tensorrt_version="10.9.0.34", compute_capability="8.0")
+    load_artifact(tmp_path, "tensorrt", config=config, tensorrt_version="10.9.0.34", compute_capability="8.0")
+    with pytest.raises(ArtifactError) as error:
+        load_artifact(tmp_path, "tensorrt", config=config, tensorrt_version="10.13.3.9", compute_capability="9.0")
+    assert str(error.value).endswith(
+        "does not match: TensorRT version 10.9.0.34 (artifact) != 10.13.3.9 (here); GPU compute capability 8.0 "
+        "(artifact) != 9.0 (here). Rebuild it with `python -m export engine --onnx X/model.onnx --precision fp16 --out Y`"
+    )
+
+
+@pytest.mark.skipif(tensorrt_usable(), reason="TensorRT and a GPU are present")
+def test_without_tensorrt_the_runtime_and_the_build_say_what_to_install(built, capsys):
+    with pytest.raises(RuntimeUnavailable, match=r"pip install \.\[tensorrt\] on a GPU host"):
+        TensorRTRuntime(built[1])
+    rc = main(["engine", "--onnx", str(built[1] / "model.onnx"), "--precision", "fp16", "--out", str(built[1])])
+    assert rc != 0
+    assert "pip install .[tensorrt] on a GPU host" in capsys.readouterr().err
+
+
+def test_engine_build_refuses_a_graph_of_the_wrong_precision(built, capsys):
+    rc = main(["engine", "--onnx", str(built[1] / "model.onnx"), "--precision", "fp8", "--out", str(built[1])])
+    assert rc != 0
+    assert "is an fp32 graph; an fp8 engine is built from a fp8 graph" in capsys.readouterr().err
+
+
+def need_tensorrt_and_gpu():
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install .[tensorrt] on a GPU host)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU and none is visible")
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_fp16_plan_matches_pytorch(built, config, spec, reference, tmp_path):
+    need_tensorrt_and_gpu()
+    from export.engine import build_engine
+
+    entry = build_engine(built[1] / "model.onnx", "fp16", tmp_path, opt_level=0, log=lambda _: None)
+    assert entry["tensorrt_version"] and entry["compute_capability"]
+    runtime = load_runtime("auto", tmp_path, config)
+    assert isinstance(runtime, TensorRTRuntime)
+    runtime.allocate(MAX_BATCH, MAX_CONTEXT)
+    b, t = 2, 5
+    ids = np.arange(1, 1 + b * t, dtype=np.int64).reshape(b, t)
+    pos = np.tile(np.arange(t, dtype=np.int64), (b, 1))
+    args = (np.arange(b), ids, pos, np.ones((b, t), np.int64), np.zeros(b, np.int64), np.array([True, False]))
+    reference.allocate(MAX_BATCH, MAX_CONTEXT)
+    want = reference.forward(*args)
+    got = runtime.forward(*args)
+    assert np.abs(got - want).max() < 0.1
+    # decoding end to end: greedy AR tokens agree with PyTorch on most positions at fp16
+    got_ar = generate(runtime, PROMPTS, SETTINGS["ar"], spec)
+    want_ar = generate(reference, PROMPTS, SETTINGS["ar"], spec)
+    agree = np.mean([g == w for a, b_ in zip(got_ar, want_ar) for g, w in zip(a.tokens, b_.tokens)])
+    assert agree > 0.9
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_refuses_a_plan_built_elsewhere(built, config, tmp_path):
+    need_tensorrt_and_gpu()
+    entry = load_artifact(built[1], "onnx").entry
+    (tmp_path / "model.plan").write_bytes(b"plan bytes")
+    write_entry(tmp_path, "tensorrt", files=["model.plan"], config=config, checkpoint_hash=entry["checkpoint_sha256"],
+                precision="fp16", contract=EngineContract.from_dict(entry["contract"]), command="rebuild",
+                tensorrt_version="0.0.0", compute_capability="1.0")
+    with pytest.raises(ArtifactError, match=r"TensorRT version 0\.0\.0 \(artifact\) != .*Rebuild it with `rebuild`"):
+        TensorRTRuntime(tmp_path, config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_export_runs_on_cuda(built, config, spec, reference):
+    runtime = load_runtime("torch", built[1], config, device="cuda")
+    want = generate(reference, PROMPTS, SETTINGS["speculative"], spec)
+    got = generate(runtime, PROMPTS, SETTINGS["speculative"], spec)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MINIATURE / "model.safetensors").is_file(), reason="the miniature is not trained yet")
+def test_miniature_onnxruntime_gives_the_pytorch_tokens_in_every_mode(tmp_path):
+    from export.inprocess import InProcessGenerator
+    from export.tasks import TASKS, held_out_set
+
+    checkpoint = tmp_path / "miniature"  # a snapshot: the shipped one may be rewritten while this runs
+    shutil.copytree(MINIATURE, checkpoint)
+    rc = main(["onnx", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "onnx"), "--max-batch", "4",
+               "--max-context", "128"])
+    assert rc == 0
+    reference = InProcessGenerator(checkpoint)
+    runtime = load_runtime("onnxruntime", tmp_path / "onnx", json.loads((checkpoint / "config.json").read_text()))
+    prompts = [reference.encode(problem.prompt) for task in TASKS for problem in held_out_set(task, 1)][:4]
+    for mode in ("ar", "diffusion", "speculative"):
+        params = GenerationParams(mode=mode, max_tokens=32)
+        want = generate(reference.runtime, prompts, params, reference.spec)
+        got = generate(runtime, prompts, params, reference.spec)
+        assert [g.tokens for g in got] == [w.tokens for w in want], mode
