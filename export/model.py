@@ -174,7 +174,8 @@ class DiffusionLM(nn.Module):
         p = past_key_values.shape[4]
         idx = torch.arange(t, device=input_ids.device)
         lower = idx[None, :] <= idx[:, None]  # [T, T] causal pattern over the new tokens
-        new = torch.where(causal.reshape(-1, 1, 1), lower, torch.ones_like(lower))  # [B or 1, T, T]
+        # bidirectional rows allow every new key; logic ops rather than a bool Where, which ONNX Runtime lacks on CPU
+        new = lower | ~causal.reshape(-1, 1, 1)  # [B or 1, T, T]
         new = new.expand(input_ids.shape[0], t, t)
         cached = torch.ones(input_ids.shape[0], t, p, dtype=torch.bool, device=input_ids.device)
         allowed = torch.cat((cached, new), dim=-1) & attention_mask.bool()[:, None, :]

@@ -142,6 +142,10 @@ class EngineContract:
         sizes = {BATCH: batch, TOKENS: tokens, PAST: past, PAST_PLUS_TOKENS: past + tokens}
         return tuple(sizes[d] if isinstance(d, str) else d for d in spec.dims)
 
+    def shape_of(self, name: str, batch: int, tokens: int, past: int) -> tuple[int, ...]:
+        spec = next(s for s in (*self.inputs, *self.outputs) if s.name == name)
+        return self.shape(spec, batch, tokens, past)
+
     def profile_shapes(self, spec: TensorSpec) -> tuple[tuple[int, ...], ...]:
         """(min, opt, max) shape of one input, as TensorRT's `IOptimizationProfile.set_shape` takes them."""
         return tuple(

@@ -197,10 +197,9 @@ class OnnxRuntime:
         b, t = input_ids.shape
         p = int(cache_lengths.max(initial=0))
         self.contract.profile.check(b, t, p)
-        inputs, outputs = self.contract.inputs, self.contract.outputs
-        past = self._view(self._past, self.contract.shape(inputs[3], b, t, p))
+        past = self._view(self._past, self.contract.shape_of("past_key_values", b, t, p))
         for row, slot in enumerate(slots.tolist()):
-            past[row] = self._cache[slot, :, :, :, :p]
+            past[row] = self._cache[slot, :, :, :, :p]  # gather each row's cache into the staging buffer
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
@@ -208,8 +207,8 @@ class OnnxRuntime:
             "past_key_values": past,
             "causal": np.ascontiguousarray(causal, dtype=bool).reshape(b),
         }
-        logits = self._view(self._logits, self.contract.shape(outputs[0], b, t, p))
-        self._present = self._view(self._present_buffer, self.contract.shape(outputs[1], b, t, p))
+        logits = self._view(self._logits, self.contract.shape_of("logits", b, t, p))
+        self._present = self._view(self._present_buffer, self.contract.shape_of("present_key_values", b, t, p))
         binding = self._binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()

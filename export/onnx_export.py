@@ -1,0 +1,229 @@
+"""Trace the denoiser into one ONNX graph (DESIGN §4) and validate it before returning.
+
+Steps: torch.export with the contract's dynamic axes → `torch.onnx.export(dynamo=True)` at opset ≥ 18 → axis names
+and IO checked against the contract → `onnx.checker` full check → ONNX Runtime against PyTorch on several shapes,
+an empty cache among them (largest absolute logit difference printed, refused above the tolerance) → the same
+inputs and ONNX Runtime outputs saved as a polygraphy comparison, which a GPU host replays against a TensorRT plan
+(`polygraphy run model.plan --model-type engine --trt --load-inputs ... --load-outputs ...`) → manifest entry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+
+from dlm.contract import EngineContract
+from export.manifest import checkpoint_sha256, write_entry
+from export.model import DiffusionLM
+from export.torch_export import (
+    DEFAULT_MAX_BATCH,
+    TORCH_EXPORT_FILE,
+    contract_for,
+    limits_options,
+    load_for_export,
+    profile_for,
+    sample_inputs,
+    save_torch_export,
+    trace,
+)
+
+ONNX_FILE = "model.onnx"
+ONNX_DATA = ONNX_FILE + ".data"  # weights beside the graph once they pass protobuf's 2 GiB limit
+POLYGRAPHY_INPUTS = "polygraphy_inputs.json"
+POLYGRAPHY_OUTPUTS = "polygraphy_outputs.json"
+DEFAULT_OPSET = 18  # the dynamo exporter cannot write 17
+TOLERANCE = {"fp32": 1e-3, "fp16": 0.1}  # largest absolute logit difference ONNX Runtime may show
+EXTERNAL_DATA_BYTES = 1 << 30
+ONNX_DTYPES = {"int64": onnx.TensorProto.INT64, "bool": onnx.TensorProto.BOOL,
+               "float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
+
+
+class ExportError(RuntimeError):
+    """The exported graph breaks the contract or disagrees with PyTorch."""
+
+
+def validation_shapes(contract: EngineContract, block_size: int) -> list[tuple[int, int, int]]:
+    """(batch, tokens, past) of the passes checked: the profile minimum (one token, empty cache), a prompt prefill
+    into an empty cache, a denoising pass over one block at the opt point, and one-token decoding at the longest
+    cache and largest batch."""
+    p = contract.profile
+    block = min(block_size, p.tokens[2])
+    return [
+        (1, 1, 0),
+        (min(2, p.batch[2]), min(2 * block, p.tokens[2]), 0),
+        (p.batch[1], block, p.past[1]),
+        (p.batch[2], 1, p.past[2]),
+    ]
+
+
+def write_onnx(program: torch.export.ExportedProgram, contract: EngineContract, path: Path, opset: int) -> list[str]:
+    """Convert the traced program; returns the files written (the graph, and its weights when external)."""
+    onnx_program = torch.onnx.export(
+        program, (), dynamo=True, opset_version=opset, output_names=contract.output_names, verbose=False
+    )
+    weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    onnx_program.save(str(path), external_data=external)
+    name_axes(path, contract)
+    return [path.name, ONNX_DATA] if external else [path.name]
+
+
+def name_axes(path: Path, contract: EngineContract) -> None:
+    """Give every graph input and output the contract's axis names (the exporter may name them s0, s1, ...)."""
+    model = onnx.load(str(path), load_external_data=False)
+    specs = {s.name: s for s in (*contract.inputs, *contract.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for dim, want in zip(dims, specs[value.name].dims):
+            if isinstance(want, str):
+                dim.dim_param = want
+            else:
+                dim.dim_value = want
+    onnx.save(model, str(path))
+
+
+def graph_signature(path: Path) -> dict[str, tuple[int, tuple[int | str, ...]]]:
+    """name → (ONNX element type, dims) of every graph input and output, in order."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        v.name: (v.type.tensor_type.elem_type, tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim))
+        for v in (*model.graph.input, *model.graph.output)
+    }
+
+
+def expected_signature(contract: EngineContract) -> dict[str, tuple[int, tuple[int | str, ...]]]:
+    return {s.name: (ONNX_DTYPES[contract.dtype(s)], s.dims) for s in (*contract.inputs, *contract.outputs)}
+
+
+def check_graph(path: Path, contract: EngineContract) -> None:
+    onnx.checker.check_model(str(path), full_check=True)
+    got, want = graph_signature(path), expected_signature(contract)
+    if list(got) != list(want) or got != want:
+        raise ExportError(f"{path}: inputs/outputs {got} differ from the engine contract {want}")
+
+
+def run_onnxruntime(path: Path, feeds: list[dict[str, np.ndarray]], save_dir: Path | None = None) -> list[dict[str, np.ndarray]]:
+    """ONNX Runtime outputs for each feed, through polygraphy; with `save_dir`, the feeds and outputs are saved
+    there as a polygraphy comparison."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    runner = OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name="onnxrt")
+    inputs_path = str(save_dir / POLYGRAPHY_INPUTS) if save_dir else None
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):  # polygraphy prints every feed's shapes otherwise
+        results = Comparator.run([runner], data_loader=feeds, save_inputs_path=inputs_path)
+        if save_dir:
+            results.save(str(save_dir / POLYGRAPHY_OUTPUTS))
+    return [{name: np.asarray(results[0][1][i][name]) for name in results[0][1][i].keys()} for i in range(len(feeds))]
+
+
+def compare_with_torch(
+    model: DiffusionLM,
+    path: Path,
+    contract: EngineContract,
+    shapes: list[tuple[int, int, int]],
+    save_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Largest absolute differences between ONNX Runtime and PyTorch over `shapes`, and argmax agreement."""
+    feeds = [sample_inputs(contract, b, t, p, seed=i) for i, (b, t, p) in enumerate(shapes)]
+    outputs = run_onnxruntime(path, feeds, save_dir)
+    report: dict[str, Any] = {"shapes": [], "max_abs_logit_diff": 0.0, "max_abs_present_diff": 0.0}
+    for (b, t, p), feed, got in zip(shapes, feeds, outputs):
+        with torch.no_grad():
+            logits, present = model(*(torch.from_numpy(feed[n]) for n in contract.input_names))
+        logit_diff = float(np.abs(got["logits"] - logits.numpy()).max())
+        present_diff = float(np.abs(got["present_key_values"].astype(np.float32) - present.float().numpy()).max())
+        argmax = float((got["logits"].argmax(-1) == logits.numpy().argmax(-1)).mean())
+        log(f"  batch {b:3d} tokens {t:4d} cache {p:5d}: max |Δlogits| {logit_diff:.3g}, "
+            f"max |Δpresent| {present_diff:.3g}, argmax agreement {argmax:.4f}")
+        report["shapes"].append({"batch": b, "tokens": t, "past": p, "max_abs_logit_diff": logit_diff,
+                                 "max_abs_present_diff": present_diff, "argmax_agreement": argmax})
+        report["max_abs_logit_diff"] = max(report["max_abs_logit_diff"], logit_diff)
+        report["max_abs_present_diff"] = max(report["max_abs_present_diff"], present_diff)
+    return report
+
+
+def validate(
+    model: DiffusionLM,
+    path: Path,
+    contract: EngineContract,
+    tolerance: float,
+    save_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Compare ONNX Runtime with PyTorch on the validation shapes; ExportError above `tolerance`."""
+    log("ONNX Runtime against PyTorch:")
+    shapes = validation_shapes(contract, model.config.block_size)
+    report = compare_with_torch(model, path, contract, shapes, save_dir, log)
+    report["tolerance"] = tolerance
+    log(f"largest absolute logit difference: {report['max_abs_logit_diff']:.3g} (tolerance {tolerance:g})")
+    if not report["max_abs_logit_diff"] <= tolerance:
+        raise ExportError(
+            f"ONNX Runtime differs from PyTorch by {report['max_abs_logit_diff']:.3g} in the logits, more than "
+            f"the tolerance {tolerance:g}; see the per-shape figures above"
+        )
+    return report
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_context: int | None = None,
+    max_tokens: int | None = None,
+    tolerance: float | None = None,
+    torch_export: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Checkpoint → validated `model.onnx` (+ `model.pt2` with `torch_export`) and manifest; returns the manifest
+    entry of the ONNX graph. Raises ExportError when validation fails."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if opset < 18:
+        raise ValueError(f"opset {opset} is not supported: the dynamo exporter writes opset 18 or newer")
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_for_export(checkpoint, precision)
+    profile = profile_for(model.config, max_batch, max_context, max_tokens)
+    contract = contract_for(model, precision, profile)
+    command = (
+        f"python -m export onnx --checkpoint {checkpoint} --out {out} --precision {precision} --opset {opset} "
+        + limits_options(profile)
+    )
+
+    log(f"tracing {checkpoint} ({precision}) with torch.export")
+    program = trace(model, contract)
+    path = out / ONNX_FILE
+    log(f"exporting {path} at opset {opset}")
+    files = write_onnx(program, contract, path, opset)
+    check_graph(path, contract)
+    log("onnx.checker full check passed; inputs and outputs match the engine contract")
+
+    report = validate(model, path, contract, TOLERANCE[precision] if tolerance is None else tolerance, out, log)
+    config = json.loads((checkpoint / "config.json").read_text())
+    entry = write_entry(
+        out,
+        "onnx",
+        files=files,
+        config=config,
+        checkpoint_hash=checkpoint_sha256(checkpoint),
+        precision=precision,
+        contract=contract,
+        command=command,
+        opset=opset,
+        validation=report,
+        polygraphy={"inputs": POLYGRAPHY_INPUTS, "outputs": POLYGRAPHY_OUTPUTS},
+    )
+    log(f"wrote {', '.join(files)}, {POLYGRAPHY_INPUTS}, {POLYGRAPHY_OUTPUTS} and manifest.json to {out}")
+    if torch_export:
+        save_torch_export(program, out, checkpoint, precision, contract, command + " --torch-export")
+        log(f"wrote {out / TORCH_EXPORT_FILE}")
+    return entry

@@ -1,0 +1,131 @@
+"""Trace the denoiser with `torch.export`: the program the ONNX exporter converts, and the `model.pt2` artifact the
+PyTorch runtime loads, so the serving code never imports the model's Python source.
+
+Names and dynamic axes come from the engine contract (`dlm.contract`). The example inputs use sizes of at least 2
+on every dynamic axis, because torch.export specializes an axis whose example size is 0 or 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dlm.contract import BATCH, PAST, PAST_PLUS_TOKENS, TOKENS, EngineContract, Profile
+from export.checkpoint import load_checkpoint
+from export.config import ModelConfig
+from export.manifest import checkpoint_sha256, write_entry
+from export.model import DiffusionLM
+
+PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # export precision -> cache / weight dtype
+AXIS_MIN = {BATCH: 1, TOKENS: 1, PAST: 0, PAST_PLUS_TOKENS: 1}
+TORCH_EXPORT_FILE = "model.pt2"
+# serving limits when the command line gives none: enough for the miniature's tasks
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_CONTEXT = 1024
+
+
+def profile_for(
+    config: ModelConfig, max_batch: int = DEFAULT_MAX_BATCH, max_context: int | None = None, max_tokens: int | None = None
+) -> Profile:
+    """Profile ranges from the model's limits (block size, max_position_embeddings) and the serving limits."""
+    max_context = max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    if max_context > config.max_position_embeddings:
+        raise ValueError(
+            f"max_context {max_context} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
+        )
+    return Profile.from_limits(config.block_size, max_batch, max_context, max_tokens)
+
+
+def limits_options(profile: Profile) -> str:
+    """The command-line options that rebuild `profile`."""
+    return f"--max-batch {profile.batch[2]} --max-context {profile.max_context} --max-tokens {profile.tokens[2]}"
+
+
+def sample_inputs(contract: EngineContract, batch: int, tokens: int, past: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A valid feed of the given shape: real token ids and positions, left padding on the second row, a random
+    cache, causal and bidirectional rows mixed."""
+    rng = np.random.default_rng(seed)
+    positions = past + np.arange(tokens, dtype=np.int64)
+    mask = np.ones((batch, past + tokens), dtype=np.int64)
+    if batch > 1 and past > 1:
+        mask[1, : past // 2] = 0  # a shorter cached prefix on row 1
+    cache_shape = (batch, contract.num_layers, 2, contract.num_kv_heads, past, contract.head_dim)
+    return {
+        "input_ids": rng.integers(0, contract.vocab_size, (batch, tokens), dtype=np.int64),
+        "position_ids": np.broadcast_to(positions, (batch, tokens)).copy(),
+        "attention_mask": mask,
+        "past_key_values": rng.standard_normal(cache_shape).astype(contract.cache_dtype),
+        "causal": np.arange(batch) % 2 == 0,
+    }
+
+
+def trace(model: DiffusionLM, contract: EngineContract) -> torch.export.ExportedProgram:
+    """`torch.export` of `model.forward` with the contract's dynamic axes (unbounded above: the profile is
+    enforced by the runtimes and the TensorRT build, so one graph serves any profile)."""
+    dims = {axis: torch.export.Dim(axis, min=low) for axis, low in AXIS_MIN.items()}
+    dynamic_shapes = {
+        spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in contract.inputs
+    }
+    example = sample_inputs(contract, batch=2, tokens=3, past=5)
+    args = tuple(torch.from_numpy(example[name]) for name in contract.input_names)
+    with torch.no_grad():
+        return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def contract_for(model: DiffusionLM, precision: str, profile: Profile) -> EngineContract:
+    config = model.config.to_dict()
+    return EngineContract.from_config(config, PRECISIONS[precision], profile)
+
+
+def load_for_export(checkpoint: str | Path, precision: str) -> DiffusionLM:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision '{precision}' cannot be exported: expected one of {', '.join(PRECISIONS)}")
+    return load_checkpoint(checkpoint, dtype=PRECISIONS[precision])
+
+
+def save_torch_export(
+    program: torch.export.ExportedProgram,
+    out: Path,
+    checkpoint: str | Path,
+    precision: str,
+    contract: EngineContract,
+    command: str,
+) -> Path:
+    """Write `model.pt2` and its manifest entry."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / TORCH_EXPORT_FILE
+    torch.export.save(program, str(path))
+    write_entry(
+        out,
+        "torch_export",
+        files=[TORCH_EXPORT_FILE],
+        config=json.loads((Path(checkpoint) / "config.json").read_text()),
+        checkpoint_hash=checkpoint_sha256(checkpoint),
+        precision=precision,
+        contract=contract,
+        command=command,
+    )
+    return path
+
+
+def export_torch(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    precision: str = "fp32",
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_context: int | None = None,
+    max_tokens: int | None = None,
+) -> Path:
+    """Checkpoint → `model.pt2` and its manifest entry."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    model = load_for_export(checkpoint, precision)
+    contract = contract_for(model, precision, profile_for(model.config, max_batch, max_context, max_tokens))
+    command = (
+        f"python -m export torch-export --checkpoint {checkpoint} --out {out} --precision {precision} "
+        + limits_options(contract.profile)
+    )
+    return save_torch_export(trace(model, contract), out, checkpoint, precision, contract, command)
