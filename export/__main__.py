@@ -2,6 +2,7 @@
 
   onnx          checkpoint → validated model.onnx (+ model.pt2 with --torch-export) + manifest
   torch-export  checkpoint → model.pt2 (torch.export program for the PyTorch runtime) + manifest
+  quantize      model.onnx → FP8 / INT8 Q/DQ model.onnx + manifest (NVIDIA ModelOpt, calibrated on real prompts)
   engine        model.onnx → TensorRT model.plan + manifest (GPU host with TensorRT)
 """
 
@@ -43,6 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     torch_export = commands.add_parser("torch-export", help="checkpoint → torch.export program model.pt2 + manifest")
     add_limits(torch_export)
 
+    from export.quantize import DEFAULT_CALIBRATION_SIZE
+
+    quantize = commands.add_parser("quantize", help="ONNX graph → FP8 / INT8 Q/DQ graph + manifest (NVIDIA ModelOpt)")
+    quantize.add_argument("--onnx", required=True, help="fp32 or fp16 model.onnx written by `onnx`")
+    quantize.add_argument("--precision", choices=["fp8", "int8"], required=True)
+    quantize.add_argument("--out", required=True, help="directory for the Q/DQ model.onnx and its manifest.json")
+    quantize.add_argument("--checkpoint", default=None,
+                          help="checkpoint whose tokenizer encodes the calibration prompts "
+                               "(default: the one the graph's manifest names)")
+    quantize.add_argument("--calibration-size", type=int, default=DEFAULT_CALIBRATION_SIZE,
+                          help=f"calibration prompts, a prefill and a denoising pass each "
+                               f"(default {DEFAULT_CALIBRATION_SIZE})")
+    quantize.add_argument("--calibration-method", choices=["entropy", "max"], default=None,
+                          help="activation range calibration (default max for int8, entropy for fp8)")
+    quantize.add_argument("--high-precision", choices=["fp32", "fp16"], default=None,
+                          help="dtype of what stays unquantized (default: the source graph's precision; "
+                               "fp16 is what a TensorRT FP8 engine wants)")
+
     engine = commands.add_parser("engine", help="ONNX graph → TensorRT plan + manifest (needs TensorRT and a GPU)")
     engine.add_argument("--onnx", required=True, help="model.onnx written by `onnx` or `quantize`")
     engine.add_argument("--precision", choices=["fp16", "fp8"], required=True)
@@ -56,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from dlm.runtime import RuntimeUnavailable
     from export.engine import EngineError
     from export.onnx_export import ExportError
+    from export.quantize import QuantizeError
 
     try:
         if args.command == "onnx":
@@ -70,12 +90,18 @@ def main(argv: list[str] | None = None) -> int:
             path = export_torch(args.checkpoint, args.out, precision=args.precision, max_batch=args.max_batch,
                                 max_context=args.max_context, max_tokens=args.max_tokens)
             print(f"wrote {path}")
+        elif args.command == "quantize":
+            from export.quantize import quantize_onnx
+
+            quantize_onnx(args.onnx, args.precision, args.out, checkpoint=args.checkpoint,
+                          calibration_size=args.calibration_size, calibration_method=args.calibration_method,
+                          high_precision=args.high_precision)
         else:
             from export.engine import build_engine
 
             build_engine(args.onnx, args.precision, args.out, opt_level=args.opt_level,
                          timing_cache=args.timing_cache, workspace_gib=args.workspace_gib)
-    except (ArtifactError, EngineError, ExportError, RuntimeUnavailable, ValueError) as e:
+    except (ArtifactError, EngineError, ExportError, QuantizeError, RuntimeUnavailable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -151,12 +151,20 @@ class DiffusionLM(nn.Module):
         self.encoder = Encoder(config)
         self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         inv_freq, attention_factor = yarn_inverse_frequencies(config)
+        # A buffer, so it follows the model's device, but never its dtype: `_apply` below keeps it float32
+        # (in bf16 the RoPE frequencies of the far dimensions would lose their precision).
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention_factor = attention_factor
 
     @property
     def dtype(self) -> torch.dtype:
         return self.diffusion_head.weight.dtype
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        inv_freq, _ = yarn_inverse_frequencies(self.config)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
 
     def empty_cache(self, batch: int) -> torch.Tensor:
         c = self.config

@@ -77,3 +77,10 @@ def test_padding_mask_and_per_row_causal_flag(tiny_model):
         bidir, _ = tiny_model(other, torch.arange(9)[None], ones(1, 9), tiny_model.empty_cache(1), torch.tensor(False))
     assert torch.allclose(batch[0, 3:], alone[0], atol=1e-5)
     assert torch.allclose(batch[1], bidir[0], atol=1e-5)
+
+
+def test_rope_frequencies_stay_float32_when_the_model_is_cast(tiny_model):
+    reference = tiny_model.inv_freq.clone()
+    half = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.inv_freq.dtype == torch.float32
+    assert torch.equal(half.inv_freq, reference)
