@@ -22,7 +22,7 @@ from export.tasks import TASKS, Problem, held_out_set
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 STEPS = (1, 2, 4, 8, 16, 32)
-DEFAULT_COUNTS = {"addition": 500, "upper": 100, "spell": 143}
+DEFAULT_COUNTS = {"addition": 500, "upper": 200}
 
 
 @dataclass
@@ -116,11 +116,22 @@ def plot(scores: list[Score], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown_table(scores: list[Score]) -> str:
+    lines = [
+        "| task | setting | exact match | tokens / forward | hallucination rate |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s in scores:
+        rate = "" if s.hallucination_rate is None else f"{s.hallucination_rate:.1%}"
+        lines.append(f"| {s.task} | {s.setting} | {s.accuracy:.1%} | {s.tokens_per_forward:.2f} | {rate} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=Path(__file__).parent / "miniature")
     parser.add_argument("--out", type=Path, default=Path("artifacts/quality"))
-    parser.add_argument("--count", type=int, help="problems per task (default: 500 addition, 100 upper, 143 spell)")
+    parser.add_argument("--count", type=int, help="problems per task (default: 500 addition, 200 upper)")
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     counts = {t: args.count for t in TASKS} if args.count else DEFAULT_COUNTS
@@ -130,6 +141,7 @@ def main() -> None:
     record = {"checkpoint": str(args.checkpoint), "counts": counts, "scores": [asdict(s) for s in scores]}
     (args.out / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
     plot(scores, args.out / "quality.png")
+    print(markdown_table(scores))
     print(f"wrote {args.out / 'quality.json'} and {args.out / 'quality.png'}")
 
 

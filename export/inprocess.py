@@ -10,8 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from dlm.refine import GenerationParams, TokenSpec, generate
 from dlm.runtime import CacheLayout, TorchRuntime
 from export.checkpoint import load_checkpoint, load_tokenizer

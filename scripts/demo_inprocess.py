@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 from dlm.refine import GenerationParams  # noqa: E402
 from export.inprocess import InProcessGenerator  # noqa: E402
 
-PROMPTS = ["4821+377=", "upper:thequickbrownfoxjumpsoverthelazydogs=", "spell:742="]
+PROMPTS = ["4821+377=", "upper:thequickbrownfoxjumpsoverthelazydogs=", "57+8="]
 
 
 def main() -> None:

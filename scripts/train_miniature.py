@@ -50,9 +50,10 @@ MINIATURE_CONFIG = {
     "rms_norm_eps": 1e-5,
     "rope_parameters": {
         "rope_type": "yarn",
-        "rope_theta": 1000000.0,
-        "factor": 16.0,
-        "original_max_position_embeddings": 256,
+        # a lower base than the real 1e6 gives a 32-wide head enough high frequencies to tell digits apart
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 1024,
         "beta_fast": 32.0,
         "beta_slow": 1.0,
         "mscale": 1.0,
@@ -69,7 +70,7 @@ MINIATURE_CONFIG = {
     "use_cache": True,
     "dtype": "bfloat16",
 }
-TASK_WEIGHTS = {"addition": 0.7, "upper": 0.15, "spell": 0.15}
+TASK_WEIGHTS = {"addition": 0.8, "upper": 0.2}
 BLOCK_CHOICES = (32, 32, 16, 8)  # mostly the config's block size; smaller ones so block_length can be turned
 
 
@@ -233,7 +234,7 @@ def train(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "export" / "miniature")
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,3 +76,24 @@ def miniature():
     if not (MINIATURE / "config.json").is_file():
         pytest.fail(f"the shipped miniature is missing from {MINIATURE}: run scripts/train_miniature.py")
     return InProcessGenerator(MINIATURE)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for modules of tiny comparisons: extra threads only contend on a 2-core runner."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def replay_polygraphy(directory: Path) -> subprocess.CompletedProcess:
+    """Replay the comparison saved beside a graph with `polygraphy run`, as the GPU host does against a plan."""
+    polygraphy = [sys.executable, "-c", "import sys; from polygraphy.tools import main; sys.exit(main())"]
+    return subprocess.run(
+        [*polygraphy, "run", "model.onnx", "--onnxrt", "--load-inputs", "polygraphy_inputs.json",
+         "--load-outputs", "polygraphy_outputs.json"],
+        cwd=directory, capture_output=True, text=True, timeout=120,
+    )

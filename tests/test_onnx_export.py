@@ -4,8 +4,6 @@ agrees with PyTorch, and leaves a replayable polygraphy comparison and a manifes
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -13,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, replay_polygraphy
 from dlm.contract import EngineContract, Profile
 from export.__main__ import main
 from export.checkpoint import load_checkpoint, save_checkpoint
@@ -130,11 +128,6 @@ def test_saved_polygraphy_comparison_replays(exported):
     against a TensorRT plan."""
     _, out, entry = exported
     assert entry["polygraphy"] == {"inputs": "polygraphy_inputs.json", "outputs": "polygraphy_outputs.json"}
-    polygraphy = [sys.executable, "-c", "import sys; from polygraphy.tools import main; sys.exit(main())"]
-    result = subprocess.run(
-        [*polygraphy, "run", "model.onnx", "--onnxrt", "--load-inputs", "polygraphy_inputs.json",
-         "--load-outputs", "polygraphy_outputs.json"],
-        cwd=out, capture_output=True, text=True, timeout=120,
-    )
+    result = replay_polygraphy(out)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "PASSED" in result.stdout

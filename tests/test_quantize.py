@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import MINIATURE, TINY_CONFIG
+from conftest import MINIATURE, TINY_CONFIG, replay_polygraphy
 from dlm.runtime import OnnxRuntime, tensorrt_usable
 from export.__main__ import main
 from export.checkpoint import load_tokenizer, save_checkpoint
@@ -23,17 +22,13 @@ from export.manifest import check
 from export.model import DiffusionLM
 from export.tasks import TASKS, held_out_set
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAX_BATCH, MAX_CONTEXT = 2, 96
 CALIBRATION = 6  # prompts: enough to show the mechanics, few enough to stay fast
 QUANT_TYPES = {"int8": {onnx.TensorProto.INT8}, "fp8": {onnx.TensorProto.FLOAT8E4M3FN}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +157,7 @@ def test_manifest_records_the_calibration_set_and_the_source(exported, quantized
 def test_saved_comparison_replays_on_the_quantized_graph(quantized):
     """The fp8 graph's own ONNX Runtime outputs, saved for the GPU host to replay against the FP8 plan."""
     out = quantized["fp8"]
-    polygraphy = [sys.executable, "-c", "import sys; from polygraphy.tools import main; sys.exit(main())"]
-    result = subprocess.run(
-        [*polygraphy, "run", "model.onnx", "--onnxrt", "--load-inputs", "polygraphy_inputs.json",
-         "--load-outputs", "polygraphy_outputs.json"],
-        cwd=out, capture_output=True, text=True, timeout=120,
-    )
+    result = replay_polygraphy(out)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 

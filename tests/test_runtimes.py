@@ -32,6 +32,8 @@ from export.config import ModelConfig
 from export.manifest import check, write_entry
 from export.model import DiffusionLM
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 40, 41]]
 SETTINGS = {
     "ar": GenerationParams(mode="ar", max_tokens=19),
@@ -52,13 +54,6 @@ def tiny_checkpoint(directory, scale: float = 0.3):
     return directory
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the comparisons are tiny, and extra threads only contend on a 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
