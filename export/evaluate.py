@@ -1,6 +1,7 @@
 """Quality harness: exact-match accuracy and tokens per forward of every mode on held-out problems.
 
     python -m export.evaluate [--checkpoint export/miniature] [--out artifacts/quality] [--count N]
+        [--artifact DIR [--runtime onnxruntime]]   # score a built ONNX / FP8 / INT8 graph instead of eager PyTorch
 
 For each task it decodes the held-out set with `ar`, `speculative`, `diffusion` at thresholds 0.5 to 0.99, and
 `diffusion` with a fixed number of steps per block. It reports exact match, tokens per forward (generated tokens up
@@ -133,12 +134,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("artifacts/quality"))
     parser.add_argument("--count", type=int, help="problems per task (default: 500 addition, 200 upper)")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--artifact", type=Path, help="decode with this built artifact instead of eager PyTorch")
+    parser.add_argument("--runtime", default="auto", help="with --artifact: auto, onnxruntime, torch or tensorrt")
     args = parser.parse_args()
     counts = {t: args.count for t in TASKS} if args.count else DEFAULT_COUNTS
-    generator = InProcessGenerator(args.checkpoint)
+    generator = InProcessGenerator(args.checkpoint, artifact=args.artifact, runtime=args.runtime)
     scores = evaluate(generator, counts, args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"checkpoint": str(args.checkpoint), "counts": counts, "scores": [asdict(s) for s in scores]}
+    record = {
+        "checkpoint": str(args.checkpoint),
+        "runtime": type(generator.runtime).__name__,
+        "artifact": str(args.artifact) if args.artifact else None,
+        "counts": counts,
+        "scores": [asdict(s) for s in scores],
+    }
     (args.out / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
     plot(scores, args.out / "quality.png")
     print(markdown_table(scores))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlm.refine import GenerationParams, TokenSpec, generate
-from dlm.runtime import CacheLayout, TorchRuntime
+from dlm.runtime import CacheLayout, TorchRuntime, load_runtime
 from export.checkpoint import load_checkpoint, load_tokenizer
 
 
@@ -31,13 +31,26 @@ class TextGeneration:
 
 
 class InProcessGenerator:
-    def __init__(self, checkpoint: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """Eager PyTorch over the checkpoint by default; with `artifact`, a built artifact (ONNX graph, torch.export
+    program, TensorRT plan) through `dlm.runtime.load_runtime`, checked against the checkpoint's config."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        dtype: str = "float32",
+        device: str = "cpu",
+        artifact: str | Path | None = None,
+        runtime: str = "auto",
+    ):
         checkpoint = Path(checkpoint)
         config = json.loads((checkpoint / "config.json").read_text())
-        self.model = load_checkpoint(checkpoint, dtype=dtype).to(device)
         self.tokenizer = load_tokenizer(checkpoint)
         self.spec = TokenSpec.from_config(config)
-        self.runtime = TorchRuntime(self.model, CacheLayout.from_config(config), device=device)
+        if artifact is None:
+            model = load_checkpoint(checkpoint, dtype=dtype).to(device)
+            self.runtime = TorchRuntime(model, CacheLayout.from_config(config), device=device)
+        else:
+            self.runtime = load_runtime(runtime, artifact, config)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
