@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+# The runtimes take turns call by call, so no thread pool may keep spinning after its call and steal the cores from
+# the next runtime's: torch's OpenMP threads sleep at once (set before torch loads), ONNX Runtime's too (spin=False).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 from dlm.artifact import ArtifactError
 from dlm.runtime import CacheLayout, OnnxRuntime, RuntimeUnavailable, TorchRuntime
@@ -109,7 +113,7 @@ def main() -> None:
     for precision in GRAPHS:
         try:
             directory = ensure_graph(precision, args.checkpoint, args.artifacts, max(batches), context)
-            runtimes[f"onnxruntime {precision}"] = OnnxRuntime(directory, config, threads=args.threads)
+            runtimes[f"onnxruntime {precision}"] = OnnxRuntime(directory, config, threads=args.threads, spin=False)
         except RuntimeUnavailable as e:
             skipped[f"onnxruntime {precision}"] = str(e)
             print(f"onnxruntime {precision}: skipped, {e}")

@@ -161,7 +161,8 @@ class OnnxRuntime:
     allocates cache-sized memory. The returned logits are a view, valid until the next `forward`."""
 
     def __init__(self, artifact_dir: str | Path, config: dict[str, Any] | None = None,
-                 providers: list[str] | None = None, threads: int | None = None, verify_files: bool = True):
+                 providers: list[str] | None = None, threads: int | None = None, verify_files: bool = True,
+                 spin: bool = True):
         import onnxruntime as ort
 
         self.artifact = load_artifact(artifact_dir, "onnx", config=config, verify_files=verify_files)
@@ -171,6 +172,8 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:  # idle threads sleep at once instead of spinning: fair when other work shares the cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(self.artifact.path), options, providers=providers or ["CPUExecutionProvider"]
         )
