@@ -52,20 +52,24 @@ def tiny_config_dict() -> dict:
     return copy.deepcopy(TINY_CONFIG)
 
 
-@pytest.fixture
-def tiny_model(tiny_config_dict):
-    """A random tiny denoiser in fp32 with weights large enough to give peaked, non-trivial logits."""
+def random_tiny_model(scale: float = 0.3):
+    """A random tiny denoiser in fp32, weights large enough to give peaked, non-trivial logits; seeded."""
     import torch
 
     from export.config import ModelConfig
     from export.model import DiffusionLM
 
     torch.manual_seed(0)
-    model = DiffusionLM(ModelConfig.from_dict(tiny_config_dict)).float().eval()
+    model = DiffusionLM(ModelConfig.from_dict(TINY_CONFIG)).float().eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.3)
+            p.normal_(0.0, scale)
     return model
+
+
+@pytest.fixture
+def tiny_model():
+    return random_tiny_model()
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, replay_polygraphy
+from conftest import TINY_CONFIG, random_tiny_model, replay_polygraphy
 from dlm.contract import EngineContract, Profile
 from export.__main__ import main
 from export.checkpoint import load_checkpoint, save_checkpoint
-from export.config import ModelConfig
 from export.manifest import checkpoint_sha256
-from export.model import DiffusionLM
 from export.onnx_export import ExportError, graph_signature, validate
 from export.torch_export import sample_inputs
 
@@ -27,11 +25,7 @@ MAX_BATCH, MAX_CONTEXT, MAX_TOKENS = 3, 40, 24
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny random checkpoint and what the command line exports from it (once for the module)."""
-    torch.manual_seed(0)
-    model = DiffusionLM(ModelConfig.from_dict(TINY_CONFIG)).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
+    model = random_tiny_model()
     root = tmp_path_factory.mktemp("onnx")
     checkpoint, out = root / "checkpoint", root / "artifact"
     save_checkpoint(model, checkpoint, dtype="float32")

@@ -11,15 +11,12 @@ import sys
 import numpy as np
 import onnx
 import pytest
-import torch
 
-from conftest import MINIATURE, TINY_CONFIG, replay_polygraphy
+from conftest import MINIATURE, random_tiny_model, replay_polygraphy
 from dlm.runtime import OnnxRuntime, tensorrt_usable
 from export.__main__ import main
 from export.checkpoint import load_tokenizer, save_checkpoint
-from export.config import ModelConfig
 from export.manifest import check
-from export.model import DiffusionLM
 from export.tasks import TASKS, held_out_set
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,11 +33,7 @@ def exported(tmp_path_factory):
     """A tiny random checkpoint with the miniature's tokenizer, and its fp32 ONNX export."""
     if not (MINIATURE / "tokenizer.json").is_file():
         pytest.fail(f"the miniature's tokenizer is missing from {MINIATURE}")
-    torch.manual_seed(0)
-    model = DiffusionLM(ModelConfig.from_dict(TINY_CONFIG)).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
+    model = random_tiny_model()
     root = tmp_path_factory.mktemp("quantize")
     checkpoint = root / "checkpoint"
     save_checkpoint(model, checkpoint, dtype="float32")

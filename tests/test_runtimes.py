@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MINIATURE, TINY_CONFIG
+from conftest import MINIATURE, random_tiny_model
 from dlm.artifact import ArtifactError, load_artifact
 from dlm.contract import EngineContract
 from dlm.refine import GenerationParams, TokenSpec, generate
@@ -28,9 +28,7 @@ from dlm.runtime import (
 )
 from export.__main__ import main
 from export.checkpoint import load_checkpoint, save_checkpoint
-from export.config import ModelConfig
 from export.manifest import check, write_entry
-from export.model import DiffusionLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,12 +43,7 @@ MAX_BATCH, MAX_CONTEXT = 4, 64
 
 
 def tiny_checkpoint(directory, scale: float = 0.3):
-    torch.manual_seed(0)
-    model = DiffusionLM(ModelConfig.from_dict(TINY_CONFIG)).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, scale)
-    save_checkpoint(model, directory, dtype="float32")
+    save_checkpoint(random_tiny_model(scale), directory, dtype="float32")
     return directory
 
 
