@@ -101,3 +101,14 @@ def replay_polygraphy(directory: Path) -> subprocess.CompletedProcess:
          "--load-outputs", "polygraphy_outputs.json"],
         cwd=directory, capture_output=True, text=True, timeout=120,
     )
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory):
+    """One real tritonserver (scripts/serve.sh) over the project's model repository, shared by the session's
+    end-to-end tests; its log is printed when it fails to start."""
+    from triton_server import start_server
+
+    server = start_server(tmp_path_factory.mktemp("triton") / "server.log")
+    yield server
+    server.stop()

@@ -1,0 +1,227 @@
+"""Step-level continuous batching: one background thread runs one engine pass at a time over every live request.
+
+A request waits in a bounded FIFO queue until a KV-cache slot is free; it joins the live batch at the next step,
+whatever its mode and parameters, and leaves it (freeing its slot) in the step it finishes, is cancelled, or is
+stopped by its consumer. The runtime's cache is allocated once, at start, for `max_live` slots of `context`
+positions. Each step calls `refine.step` (the same loop `refine.generate` runs offline), then tells each request's
+consumer what was committed. A pass that raises fails only the requests that took part in it.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dlm.refine import GenerationParams, Sequence, TokenSpec, step
+from dlm.runtime import Runtime
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the request was not accepted."""
+
+
+class Cancelled(RuntimeError):
+    """The client cancelled the request or went away."""
+
+
+class ShuttingDown(RuntimeError):
+    """The scheduler is stopping; the request was not (or will not be) finished."""
+
+
+class Consumer(Protocol):
+    """Receives one request's progress, on the scheduler thread."""
+
+    def cancelled(self) -> bool:
+        """True once the client has gone or cancelled: the request stops costing passes at the next step."""
+        ...
+
+    def update(self, job: "Job") -> bool:
+        """Called after every pass that committed tokens for the job, and once when it finishes
+        (`job.finished`). Return True to end the request now (a stop word was generated)."""
+        ...
+
+    def fail(self, job: "Job", error: Exception) -> None:
+        """The request ends without a result: a failed pass, or the scheduler stopping."""
+        ...
+
+
+class Observer(Protocol):
+    """Receives the scheduler's measurements (Triton's metrics); every method is called on the scheduler thread,
+    except `rejected`."""
+
+    def step(self, seconds: float, rows: int, live: int, waiting: int) -> None: ...
+
+    def finished(self, job: "Job") -> None: ...
+
+    def rejected(self, params: GenerationParams) -> None: ...
+
+
+@dataclass
+class Job:
+    seq: Sequence
+    consumer: Consumer
+    submitted: float = field(default_factory=time.perf_counter)
+    reported: int = 0  # committed tokens the consumer has seen
+    outcome: str | None = None  # "eos", "length", "stop", "cancelled" or "error" once finished
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runtime: Runtime,
+        spec: TokenSpec,
+        max_live: int,
+        max_queue: int,
+        context: int,
+        observer: Observer | None = None,
+        pad_token_id: int = 0,
+    ):
+        if max_live < 1 or max_queue < 0:
+            raise ValueError(f"max_live must be >= 1 and max_queue >= 0, got {max_live} and {max_queue}")
+        self.runtime, self.spec, self.observer = runtime, spec, observer
+        self.max_live, self.max_queue, self.context = max_live, max_queue, context
+        self.pad_token_id = pad_token_id
+        runtime.allocate(max_live, context)
+        self._free_slots = list(range(max_live - 1, -1, -1))
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._live: list[Job] = []
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dlm-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- called from request threads -------------------------------------------------------------------------
+    def check(self, prompt: list[int], params: GenerationParams) -> None:
+        """Raise ValueError when the request cannot run here: its parameters, or a context beyond the cache."""
+        Sequence(prompt, params, self.spec)  # validates params and the prompt
+        needed = len(prompt) + params.max_tokens + (params.block_length or self.spec.block_size)
+        if needed > self.context:
+            room = self.context - len(prompt) - (params.block_length or self.spec.block_size)
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) + one block exceeds the "
+                f"{self.context} positions a request may use here"
+                + (f"; max_tokens must be at most {room} for this prompt" if room >= 1 else "; shorten the prompt")
+            )
+
+    def submit(self, prompt: list[int], params: GenerationParams, consumer: Consumer) -> Job:
+        """Queue a request; raises ValueError for a request that cannot run, QueueFull when the queue is full."""
+        self.check(prompt, params)
+        job = Job(Sequence(list(prompt), params, self.spec), consumer)
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down and accepts no new requests")
+            if len(self._waiting) >= self.max_queue and not self._free_slots:
+                if self.observer:
+                    self.observer.rejected(params)
+                raise QueueFull(
+                    f"the queue is full ({self.max_queue} requests waiting, {self.max_live} running); retry later"
+                )
+            self._waiting.append(job)
+            self._lock.notify()
+        return job
+
+    @property
+    def live(self) -> int:
+        return len(self._live)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking requests, fail every waiting and live one with ShuttingDown, and join the thread."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout)
+        with self._lock:  # the thread has gone (or is stuck in a pass): end whatever is left
+            left = list(self._waiting) + list(self._live)
+            self._waiting.clear()
+            self._live.clear()
+        for job in left:
+            self._end(job, "error", ShuttingDown("the server shut down before this request finished"))
+
+    # --- the scheduler thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopping or self._waiting or self._live):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                while self._waiting and self._free_slots:
+                    job = self._waiting.popleft()
+                    job.seq.slot = self._free_slots.pop()
+                    self._live.append(job)
+            self._drop_cancelled()
+            if self._live:
+                self._step()
+
+    def _drop_cancelled(self) -> None:
+        for job in list(self._live):
+            if self._cancelled(job):
+                self._leave(job, "cancelled", Cancelled("the request was cancelled"))
+
+    def _cancelled(self, job: Job) -> bool:
+        try:
+            return job.consumer.cancelled()
+        except Exception:  # a consumer that cannot tell is treated as gone
+            return True
+
+    def _step(self) -> None:
+        jobs = list(self._live)
+        start = time.perf_counter()
+        try:
+            step(self.runtime, [job.seq for job in jobs], self.pad_token_id)
+        except Exception as error:  # noqa: BLE001 - one failed pass fails its requests, never the server
+            for job in jobs:
+                self._leave(job, "error", RuntimeError(f"the engine pass failed: {error}"))
+            return
+        seconds = time.perf_counter() - start
+        for job in jobs:
+            if job.seq.done:
+                job.outcome = job.seq.finish_reason or "length"
+            if len(job.seq.tokens) > job.reported or job.finished:
+                self._report(job)
+        if self.observer:
+            self.observer.step(seconds, len(jobs), len(self._live), len(self._waiting))
+
+    def _report(self, job: Job) -> None:
+        """Tell the consumer what was committed; the job leaves when it finished, was stopped by the consumer,
+        or could not be told (its client has gone)."""
+        try:
+            stop = job.consumer.update(job)
+            job.reported = len(job.seq.tokens)
+            if stop and not job.finished:
+                job.outcome = "stop"
+                job.consumer.update(job)
+        except Exception:
+            self._leave(job, "cancelled")
+            return
+        if job.finished:
+            self._leave(job, job.outcome)
+
+    def _leave(self, job: Job, outcome: str | None, error: Exception | None = None) -> None:
+        """Take a live job out of the batch and free its slot at once."""
+        with self._lock:
+            if job in self._live:
+                self._live.remove(job)
+                self._free_slots.append(job.seq.slot)
+        self._end(job, outcome or "length", error)
+
+    def _end(self, job: Job, outcome: str, error: Exception | None) -> None:
+        job.outcome = outcome
+        if error is not None:
+            try:
+                job.consumer.fail(job, error)
+            except Exception:
+                pass  # the client has gone; nothing is left to tell
+        if self.observer:
+            self.observer.finished(job)

@@ -1,0 +1,196 @@
+"""Triton glue for the `dlm` model (DESIGN §5): parse and check each request, hand it to the scheduler, send its
+responses, record metrics. The decoding itself lives in the `dlm` package beside this file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+# the package beside this file, also when this repository is copied into a stock Triton container
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dlm.inputs import Defaults, InvalidInput, Limits, parse_request  # noqa: E402
+from dlm.refine import TokenSpec  # noqa: E402
+from dlm.runtime import choose_runtime, load_runtime  # noqa: E402
+from dlm.scheduler import Cancelled, Job, QueueFull, Scheduler, ShuttingDown  # noqa: E402
+from dlm.text import TextCodec, TextStream  # noqa: E402
+
+INPUTS = ("text_input", "max_tokens", "stream", "temperature", "seed", "stop_words", "mode", "block_length",
+          "threshold", "steps")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def error_response(error: Exception) -> Any:
+    if isinstance(error, InvalidInput):
+        code = pb_utils.TritonError.INVALID_ARG
+    elif isinstance(error, (QueueFull, ShuttingDown)):
+        code = pb_utils.TritonError.UNAVAILABLE
+    elif isinstance(error, Cancelled):
+        code = pb_utils.TritonError.CANCELLED
+    else:
+        code = pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
+
+
+class Metrics:
+    """The model's custom metrics on Triton's metrics port; also the scheduler's observer."""
+
+    def __init__(self) -> None:
+        family = pb_utils.MetricFamily
+        self.requests = family("dlm_requests_total", "Requests by mode and outcome", family.COUNTER)
+        self.tokens = family("dlm_generated_tokens_total", "Tokens generated, by mode", family.COUNTER)
+        self.tokens_per_forward = family(
+            "dlm_tokens_per_forward", "Committed tokens per engine pass after the prefill, per request",
+            family.HISTOGRAM)
+        # a family must outlive its metrics, so every family stays an attribute
+        self.passes_family = family("dlm_engine_passes_total", "Engine passes run", family.COUNTER)
+        self.step_family = family("dlm_step_latency_seconds", "Wall time of one scheduler step (one engine pass)",
+                                  family.HISTOGRAM)
+        self.live_family = family("dlm_live_slots", "Requests being decoded (KV-cache slots in use)", family.GAUGE)
+        self.queue_family = family("dlm_queue_depth", "Requests waiting for a slot", family.GAUGE)
+        self.passes = self.passes_family.Metric(labels={})
+        self.step_latency = self.step_family.Metric(
+            labels={}, buckets=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
+        self.live = self.live_family.Metric(labels={})
+        self.queue = self.queue_family.Metric(labels={})
+        self._metrics: dict[tuple, Any] = {}
+
+    def _metric(self, family: Any, buckets: list[float] | None = None, **labels: str) -> Any:
+        key = (id(family), *sorted(labels.items()))
+        if key not in self._metrics:
+            extra = {"buckets": buckets} if buckets is not None else {}
+            self._metrics[key] = family.Metric(labels=labels, **extra)
+        return self._metrics[key]
+
+    def request(self, mode: str, outcome: str) -> None:
+        self._metric(self.requests, mode=mode, outcome=outcome).increment(1)
+
+    # Observer
+    def step(self, seconds: float, rows: int, live: int, waiting: int) -> None:
+        self.passes.increment(1)
+        self.step_latency.observe(seconds)
+        self.live.set(live)
+        self.queue.set(waiting)
+
+    def finished(self, job: Job) -> None:
+        mode, seq = job.seq.params.mode, job.seq
+        self.request(mode, job.outcome or "length")
+        self._metric(self.tokens, mode=mode).increment(len(seq.tokens))
+        if seq.forwards > 1:
+            buckets = [1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+            self._metric(self.tokens_per_forward, buckets, mode=mode).observe(len(seq.tokens) / (seq.forwards - 1))
+
+    def rejected(self, params: Any) -> None:
+        self.request(params.mode, "rejected")
+
+
+class Responder:
+    """One request's responses (the scheduler's consumer): deltas when streaming, else the whole text at the end."""
+
+    def __init__(self, sender: Any, codec: TextCodec, stream: bool, stop_words: list[str]):
+        self.sender = sender
+        self.stream = stream
+        self.text = TextStream(codec, stop_words)
+
+    def cancelled(self) -> bool:
+        return self.sender.is_cancelled()
+
+    def update(self, job: Job) -> bool:
+        delta, stopped = self.text.update(job.seq.output, job.finished)
+        if stopped and not job.finished:
+            return True  # the scheduler ends the job and calls back for the final response
+        if job.finished or (self.stream and delta):
+            text = delta if self.stream else self.text.text
+            seq = job.seq
+            self.sender.send(
+                pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+                    pb_utils.Tensor("num_forwards", np.array([seq.forwards], dtype=np.int32)),
+                    pb_utils.Tensor("num_tokens", np.array([len(seq.tokens)], dtype=np.int32)),
+                ]),
+                flags=FINAL if job.finished else 0,
+            )
+        return False
+
+    def fail(self, job: Job, error: Exception) -> None:
+        self.sender.send(error_response(error), flags=FINAL)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+
+        def directory(key: str) -> Path:
+            return version_dir / parameters[key]  # an absolute value replaces version_dir
+
+        def integer(key: str) -> int | None:
+            return int(parameters[key]) if parameters.get(key, "").strip() else None
+
+        tokenizer_dir, artifact_dir = directory("tokenizer"), directory("artifact")
+        model_config = json.loads((tokenizer_dir / "config.json").read_text())
+        self.codec = TextCodec(tokenizer_dir)
+        self.spec = TokenSpec.from_config(model_config)
+        self.defaults = Defaults.from_parameters(parameters)
+        name = parameters.get("runtime", "auto")
+        name = choose_runtime(artifact_dir) if name == "auto" else name
+        options = {"threads": integer("runtime_threads")} if name == "onnxruntime" else {}
+        runtime = load_runtime(name, artifact_dir, model_config, **options)
+        profile = runtime.contract.profile
+        context = integer("context") or profile.max_context
+        max_live = integer("max_live") or 16
+        if max_live > profile.batch[2]:
+            raise ValueError(
+                f"config.pbtxt max_live = {max_live} exceeds the {profile.batch[2]} rows {artifact_dir} was built "
+                f"for; lower max_live or rebuild the artifact with --max-batch {max_live}"
+            )
+        self.limits = Limits(context=context, max_block_length=min(profile.tokens[2], context - 2))
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(
+            runtime, self.spec, max_live=max_live, max_queue=integer("max_queue") or 0, context=context,
+            observer=self.metrics, pad_token_id=int(model_config.get("pad_token_id") or 0),
+        )
+        pb_utils.Logger.log_info(
+            f"dlm: {name} runtime over {artifact_dir}, {max_live} slots of {context} positions, "
+            f"default mode {self.defaults.mode}"
+        )
+
+    def execute(self, requests: list[Any]) -> None:
+        # never raises: once a request is queued, an exception here would make Triton release it under the
+        # scheduler's feet
+        for request in requests:
+            self._accept(request)
+
+    def _accept(self, request: Any) -> None:
+        """Queue one request, or answer it at once with the error that names what is wrong."""
+        mode = self.defaults.mode
+        sender = request.get_response_sender()
+        try:
+            def get(name: str) -> np.ndarray | None:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                return None if tensor is None else tensor.as_numpy()
+
+            parsed = parse_request(get, self.defaults, self.limits, self.spec.block_size)
+            mode = parsed.params.mode
+            responder = Responder(sender, self.codec, parsed.stream, parsed.stop_words)
+            try:
+                self.scheduler.submit(self.codec.encode(parsed.text), parsed.params, responder)
+            except ValueError as e:  # the prompt does not fit the context
+                raise InvalidInput(f"input 'text_input': {e}") from e
+            self.metrics.queue.set(self.scheduler.waiting)
+        except (InvalidInput, QueueFull, ShuttingDown) as error:
+            if not isinstance(error, QueueFull):  # a full queue is counted by the scheduler
+                self.metrics.request(mode, "invalid" if isinstance(error, InvalidInput) else "rejected")
+            sender.send(error_response(error), flags=FINAL)
+        except Exception as error:  # noqa: BLE001 - an unexpected input must not take the instance down
+            self.metrics.request(mode, "error")
+            sender.send(error_response(error), flags=FINAL)
+
+    def finalize(self) -> None:
+        self.scheduler.stop()

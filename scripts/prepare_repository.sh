@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Puts what model_repository/dlm/config.pbtxt names into its version folder, from the shipped miniature:
+# 1/engine (the ONNX artifact, exported once) and 1/tokenizer (the checkpoint's config.json and tokenizer).
+# serve.sh runs it for the default repository; a deployment puts its own engine and tokenizer there instead.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$ROOT"
+version_dir="$ROOT/model_repository/dlm/1"
+if [ ! -f "$version_dir/engine/manifest.json" ]; then
+  echo "prepare_repository.sh: exporting the miniature to $version_dir/engine (once, about 30 s)" >&2
+  python -m export onnx --checkpoint export/miniature --out "$version_dir/engine" --max-batch 16 >&2
+fi
+mkdir -p "$version_dir/tokenizer"
+cp export/miniature/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json} "$version_dir/tokenizer/"
