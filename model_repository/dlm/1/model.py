@@ -71,9 +71,11 @@ class Metrics:
         self._metric(self.requests, mode=mode, outcome=outcome).increment(1)
 
     # Observer
-    def step(self, seconds: float, rows: int, live: int, waiting: int) -> None:
+    def step(self, seconds: float, rows: int) -> None:
         self.passes.increment(1)
         self.step_latency.observe(seconds)
+
+    def occupancy(self, live: int, waiting: int) -> None:
         self.live.set(live)
         self.queue.set(waiting)
 
@@ -96,16 +98,19 @@ class Responder:
         self.sender = sender
         self.stream = stream
         self.text = TextStream(codec, stop_words)
+        self.unsent = ""  # text decoded but not yet sent
 
     def cancelled(self) -> bool:
         return self.sender.is_cancelled()
 
     def update(self, job: Job) -> bool:
         delta, stopped = self.text.update(job.seq.output, job.finished)
+        self.unsent += delta
         if stopped and not job.finished:
             return True  # the scheduler ends the job and calls back for the final response
-        if job.finished or (self.stream and delta):
-            text = delta if self.stream else self.text.text
+        if job.finished or (self.stream and self.unsent):
+            text = self.unsent if self.stream else self.text.text
+            self.unsent = ""
             seq = job.seq
             self.sender.send(
                 pb_utils.InferenceResponse(output_tensors=[
@@ -183,7 +188,6 @@ class TritonPythonModel:
                 self.scheduler.submit(self.codec.encode(parsed.text), parsed.params, responder)
             except ValueError as e:  # the prompt does not fit the context
                 raise InvalidInput(f"input 'text_input': {e}") from e
-            self.metrics.queue.set(self.scheduler.waiting)
         except (InvalidInput, QueueFull, ShuttingDown) as error:
             if not isinstance(error, QueueFull):  # a full queue is counted by the scheduler
                 self.metrics.request(mode, "invalid" if isinstance(error, InvalidInput) else "rejected")

@@ -49,10 +49,13 @@ class Consumer(Protocol):
 
 
 class Observer(Protocol):
-    """Receives the scheduler's measurements (Triton's metrics); every method is called on the scheduler thread,
-    except `rejected`."""
+    """Receives the scheduler's measurements (Triton's metrics), from the scheduler thread and request threads."""
 
-    def step(self, seconds: float, rows: int, live: int, waiting: int) -> None: ...
+    def step(self, seconds: float, rows: int) -> None: ...
+
+    def occupancy(self, live: int, waiting: int) -> None:
+        """Called whenever a request is queued, joins the batch or leaves it."""
+        ...
 
     def finished(self, job: "Job") -> None: ...
 
@@ -125,6 +128,7 @@ class Scheduler:
                 )
             self._waiting.append(job)
             self._lock.notify()
+        self._occupancy()
         return job
 
     @property
@@ -146,7 +150,7 @@ class Scheduler:
             self._waiting.clear()
             self._live.clear()
         for job in left:
-            self._end(job, "error", ShuttingDown("the server shut down before this request finished"))
+            self._leave(job, "error", ShuttingDown("the server shut down before this request finished"))
 
     # --- the scheduler thread --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -160,6 +164,7 @@ class Scheduler:
                     job = self._waiting.popleft()
                     job.seq.slot = self._free_slots.pop()
                     self._live.append(job)
+            self._occupancy()
             self._drop_cancelled()
             if self._live:
                 self._step()
@@ -187,41 +192,43 @@ class Scheduler:
         seconds = time.perf_counter() - start
         for job in jobs:
             if job.seq.done:
-                job.outcome = job.seq.finish_reason or "length"
-            if len(job.seq.tokens) > job.reported or job.finished:
+                self._leave(job, job.seq.finish_reason or "length")
+            elif len(job.seq.tokens) > job.reported:
                 self._report(job)
         if self.observer:
-            self.observer.step(seconds, len(jobs), len(self._live), len(self._waiting))
+            self.observer.step(seconds, len(jobs))
 
     def _report(self, job: Job) -> None:
-        """Tell the consumer what was committed; the job leaves when it finished, was stopped by the consumer,
-        or could not be told (its client has gone)."""
+        """Tell the consumer what was committed; it may stop the job, and one that cannot be told has gone."""
         try:
             stop = job.consumer.update(job)
-            job.reported = len(job.seq.tokens)
-            if stop and not job.finished:
-                job.outcome = "stop"
-                job.consumer.update(job)
         except Exception:
             self._leave(job, "cancelled")
             return
-        if job.finished:
-            self._leave(job, job.outcome)
+        job.reported = len(job.seq.tokens)
+        if stop:
+            self._leave(job, "stop")
 
-    def _leave(self, job: Job, outcome: str | None, error: Exception | None = None) -> None:
-        """Take a live job out of the batch and free its slot at once."""
+    def _leave(self, job: Job, outcome: str, error: Exception | None = None) -> None:
+        """End a job: free its slot at once, count it, then send its last word (the final update, or the error)."""
         with self._lock:
             if job in self._live:
                 self._live.remove(job)
                 self._free_slots.append(job.seq.slot)
-        self._end(job, outcome or "length", error)
-
-    def _end(self, job: Job, outcome: str, error: Exception | None) -> None:
+            elif job in self._waiting:
+                self._waiting.remove(job)
+        self._occupancy()
         job.outcome = outcome
-        if error is not None:
-            try:
-                job.consumer.fail(job, error)
-            except Exception:
-                pass  # the client has gone; nothing is left to tell
         if self.observer:
             self.observer.finished(job)
+        try:
+            if error is not None:
+                job.consumer.fail(job, error)
+            elif outcome != "cancelled":
+                job.consumer.update(job)
+        except Exception:
+            pass  # the client has gone; nothing is left to tell
+
+    def _occupancy(self) -> None:
+        if self.observer:
+            self.observer.occupancy(len(self._live), len(self._waiting))

@@ -1,0 +1,204 @@
+"""The `dlm` model in a real tritonserver (scripts/serve.sh): every protocol and mode gives the text the same graph
+gives in-process; concurrency, cancellation, stop words, errors and metrics. Requests go through tritonclient
+directly, so these tests hold the server to the contract whatever the project's client library does."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from conftest import MINIATURE, ROOT
+from export.tasks import held_out_set
+
+MODES = ["ar", "diffusion", "speculative"]
+ENGINE = ROOT / "model_repository" / "dlm" / "1" / "engine"
+LONG = held_out_set("upper", 4)[0].prompt  # an upper-casing prompt: a 37-token answer, several blocks
+SHORT = "4821+377="
+
+
+def grpc_inputs(text: str, **values) -> list:
+    kinds = {"max_tokens": ("INT32", np.int32), "stream": ("BOOL", bool), "temperature": ("FP32", np.float32),
+             "seed": ("UINT64", np.uint64), "mode": ("BYTES", np.object_), "block_length": ("INT32", np.int32),
+             "threshold": ("FP32", np.float32), "steps": ("INT32", np.int32), "stop_words": ("BYTES", np.object_)}
+    arrays = {"text_input": np.array([text.encode()], dtype=np.object_)}
+    for name, value in values.items():
+        values_list = value if isinstance(value, list) else [value]
+        dtype = kinds[name][1]
+        arrays[name] = np.array([v.encode() if isinstance(v, str) else v for v in values_list], dtype=dtype)
+    inputs = []
+    for name, array in arrays.items():
+        datatype = "BYTES" if name == "text_input" else kinds[name][0]
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def grpc_generate(url: str, text: str, inputs: list | None = None, cancel_after: int | None = None,
+                  timeout: float = 120, **values) -> list[dict]:
+    """Responses of one request over a gRPC stream, each {'text', 'num_forwards', 'num_tokens'}; raises the
+    server's error. With `cancel_after`, closes the stream (cancelling the request) after that many responses."""
+    client = grpcclient.InferenceServerClient(url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    responses = []
+    try:
+        client.async_stream_infer("dlm", inputs or grpc_inputs(text, **values), enable_empty_final_response=True)
+        while True:
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                raise error
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            if result.as_numpy("text_output") is not None:
+                responses.append({
+                    "text": result.as_numpy("text_output")[0].decode(),
+                    "num_forwards": int(result.as_numpy("num_forwards")[0]),
+                    "num_tokens": int(result.as_numpy("num_tokens")[0]),
+                })
+            if final or (cancel_after is not None and len(responses) >= cancel_after):
+                return responses
+    finally:
+        client.stop_stream(cancel_requests=cancel_after is not None)
+        client.close()
+
+
+def http_post(url: str, path: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://{url}/v2/models/dlm/{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    """The server's graph (the ONNX artifact in the repository) decoded in this process, one request at a time."""
+    from dlm.refine import GenerationParams
+    from export.inprocess import InProcessGenerator
+
+    generator = InProcessGenerator(MINIATURE, artifact=ENGINE, runtime="onnxruntime")
+    return lambda text, **kw: generator.generate([text], GenerationParams(**kw))[0].text
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_grpc_unary_and_streaming_give_the_in_process_text(triton, in_process, mode):
+    expected = in_process(LONG, mode=mode, max_tokens=48)
+    unary = grpc_generate(triton.grpc_url, LONG, mode=mode, max_tokens=48)
+    assert len(unary) == 1 and unary[0]["text"] == expected
+    streamed = grpc_generate(triton.grpc_url, LONG, mode=mode, max_tokens=48, stream=True)
+    assert "".join(r["text"] for r in streamed) == expected
+    assert len(streamed) >= 2  # the first seed, then blocks as they commit
+    forwards = [r["num_forwards"] for r in streamed]
+    assert forwards == sorted(forwards) and forwards[-1] == unary[0]["num_forwards"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_http_generate_and_generate_stream(triton, in_process, mode):
+    expected = in_process(LONG, mode=mode, max_tokens=48)
+    status, body = http_post(triton.http_url, "generate", {"text_input": LONG, "mode": mode, "max_tokens": 48})
+    assert status == 200 and json.loads(body)["text_output"] == expected
+    status, body = http_post(triton.http_url, "generate_stream",
+                             {"text_input": LONG, "mode": mode, "max_tokens": 48, "stream": True})
+    events = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+    assert status == 200 and len(events) >= 2
+    assert "".join(e["text_output"] for e in events) == expected
+
+
+def test_concurrent_clients_with_mixed_modes_get_their_solo_texts(triton):
+    prompts = [p.prompt for p in held_out_set("upper", 4) + held_out_set("addition", 4)]
+    requests = [(prompt, MODES[i % 3]) for i, prompt in enumerate(prompts)]
+    solo = [grpc_generate(triton.grpc_url, p, mode=m, max_tokens=40)[0]["text"] for p, m in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(
+            lambda r: grpc_generate(triton.grpc_url, r[0], mode=r[1], max_tokens=40, stream=True), requests))
+    assert ["".join(x["text"] for x in t) for t in together] == solo
+
+
+def wait_for_metric(server, name: str, predicate, timeout: float = 20.0) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = server.metrics().get(name, 0.0)
+        if predicate(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def test_cancelled_stream_frees_its_slot_and_the_server_keeps_serving(triton):
+    key = 'dlm_requests_total{mode="ar",outcome="cancelled"}'
+    before = triton.metrics().get(key, 0.0)
+    first = grpc_generate(triton.grpc_url, LONG, mode="ar", max_tokens=48, stream=True, cancel_after=1)
+    assert len(first) == 1  # 37 tokens in ar take 37 passes; we leave after the first
+    assert wait_for_metric(triton, key, lambda v: v > before) == before + 1
+    assert wait_for_metric(triton, "dlm_live_slots", lambda v: v == 0) == 0
+    assert grpc_generate(triton.grpc_url, SHORT, mode="ar")[0]["text"]
+
+
+def test_stop_words_end_the_text_before_them(triton, in_process):
+    full = in_process(LONG, mode="diffusion", max_tokens=48)
+    stop = full[10:13]
+    out = grpc_generate(triton.grpc_url, LONG, mode="diffusion", max_tokens=48, stop_words=[stop], stream=True)
+    assert "".join(r["text"] for r in out) == full[: full.index(stop)]
+
+
+INVALID = [
+    ({"text": ""}, "input 'text_input' is empty"),
+    ({"mode": "fast"}, "mode 'fast' is unknown: expected one of ar, diffusion, speculative"),
+    ({"threshold": 0.0}, r"threshold must be in (0, 1], got 0.0"),
+    ({"threshold": 1.5}, r"threshold must be in (0, 1], got 1.5"),
+    ({"steps": 0}, "steps must be in [1, 32], got 0"),
+    ({"steps": 33}, "steps must be in [1, 32], got 33"),
+    ({"block_length": 1}, "block_length must be in [2, "),
+    ({"block_length": 100000}, "block_length must be in [2, "),
+    ({"max_tokens": 0}, "max_tokens must be in [1, "),
+    ({"max_tokens": 5000}, "max_tokens must be in [1, 991]"),
+    ({"text": "1" * 1200}, "input 'text_input': the prompt ("),
+    ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+]
+
+
+@pytest.mark.parametrize("values, message", INVALID, ids=[m.split(" ")[0] + str(i) for i, (_, m) in enumerate(INVALID)])
+def test_invalid_input_gets_an_error_naming_it_and_the_next_request_succeeds(triton, values, message):
+    values = dict(values)
+    text = values.pop("text", SHORT)
+    with pytest.raises(Exception) as error:
+        grpc_generate(triton.grpc_url, text, **values)
+    assert message in str(error.value)
+    assert grpc_generate(triton.grpc_url, SHORT, mode="ar", max_tokens=8)[0]["text"]
+
+
+def test_wrong_dtype_shape_and_missing_input_are_refused(triton):
+    wrong_dtype = grpc_inputs(SHORT)
+    tensor = grpcclient.InferInput("max_tokens", [1], "INT64")
+    tensor.set_data_from_numpy(np.array([8], dtype=np.int64))
+    wrong_dtype.append(tensor)
+    wrong_shape = grpcclient.InferInput("text_input", [2], "BYTES")
+    wrong_shape.set_data_from_numpy(np.array([b"a", b"b"], dtype=np.object_))
+    missing = grpc_inputs(SHORT, max_tokens=8)[1:]
+    for inputs, message in [(wrong_dtype, "max_tokens"), ([wrong_shape], "text_input"), (missing, "text_input")]:
+        with pytest.raises(Exception) as error:
+            grpc_generate(triton.grpc_url, SHORT, inputs=inputs)
+        assert message in str(error.value)
+    status, body = http_post(triton.http_url, "generate", {"text_input": SHORT, "threshold": 2.0})
+    assert status == 400 and "threshold must be in (0, 1], got 2.0" in json.loads(body)["error"]
+    assert grpc_generate(triton.grpc_url, SHORT, mode="ar", max_tokens=8)[0]["text"]
+
+
+def test_metrics_count_requests_tokens_passes_and_latency(triton):
+    grpc_generate(triton.grpc_url, LONG, mode="diffusion", max_tokens=40)
+    m = triton.metrics()
+    assert m['dlm_requests_total{mode="diffusion",outcome="eos"}'] >= 1
+    assert m['dlm_generated_tokens_total{mode="diffusion"}'] >= 37
+    assert m["dlm_engine_passes_total"] >= 3
+    assert m['dlm_tokens_per_forward_count{mode="diffusion"}'] >= 1
+    assert m["dlm_step_latency_seconds_count"] == m["dlm_engine_passes_total"]
+    assert m["dlm_live_slots"] == 0 and m["dlm_queue_depth"] == 0
