@@ -2,9 +2,14 @@
 # Runs Triton Inference Server in the foreground over the model repository; SIGTERM (or Ctrl-C) stops it.
 #
 #   scripts/serve.sh [--model-repository DIR] [--address A] [--http-port N] [--grpc-port N] [--metrics-port N]
-#                    [-- extra tritonserver flags]
+#                    [--admin-key KEY] [-- extra tritonserver flags]
 #
 # Binds 127.0.0.1 by default. Model control stays off (mode none): no client can load or unload models.
+# With --admin-key (or DLM_ADMIN_KEY), required when binding another address, the model-repository,
+# shared-memory, logging and trace endpoints answer only requests carrying the header `admin-key: KEY` (HTTP) or
+# `triton-grpc-protocol-admin-key: KEY` (gRPC metadata).
+# A model that fails to load leaves the server up and reporting it not ready, with the reason in the log and in
+# the repository index; the server is never half-started silently.
 # The server is the tritonserver inside the nvidia-pytriton wheel, or TRITONSERVER=/path/to/tritonserver (e.g.
 # /opt/tritonserver/bin/tritonserver in NVIDIA's container). When the default repository has no artifact yet, the
 # shipped miniature is exported to ONNX into it first.
@@ -13,6 +18,7 @@ source "$(dirname "$0")/env.sh"
 cd "$ROOT"
 
 repository="$ROOT/model_repository" address=127.0.0.1 http_port=8000 grpc_port=8001 metrics_port=8002
+admin_key="${DLM_ADMIN_KEY:-}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --model-repository) repository="$(cd "$2" && pwd)"; shift 2 ;;
@@ -20,11 +26,22 @@ while [ $# -gt 0 ]; do
     --http-port) http_port="$2"; shift 2 ;;
     --grpc-port) grpc_port="$2"; shift 2 ;;
     --metrics-port) metrics_port="$2"; shift 2 ;;
+    --admin-key) admin_key="$2"; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
     *) echo "serve.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+
+restricted=()
+if [ -n "$admin_key" ]; then
+  restricted=(--http-restricted-api="model-repository,shared-memory,logging,trace:admin-key=$admin_key"
+              --grpc-restricted-protocol="model-repository,shared-memory,logging,trace:admin-key=$admin_key")
+elif [ "$address" != 127.0.0.1 ] && [ "$address" != localhost ] && [ "$address" != ::1 ]; then
+  echo "serve.sh: binding $address exposes the server beyond this machine; pass --admin-key KEY (or set" \
+       "DLM_ADMIN_KEY) so its model-repository, shared-memory, logging and trace endpoints need that key" >&2
+  exit 2
+fi
 
 if [ "$repository" = "$ROOT/model_repository" ]; then
   "$ROOT/scripts/prepare_repository.sh"
@@ -51,5 +68,5 @@ exec "$TRITONSERVER" \
   --grpc-address "$address" --grpc-port "$grpc_port" \
   --metrics-address "$address" --metrics-port "$metrics_port" \
   --allow-gpu-metrics=false --pinned-memory-pool-byte-size=0 \
-  --exit-timeout-secs 20 \
-  "${backend_args[@]}" "$@"
+  --exit-timeout-secs 20 --exit-on-error=false \
+  "${restricted[@]}" "${backend_args[@]}" "$@"

@@ -5,10 +5,7 @@ directly, so these tests hold the server to the contract whatever the project's 
 from __future__ import annotations
 
 import json
-import queue
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,67 +14,12 @@ import tritonclient.grpc as grpcclient
 
 from conftest import MINIATURE, ROOT
 from export.tasks import held_out_set
+from triton_server import grpc_generate, grpc_inputs, http_post
 
 MODES = ["ar", "diffusion", "speculative"]
 ENGINE = ROOT / "model_repository" / "dlm" / "1" / "engine"
 LONG = held_out_set("upper", 4)[0].prompt  # an upper-casing prompt: a 37-token answer, several blocks
 SHORT = "4821+377="
-
-
-def grpc_inputs(text: str, **values) -> list:
-    kinds = {"max_tokens": ("INT32", np.int32), "stream": ("BOOL", bool), "temperature": ("FP32", np.float32),
-             "seed": ("UINT64", np.uint64), "mode": ("BYTES", np.object_), "block_length": ("INT32", np.int32),
-             "threshold": ("FP32", np.float32), "steps": ("INT32", np.int32), "stop_words": ("BYTES", np.object_)}
-    arrays = {"text_input": np.array([text.encode()], dtype=np.object_)}
-    for name, value in values.items():
-        values_list = value if isinstance(value, list) else [value]
-        dtype = kinds[name][1]
-        arrays[name] = np.array([v.encode() if isinstance(v, str) else v for v in values_list], dtype=dtype)
-    inputs = []
-    for name, array in arrays.items():
-        datatype = "BYTES" if name == "text_input" else kinds[name][0]
-        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
-
-def grpc_generate(url: str, text: str, inputs: list | None = None, cancel_after: int | None = None,
-                  timeout: float = 120, **values) -> list[dict]:
-    """Responses of one request over a gRPC stream, each {'text', 'num_forwards', 'num_tokens'}; raises the
-    server's error. With `cancel_after`, closes the stream (cancelling the request) after that many responses."""
-    client = grpcclient.InferenceServerClient(url)
-    results: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    responses = []
-    try:
-        client.async_stream_infer("dlm", inputs or grpc_inputs(text, **values), enable_empty_final_response=True)
-        while True:
-            result, error = results.get(timeout=timeout)
-            if error is not None:
-                raise error
-            final = result.get_response().parameters["triton_final_response"].bool_param
-            if result.as_numpy("text_output") is not None:
-                responses.append({
-                    "text": result.as_numpy("text_output")[0].decode(),
-                    "num_forwards": int(result.as_numpy("num_forwards")[0]),
-                    "num_tokens": int(result.as_numpy("num_tokens")[0]),
-                })
-            if final or (cancel_after is not None and len(responses) >= cancel_after):
-                return responses
-    finally:
-        client.stop_stream(cancel_requests=cancel_after is not None)
-        client.close()
-
-
-def http_post(url: str, path: str, body: dict) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://{url}/v2/models/dlm/{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@ repository or a copy of it with other `config.pbtxt` parameters."""
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import re
 import signal
 import socket
@@ -12,6 +14,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
@@ -46,7 +51,8 @@ def repository_with(directory: Path, **parameters: str) -> Path:
 class TritonServer:
     """`scripts/serve.sh` as a child process; `stop()` sends SIGTERM like an operator would."""
 
-    def __init__(self, repository: Path | None = None, log: Path | None = None, extra_args: list[str] = ()):
+    def __init__(self, repository: Path | None = None, log: Path | None = None, extra_args: list[str] = (),
+                 admin_key: str | None = None):
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.log_path = log
         self._log = open(log, "wb") if log else subprocess.DEVNULL
@@ -57,6 +63,8 @@ class TritonServer:
         ]
         if repository is not None:
             command += ["--model-repository", str(repository)]
+        if admin_key is not None:
+            command += ["--admin-key", admin_key]
         if extra_args:
             command += ["--", *extra_args]
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
@@ -75,19 +83,20 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def wait_ready(self, timeout: float = 120.0, model: str = "dlm") -> "TritonServer":
+    def wait_ready(self, timeout: float = 120.0, path: str = "/v2/models/dlm/ready") -> "TritonServer":
+        """Wait until `path` answers 200 (by default: the model is ready)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=2) as r:
+                with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as r:
                     if r.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"tritonserver was not ready within {timeout} s:\n{self.log_tail()}")
+        raise TimeoutError(f"tritonserver: {path} was not ready within {timeout} s:\n{self.log_tail()}")
 
     def metrics(self) -> dict[str, float]:
         """Triton's metrics as {'name{labels}': value}."""
@@ -116,12 +125,73 @@ class TritonServer:
         return self.process.returncode
 
 
-def start_server(log: Path, repository: Path | None = None, extra_args: list[str] = ()) -> TritonServer:
+def start_server(log: Path, repository: Path | None = None, extra_args: list[str] = (),
+                 admin_key: str | None = None, ready_path: str = "/v2/models/dlm/ready") -> TritonServer:
+    """A started server whose `ready_path` answers (by default: the model is ready)."""
     prepare_repository()
-    server = TritonServer(repository, log, extra_args)
+    server = TritonServer(repository, log, extra_args, admin_key)
     try:
-        return server.wait_ready()
+        return server.wait_ready(path=ready_path)
     except Exception:
         server.stop()
         raise
 
+
+# --- raw tritonclient requests, so the tests hold the server to its contract whatever the client library does
+
+def grpc_inputs(text: str, **values) -> list:
+    kinds = {"max_tokens": ("INT32", np.int32), "stream": ("BOOL", bool), "temperature": ("FP32", np.float32),
+             "seed": ("UINT64", np.uint64), "mode": ("BYTES", np.object_), "block_length": ("INT32", np.int32),
+             "threshold": ("FP32", np.float32), "steps": ("INT32", np.int32), "stop_words": ("BYTES", np.object_)}
+    arrays = {"text_input": np.array([text.encode()], dtype=np.object_)}
+    for name, value in values.items():
+        values_list = value if isinstance(value, list) else [value]
+        dtype = kinds[name][1]
+        arrays[name] = np.array([v.encode() if isinstance(v, str) else v for v in values_list], dtype=dtype)
+    inputs = []
+    for name, array in arrays.items():
+        datatype = "BYTES" if name == "text_input" else kinds[name][0]
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def grpc_generate(url: str, text: str, inputs: list | None = None, cancel_after: int | None = None,
+                  timeout: float = 120, **values) -> list[dict]:
+    """Responses of one request over a gRPC stream, each {'text', 'num_forwards', 'num_tokens'}; raises the
+    server's error. With `cancel_after`, closes the stream (cancelling the request) after that many responses."""
+    client = grpcclient.InferenceServerClient(url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    responses = []
+    try:
+        client.async_stream_infer("dlm", inputs or grpc_inputs(text, **values), enable_empty_final_response=True)
+        while True:
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                raise error
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            if result.as_numpy("text_output") is not None:
+                responses.append({
+                    "text": result.as_numpy("text_output")[0].decode(),
+                    "num_forwards": int(result.as_numpy("num_forwards")[0]),
+                    "num_tokens": int(result.as_numpy("num_tokens")[0]),
+                })
+            if final or (cancel_after is not None and len(responses) >= cancel_after):
+                return responses
+    finally:
+        client.stop_stream(cancel_requests=cancel_after is not None)
+        client.close()
+
+
+def http_post(url: str, path: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """POST JSON to `path` (under /v2/models/dlm/ unless it starts with /); the status and body, errors included."""
+    path = path if path.startswith("/") else f"/v2/models/dlm/{path}"
+    request = urllib.request.Request(f"http://{url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

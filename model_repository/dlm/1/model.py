@@ -155,6 +155,7 @@ class TritonPythonModel:
                 f"config.pbtxt max_live = {max_live} exceeds the {profile.batch[2]} rows {artifact_dir} was built "
                 f"for; lower max_live or rebuild the artifact with --max-batch {max_live}"
             )
+        self.drain_seconds = float(parameters.get("drain_seconds") or 0)
         self.limits = Limits(context=context, max_block_length=min(profile.tokens[2], context - 2))
         self.metrics = Metrics()
         self.scheduler = Scheduler(
@@ -197,4 +198,5 @@ class TritonPythonModel:
             sender.send(error_response(error), flags=FINAL)
 
     def finalize(self) -> None:
-        self.scheduler.stop()
+        """On unload or SIGTERM: running and queued requests get `drain_seconds` to finish, the rest an error."""
+        self.scheduler.stop(drain=self.drain_seconds)

@@ -13,6 +13,8 @@ import numpy as np
 from dlm.refine import MODES, GenerationParams
 
 INT32_MAX = 2**31 - 1
+BYTES_PER_POSITION = 64  # no tokenizer packs more text into one token: a longer prompt cannot fit the context
+MAX_STOP_WORDS, MAX_STOP_WORD_BYTES = 16, 256
 
 
 class InvalidInput(ValueError):
@@ -25,6 +27,10 @@ class Limits:
 
     context: int  # positions one request may use: prompt + max_tokens + one block
     max_block_length: int  # the longest block a pass may carry (the artifact's token axis)
+
+    @property
+    def max_text_bytes(self) -> int:
+        return BYTES_PER_POSITION * self.context
 
     def check_block_length(self, value: int) -> None:
         if not 2 <= value <= self.max_block_length:
@@ -104,7 +110,13 @@ def parse_request(
     raw = get("text_input")
     if raw is None:
         raise InvalidInput("input 'text_input' is missing: send the prompt as BYTES")
-    text = _text("text_input", _one("text_input", raw))
+    prompt = _one("text_input", raw)
+    if isinstance(prompt, bytes) and len(prompt) > limits.max_text_bytes:
+        raise InvalidInput(
+            f"input 'text_input' is {len(prompt)} bytes, more than the {limits.max_text_bytes} a prompt for this "
+            f"server's {limits.context}-position context can use"
+        )
+    text = _text("text_input", prompt)
     if not text:
         raise InvalidInput("input 'text_input' is empty: send a prompt of at least one character")
 
@@ -153,4 +165,9 @@ def parse_request(
         temperature=temperature, seed=0 if seed is None else int(seed),
     )
     stop_words = [] if stop is None else [_text("stop_words", w) for w in stop.reshape(-1)]
+    if len(stop_words) > MAX_STOP_WORDS or any(len(w.encode()) > MAX_STOP_WORD_BYTES for w in stop_words):
+        raise InvalidInput(
+            f"stop_words allows at most {MAX_STOP_WORDS} words of at most {MAX_STOP_WORD_BYTES} bytes each, "
+            f"got {len(stop_words)} words of up to {max(len(w.encode()) for w in stop_words)} bytes"
+        )
     return ParsedRequest(text, params, bool(stream) if stream is not None else False, stop_words)

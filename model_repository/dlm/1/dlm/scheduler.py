@@ -96,7 +96,8 @@ class Scheduler:
         self._waiting: collections.deque[Job] = collections.deque()
         self._live: list[Job] = []
         self._lock = threading.Condition()
-        self._stopping = False
+        self._stopping = False  # no new requests
+        self._closed = False  # the thread ends
         self._thread = threading.Thread(target=self._run, name="dlm-scheduler", daemon=True)
         self._thread.start()
 
@@ -139,16 +140,20 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking requests, fail every waiting and live one with ShuttingDown, and join the thread."""
+    def stop(self, drain: float = 0.0, timeout: float = 10.0) -> None:
+        """Stop taking requests, give the running and waiting ones `drain` seconds to finish, end the rest with
+        ShuttingDown, and join the thread."""
         with self._lock:
             self._stopping = True
+        deadline = time.monotonic() + drain
+        while (self._live or self._waiting) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self._lock:
+            self._closed = True
             self._lock.notify()
         self._thread.join(timeout)
         with self._lock:  # the thread has gone (or is stuck in a pass): end whatever is left
             left = list(self._waiting) + list(self._live)
-            self._waiting.clear()
-            self._live.clear()
         for job in left:
             self._leave(job, "error", ShuttingDown("the server shut down before this request finished"))
 
@@ -156,9 +161,9 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not (self._stopping or self._waiting or self._live):
+                while not (self._closed or self._waiting or self._live):
                     self._lock.wait()
-                if self._stopping:
+                if self._closed:
                     return
                 while self._waiting and self._free_slots:
                     job = self._waiting.popleft()
