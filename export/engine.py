@@ -13,11 +13,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from dlm.artifact import FILES
 from dlm.runtime import import_tensorrt
 from export.manifest import check, write_entry
+
+if TYPE_CHECKING:  # TensorRT itself is imported only inside the functions that build (see import_tensorrt)
+    import tensorrt as trt
 
 PLAN_FILE = FILES["tensorrt"]
 TIMING_CACHE = "timing.cache"
@@ -31,8 +34,9 @@ class EngineError(RuntimeError):
     """The engine cannot be built from this graph or on this machine."""
 
 
-def progress_monitor(trt: Any, log: Callable[[str], None]) -> Any:
+def progress_monitor(log: Callable[[str], None]) -> trt.IProgressMonitor:
     """A `trt.IProgressMonitor` that prints each build phase (nested phases indented) and its duration."""
+    import tensorrt as trt  # imported once TensorRT is known to be there (`import_tensorrt`)
 
     class TerminalProgress(trt.IProgressMonitor):
         def __init__(self) -> None:
@@ -103,7 +107,8 @@ def build_engine(
             f"{' or '.join(SOURCE_PRECISIONS[precision])} graph: make one with `{hint}`"
         )
 
-    trt = import_tensorrt()
+    import_tensorrt()  # a clear message when TensorRT is missing
+    import tensorrt as trt
     import torch
 
     if not torch.cuda.is_available():
@@ -133,14 +138,14 @@ def build_engine(
     profile = builder.create_optimization_profile()
     for spec in contract.inputs:
         low, opt, high = contract.profile_shapes(spec)
-        profile.set_shape(spec.name, low, opt, high)
+        profile.set_shape(spec.name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
         log(f"profile {spec.name}: min {low} opt {opt} max {high}")
     config.add_optimization_profile(profile)
     out.mkdir(parents=True, exist_ok=True)
     cache_path = Path(timing_cache) if timing_cache else out / TIMING_CACHE
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    config.progress_monitor = progress_monitor(trt, log)
+    config.progress_monitor = progress_monitor(log)
 
     log(f"building a {precision} engine at optimization level {opt_level}")
     start = time.monotonic()
