@@ -1,7 +1,8 @@
-"""TensorRT engine build (TensorRT 10 Python API): ONNX graph → `model.plan` plus its manifest entry.
+"""TensorRT engine build (TensorRT 10 and 11 Python API): ONNX graph → `model.plan` plus its manifest entry.
 
-FP16 sets the builder's FP16 flag on the fp32/fp16 graph; FP8 builds a strongly typed network from the Q/DQ graph
-of `python -m export quantize`, so the graph's own types decide every layer's precision. One optimization profile,
+FP16 sets the builder's FP16 flag on the fp32/fp16 graph (TensorRT 10; TensorRT 11 removed the flag with weak typing,
+so there it takes the fp16 graph as typed); FP8 builds a strongly typed network from the Q/DQ graph of
+`python -m export quantize`, so the graph's own types decide every layer's precision. One optimization profile,
 min/opt/max from the profile recorded in the ONNX graph's manifest (the same ranges the export validated and the
 runtimes enforce). A timing cache file makes rebuilds fast. The source graph is checked against its manifest before
 TensorRT is touched; TensorRT is imported only here, and its absence is reported with the extra to install.
@@ -111,6 +112,16 @@ def build_engine(
     import tensorrt as trt
     import torch
 
+    # TensorRT 10 builds fp16 from any graph with the (weak typing) FP16 flag; TensorRT 11 removed weak typing and
+    # the flag, so there the graph's own types decide and an fp16 engine needs an fp16 graph.
+    weak_fp16 = precision == "fp16" and hasattr(trt.BuilderFlag, "FP16")
+    if precision == "fp16" and not weak_fp16 and entry["precision"] != "fp16":
+        raise EngineError(
+            f"TensorRT {trt.__version__} builds strongly typed networks only (no BuilderFlag.FP16), so an fp16 "
+            f"engine needs an fp16 graph, and {onnx_file} is {entry['precision']}: make one with "
+            f"`python -m export onnx --checkpoint CHECKPOINT --out DIR --precision fp16`"
+        )
+
     if not torch.cuda.is_available():
         raise EngineError("building a TensorRT engine needs a CUDA GPU, and torch sees none")
     major, minor = torch.cuda.get_device_capability()
@@ -130,7 +141,7 @@ def build_engine(
         raise EngineError(f"{onnx_file} has inputs {names}, the engine contract says {contract.input_names}")
 
     config = builder.create_builder_config()
-    if precision == "fp16":
+    if weak_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     config.builder_optimization_level = opt_level
     if workspace_gib:

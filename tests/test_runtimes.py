@@ -9,6 +9,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -234,6 +235,21 @@ def test_a_tensorrt_namespace_package_is_not_tensorrt(tmp_path, monkeypatch):
         sys.modules.pop("tensorrt", None)
     assert str(error.value).startswith("TensorRT is not installed: pip install .[tensorrt] on a GPU host (")
     assert f"found at {tmp_path / 'tensorrt'} lacks Builder and __version__" in str(error.value)
+
+
+def test_engine_build_on_tensorrt_11_takes_only_an_fp16_graph_for_fp16(built, monkeypatch, capsys):
+    """TensorRT 11 removed BuilderFlag.FP16 with weak typing: an fp32 graph would build an fp32 engine, so it is
+    refused before the GPU is asked for (a stand-in module plays TensorRT 11: it cannot be installed here)."""
+    trt11 = types.ModuleType("tensorrt")
+    trt11.__dict__.update(__version__="11.0.0", Builder=object, BuilderFlag=types.SimpleNamespace(FP8=15))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt11)
+    rc = main(["engine", "--onnx", str(built[1] / "model.onnx"), "--precision", "fp16", "--out", str(built[1])])
+    assert rc != 0
+    assert (
+        "TensorRT 11.0.0 builds strongly typed networks only (no BuilderFlag.FP16), so an fp16 engine needs an fp16 "
+        f"graph, and {built[1] / 'model.onnx'} is fp32: make one with `python -m export onnx --checkpoint CHECKPOINT "
+        "--out DIR --precision fp16`"
+    ) in capsys.readouterr().err
 
 
 def test_engine_build_refuses_a_graph_of_the_wrong_precision(built, capsys):
