@@ -1,7 +1,8 @@
-"""TensorRT engine build (TensorRT 10 Python API): ONNX graph → `model.plan` plus its manifest entry.
+"""TensorRT engine build (TensorRT 10 and 11 Python API): ONNX graph → `model.plan` plus its manifest entry.
 
-FP16 sets the builder's FP16 flag on the fp32/fp16 graph; FP8 builds a strongly typed network from the Q/DQ graph
-of `python -m export quantize`, so the graph's own types decide every layer's precision. One optimization profile,
+FP16 sets the builder's FP16 flag on the fp32/fp16 graph (TensorRT 10; TensorRT 11 removed the flag with weak typing,
+so there it takes the fp16 graph as typed); FP8 builds a strongly typed network from the Q/DQ graph of
+`python -m export quantize`, so the graph's own types decide every layer's precision. One optimization profile,
 min/opt/max from the profile recorded in the ONNX graph's manifest (the same ranges the export validated and the
 runtimes enforce). A timing cache file makes rebuilds fast. The source graph is checked against its manifest before
 TensorRT is touched; TensorRT is imported only here, and its absence is reported with the extra to install.
@@ -13,11 +14,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from dlm.artifact import FILES
 from dlm.runtime import import_tensorrt
 from export.manifest import check, write_entry
+
+if TYPE_CHECKING:  # TensorRT itself is imported only inside the functions that build (see import_tensorrt)
+    import tensorrt as trt
 
 PLAN_FILE = FILES["tensorrt"]
 TIMING_CACHE = "timing.cache"
@@ -31,8 +35,9 @@ class EngineError(RuntimeError):
     """The engine cannot be built from this graph or on this machine."""
 
 
-def progress_monitor(trt: Any, log: Callable[[str], None]) -> Any:
+def progress_monitor(log: Callable[[str], None]) -> trt.IProgressMonitor:
     """A `trt.IProgressMonitor` that prints each build phase (nested phases indented) and its duration."""
+    import tensorrt as trt  # imported once TensorRT is known to be there (`import_tensorrt`)
 
     class TerminalProgress(trt.IProgressMonitor):
         def __init__(self) -> None:
@@ -103,8 +108,19 @@ def build_engine(
             f"{' or '.join(SOURCE_PRECISIONS[precision])} graph: make one with `{hint}`"
         )
 
-    trt = import_tensorrt()
+    import_tensorrt()  # a clear message when TensorRT is missing
+    import tensorrt as trt
     import torch
+
+    # TensorRT 10 builds fp16 from any graph with the (weak typing) FP16 flag; TensorRT 11 removed weak typing and
+    # the flag, so there the graph's own types decide and an fp16 engine needs an fp16 graph.
+    weak_fp16 = precision == "fp16" and hasattr(trt.BuilderFlag, "FP16")
+    if precision == "fp16" and not weak_fp16 and entry["precision"] != "fp16":
+        raise EngineError(
+            f"TensorRT {trt.__version__} builds strongly typed networks only (no BuilderFlag.FP16), so an fp16 "
+            f"engine needs an fp16 graph, and {onnx_file} is {entry['precision']}: make one with "
+            f"`python -m export onnx --checkpoint CHECKPOINT --out DIR --precision fp16`"
+        )
 
     if not torch.cuda.is_available():
         raise EngineError("building a TensorRT engine needs a CUDA GPU, and torch sees none")
@@ -125,7 +141,7 @@ def build_engine(
         raise EngineError(f"{onnx_file} has inputs {names}, the engine contract says {contract.input_names}")
 
     config = builder.create_builder_config()
-    if precision == "fp16":
+    if weak_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     config.builder_optimization_level = opt_level
     if workspace_gib:
@@ -133,14 +149,14 @@ def build_engine(
     profile = builder.create_optimization_profile()
     for spec in contract.inputs:
         low, opt, high = contract.profile_shapes(spec)
-        profile.set_shape(spec.name, low, opt, high)
+        profile.set_shape(spec.name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
         log(f"profile {spec.name}: min {low} opt {opt} max {high}")
     config.add_optimization_profile(profile)
     out.mkdir(parents=True, exist_ok=True)
     cache_path = Path(timing_cache) if timing_cache else out / TIMING_CACHE
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    config.progress_monitor = progress_monitor(trt, log)
+    config.progress_monitor = progress_monitor(log)
 
     log(f"building a {precision} engine at optimization level {opt_level}")
     start = time.monotonic()

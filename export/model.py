@@ -145,6 +145,8 @@ class DiffusionLM(nn.Module):
     """Nemotron-Labs Diffusion denoiser. Causal rows give shifted logits (i predicts i+1), bidirectional rows
     unshifted ones (i predicts i)."""
 
+    inv_freq: torch.Tensor  # a buffer (see __init__)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -160,7 +162,7 @@ class DiffusionLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.diffusion_head.weight.dtype
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         inv_freq, _ = yarn_inverse_frequencies(self.config)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
@@ -215,6 +217,7 @@ class DiffusionLM(nn.Module):
         x = self.encoder.embed_tokens(input_ids)
         presents = []
         for i, layer in enumerate(self.encoder.layers):
+            assert isinstance(layer, DecoderLayer)  # for the type checker: nn.ModuleList yields nn.Module
             attn, k, v = layer.self_attn(
                 layer.input_layernorm(x),
                 cos,

@@ -66,6 +66,7 @@ def write_onnx(program: torch.export.ExportedProgram, contract: EngineContract, 
     onnx_program = torch.onnx.export(
         program, (), dynamo=True, opset_version=opset, output_names=contract.output_names, verbose=False
     )
+    assert onnx_program is not None  # the dynamo exporter returns its program (only the legacy one returns None)
     weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     onnx_program.save(str(path), external_data=external)

@@ -118,7 +118,7 @@ def main() -> None:
             skipped[f"onnxruntime {precision}"] = str(e)
             print(f"onnxruntime {precision}: skipped, {e}")
 
-    results = []
+    results: list[dict[str, Any]] = []
     for batch in batches:
         for runtime in runtimes.values():
             runtime.allocate(batch, context)

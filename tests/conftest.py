@@ -6,13 +6,14 @@ import copy
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIATURE = ROOT / "export" / "miniature"
 
-TINY_CONFIG = {
+TINY_CONFIG: dict[str, Any] = {
     "architectures": ["NemotronLabsDiffusionModel"],
     "model_type": "nemotron_labs_diffusion",
     "vocab_size": 128,

@@ -5,8 +5,11 @@ TensorRT tests are marked `tensorrt` and skip, saying why, where TensorRT or a G
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -19,10 +22,12 @@ from dlm.refine import GenerationParams, TokenSpec, generate
 from dlm.runtime import (
     CacheLayout,
     OnnxRuntime,
+    Runtime,
     RuntimeUnavailable,
     TensorRTRuntime,
     TorchExportRuntime,
     TorchRuntime,
+    import_tensorrt,
     load_runtime,
     tensorrt_usable,
 )
@@ -86,7 +91,8 @@ def runtimes(built, config):
 @pytest.mark.parametrize("name", ["onnxruntime", "torch"])
 def test_same_tokens_as_pytorch_at_temperature_0(runtimes, spec, reference, name, setting):
     runtime = runtimes[name]
-    assert type(runtime) is {"onnxruntime": OnnxRuntime, "torch": TorchExportRuntime}[name]
+    kinds: dict[str, type[Runtime]] = {"onnxruntime": OnnxRuntime, "torch": TorchExportRuntime}
+    assert type(runtime) is kinds[name]
     want = generate(reference, PROMPTS, SETTINGS[setting], spec)
     got = generate(runtime, PROMPTS, SETTINGS[setting], spec)
     assert [g.tokens for g in got] == [w.tokens for w in want]
@@ -204,6 +210,48 @@ def test_without_tensorrt_the_runtime_and_the_build_say_what_to_install(built, c
     assert "pip install .[tensorrt] on a GPU host" in capsys.readouterr().err
 
 
+def tensorrt_package_installed() -> bool:
+    spec = importlib.util.find_spec("tensorrt")
+    return spec is not None and spec.origin is not None
+
+
+# a regular package anywhere on the path wins over a namespace package, so this needs TensorRT absent
+@pytest.mark.skipif(tensorrt_package_installed(), reason="TensorRT is installed")
+def test_a_tensorrt_namespace_package_is_not_tensorrt(tmp_path, monkeypatch):
+    """What `tensorrt-stubs` leaves when installed into the environment: a `tensorrt/` folder without `__init__.py`,
+    importable as an empty namespace package. It is reported as TensorRT missing, with the usual message."""
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.pyi").write_text("class Builder: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    try:
+        import tensorrt  # the namespace package imports ...
+
+        assert tensorrt.__file__ is None
+        assert not tensorrt_usable()  # ... but is not TensorRT
+        with pytest.raises(RuntimeUnavailable) as error:
+            import_tensorrt()
+    finally:
+        sys.modules.pop("tensorrt", None)
+    assert str(error.value).startswith("TensorRT is not installed: pip install .[tensorrt] on a GPU host (")
+    assert f"found at {tmp_path / 'tensorrt'} lacks Builder and __version__" in str(error.value)
+
+
+def test_engine_build_on_tensorrt_11_takes_only_an_fp16_graph_for_fp16(built, monkeypatch, capsys):
+    """TensorRT 11 removed BuilderFlag.FP16 with weak typing: an fp32 graph would build an fp32 engine, so it is
+    refused before the GPU is asked for (a stand-in module plays TensorRT 11: it cannot be installed here)."""
+    trt11 = types.ModuleType("tensorrt")
+    trt11.__dict__.update(__version__="11.0.0", Builder=object, BuilderFlag=types.SimpleNamespace(FP8=15))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt11)
+    rc = main(["engine", "--onnx", str(built[1] / "model.onnx"), "--precision", "fp16", "--out", str(built[1])])
+    assert rc != 0
+    assert (
+        "TensorRT 11.0.0 builds strongly typed networks only (no BuilderFlag.FP16), so an fp16 engine needs an fp16 "
+        f"graph, and {built[1] / 'model.onnx'} is fp32: make one with `python -m export onnx --checkpoint CHECKPOINT "
+        "--out DIR --precision fp16`"
+    ) in capsys.readouterr().err
+
+
 def test_engine_build_refuses_a_graph_of_the_wrong_precision(built, capsys):
     rc = main(["engine", "--onnx", str(built[1] / "model.onnx"), "--precision", "fp8", "--out", str(built[1])])
     assert rc != 0
@@ -211,7 +259,10 @@ def test_engine_build_refuses_a_graph_of_the_wrong_precision(built, capsys):
 
 
 def need_tensorrt_and_gpu():
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install .[tensorrt] on a GPU host)")
+    try:
+        import_tensorrt()  # not importorskip: an empty `tensorrt` namespace package would pass that
+    except RuntimeUnavailable as e:
+        pytest.skip(str(e))
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU and none is visible")
 

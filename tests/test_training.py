@@ -13,6 +13,7 @@ from export.config import ModelConfig
 
 def load_training_script():
     spec = importlib.util.spec_from_file_location("train_miniature", ROOT / "scripts" / "train_miniature.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -127,10 +127,10 @@ def load_artifact(
     }
     for key, (what, value) in expected.items():
         if value is not None and entry.get(key) != value:
-            built = entry.get(key)
+            recorded = entry.get(key)
             if key == "checkpoint_sha256":  # a prefix is enough to tell them apart
-                built, value = str(built)[:12], value[:12]
-            differences.append(f"{what} {built} (artifact) != {value} (here)")
+                recorded, value = str(recorded)[:12], value[:12]
+            differences.append(f"{what} {recorded} (artifact) != {value} (here)")
     if differences:
         raise ArtifactError(
             f"{path} does not match: {'; '.join(differences)}. "

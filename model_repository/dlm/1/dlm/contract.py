@@ -82,7 +82,11 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Profile":
-        return cls(**{k: tuple(int(x) for x in data[k]) for k in (BATCH, TOKENS, PAST, PAST_PLUS_TOKENS)})
+        def span(values: list[int]) -> tuple[int, int, int]:
+            low, opt, high = (int(x) for x in values)
+            return low, opt, high
+
+        return cls(**{k: span(data[k]) for k in (BATCH, TOKENS, PAST, PAST_PLUS_TOKENS)})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import numpy as np
 
@@ -300,7 +300,15 @@ class SelfSpeculative:
         seq.finish_with([seed])
 
 
-STRATEGIES = {"ar": AutoRegressive, "diffusion": BlockDiffusion, "speculative": SelfSpeculative}
+class Strategy(Protocol):
+    """What `step` asks of a mode (the classes above, whose methods are static, are used as they are)."""
+
+    def plan(self, seq: Sequence) -> Pass: ...
+
+    def update(self, seq: Sequence, logits: np.ndarray) -> int: ...
+
+
+STRATEGIES: dict[str, Strategy] = {"ar": AutoRegressive, "diffusion": BlockDiffusion, "speculative": SelfSpeculative}
 
 
 def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0) -> None:

@@ -17,6 +17,7 @@ import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
@@ -151,7 +152,8 @@ class TorchExportRuntime(TorchRuntime):
         super().allocate(slots, context)
 
     def forward(self, slots, input_ids, position_ids, new_mask, cache_lengths, causal) -> np.ndarray:
-        self.contract.profile.check(*input_ids.shape, int(cache_lengths.max(initial=0)))
+        b, t = input_ids.shape
+        self.contract.profile.check(b, t, int(cache_lengths.max(initial=0)))
         return super().forward(slots, input_ids, position_ids, new_mask, cache_lengths, causal)
 
 
@@ -232,11 +234,25 @@ class RuntimeUnavailable(RuntimeError):
     """The library or device a runtime needs is missing on this machine."""
 
 
-def import_tensorrt() -> Any:
+TENSORRT_MISSING = "TensorRT is not installed: pip install .[tensorrt] on a GPU host"
+
+
+def import_tensorrt() -> ModuleType:
+    """The TensorRT module, or `RuntimeUnavailable` when it is missing. A `tensorrt` that imports but is not the
+    library counts as missing: an empty namespace package (what `tensorrt-stubs` leaves when installed into the
+    environment, or any stray `tensorrt/` folder on the path) or a module without `Builder` and `__version__`.
+    Callers then `import tensorrt as trt` for its types (the type checker reads them from the stubs)."""
     try:
         import tensorrt
     except ImportError as e:
-        raise RuntimeUnavailable("TensorRT is not installed: pip install .[tensorrt] on a GPU host") from e
+        raise RuntimeUnavailable(TENSORRT_MISSING) from e
+    missing = [name for name in ("Builder", "__version__") if not hasattr(tensorrt, name)]
+    if missing:
+        where = ", ".join(getattr(tensorrt, "__path__", None) or [str(getattr(tensorrt, "__file__", "?"))])
+        raise RuntimeUnavailable(
+            f"{TENSORRT_MISSING} (the `tensorrt` found at {where} lacks {' and '.join(missing)}: "
+            f"not the library, perhaps type stubs or an empty folder)"
+        )
     return tensorrt
 
 
@@ -247,7 +263,8 @@ class TensorRTRuntime:
 
     def __init__(self, artifact_dir: str | Path, config: dict[str, Any] | None = None, device: str = "cuda",
                  verify_files: bool = True):
-        trt = import_tensorrt()
+        import_tensorrt()
+        import tensorrt as trt
         import torch
 
         if not torch.cuda.is_available():
@@ -297,7 +314,15 @@ class TensorRTRuntime:
             self._execution.set_tensor_address(spec.name, self._buffers[spec.name].data_ptr())
         self.slots, self.context = slots, context
 
-    def forward(self, slots, input_ids, position_ids, new_mask, cache_lengths, causal) -> np.ndarray:
+    def forward(
+        self,
+        slots: np.ndarray,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        new_mask: np.ndarray,
+        cache_lengths: np.ndarray,
+        causal: np.ndarray,
+    ) -> np.ndarray:
         torch, contract = self._torch, self.contract
         b, t = input_ids.shape
         p = int(cache_lengths.max(initial=0))
@@ -333,8 +358,10 @@ class TensorRTRuntime:
 
 
 def tensorrt_usable() -> bool:
-    """TensorRT importable and a CUDA GPU visible (without importing TensorRT)."""
-    if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("torch") is None:
+    """TensorRT importable and a CUDA GPU visible (without importing TensorRT). A `tensorrt` namespace package
+    (a folder without `__init__.py`, such as type stubs leave) is not TensorRT."""
+    spec = importlib.util.find_spec("tensorrt")
+    if spec is None or spec.origin is None or importlib.util.find_spec("torch") is None:
         return False
     import torch
 
