@@ -145,7 +145,7 @@ def test_full_queue_is_refused_and_nothing_accepted_is_lost(runtime, spec):
         gate.wait(30)
         return False
 
-    blocker.cancelled = held_until_the_gate_opens
+    blocker.cancelled = held_until_the_gate_opens  # type: ignore[method-assign]
     scheduler.submit(PROMPTS[0], PARAMS[0], blocker)
     time.sleep(0.2)  # the blocker is live, the thread waits in its cancellation check
     accepted = [Recorder(), Recorder()]

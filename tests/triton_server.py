@@ -13,7 +13,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -51,11 +53,11 @@ def repository_with(directory: Path, **parameters: str) -> Path:
 class TritonServer:
     """`scripts/serve.sh` as a child process; `stop()` sends SIGTERM like an operator would."""
 
-    def __init__(self, repository: Path | None = None, log: Path | None = None, extra_args: list[str] = (),
+    def __init__(self, repository: Path | None = None, log: Path | None = None, extra_args: Sequence[str] = (),
                  admin_key: str | None = None):
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.log_path = log
-        self._log = open(log, "wb") if log else subprocess.DEVNULL
+        self._log: IO[bytes] | None = open(log, "wb") if log else None
         command = [
             str(ROOT / "scripts" / "serve.sh"),
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
@@ -68,7 +70,7 @@ class TritonServer:
         if extra_args:
             command += ["--", *extra_args]
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        self.process = subprocess.Popen(command, stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
 
     @property
@@ -120,12 +122,12 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        if self._log is not subprocess.DEVNULL:
+        if self._log is not None:
             self._log.close()
         return self.process.returncode
 
 
-def start_server(log: Path, repository: Path | None = None, extra_args: list[str] = (),
+def start_server(log: Path, repository: Path | None = None, extra_args: Sequence[str] = (),
                  admin_key: str | None = None, ready_path: str = "/v2/models/dlm/ready") -> TritonServer:
     """A started server whose `ready_path` answers (by default: the model is ready)."""
     prepare_repository()

@@ -145,7 +145,7 @@ class TritonPythonModel:
         self.defaults = Defaults.from_parameters(parameters)
         name = parameters.get("runtime", "auto")
         name = choose_runtime(artifact_dir) if name == "auto" else name
-        options = {"threads": integer("runtime_threads")} if name == "onnxruntime" else {}
+        options: dict[str, Any] = {"threads": integer("runtime_threads")} if name == "onnxruntime" else {}
         runtime = load_runtime(name, artifact_dir, model_config, **options)
         profile = runtime.contract.profile
         context = integer("context") or profile.max_context
