@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ SPEC = {  # the contract's dtypes (DESIGN §5)
     "text_input": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32", "seed": "UINT64",
     "stop_words": "BYTES", "mode": "BYTES", "block_length": "INT32", "threshold": "FP32", "steps": "INT32",
 }
-NUMPY = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "FP32": np.float32,
+NUMPY: dict[str, Any] = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "FP32": np.float32,
          "FP64": np.float64, "UINT64": np.uint64}
 
 def mostly(valid, invalid):
