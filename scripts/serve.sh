@@ -59,6 +59,11 @@ if [ -z "${TRITONSERVER:-}" ]; then
     cp "$triton_dir/python_backend_stubs/$pyver/triton_python_backend_stub" "$stub"
   fi
   backend_args=(--backend-directory "$triton_dir/backends")
+  if [ "$address" != 127.0.0.1 ] && [ "$address" != localhost ] && [ "$address" != ::1 ]; then
+    echo "serve.sh: WARNING: the embedded tritonserver is 2.51 (24.10), which has published vulnerabilities in its" \
+         "HTTP front end and Python backend (CVE-2025-23310, -23311, -23319, -23320, -23334 and later; see README)." \
+         "Beyond loopback, run a patched NVIDIA container's server with TRITONSERVER=." >&2
+  fi
 fi
 
 exec "$TRITONSERVER" \
