@@ -170,7 +170,15 @@ class GrpcClient:
         finished = False
         try:
             client.start_stream(callback=lambda result, error: arrived.put((result, error)), stream_timeout=timeout)
-            client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+            try:
+                client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+            except InferenceServerException as error:  # the stream failed already: its callback has the reason
+                try:
+                    error = arrived.get(timeout=1.0)[1] or error
+                except queue.Empty:
+                    pass
+                finished = True
+                raise to_error(error) from None
             deadline = None if timeout is None else time.monotonic() + timeout + 5.0  # gRPC's deadline fires first
             while True:
                 try:
