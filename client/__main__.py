@@ -1,0 +1,121 @@
+"""`python -m client`: generations from the shell.
+
+    python -m client "4821+377=" --mode diffusion --stream
+    python -m client "upper:abcdefghijklmnopqrstuvwxyzabcdefghij=" --mode speculative --json
+    printf '12+30=\\n7+8=\\n' | python -m client --protocol http      # one request per line of stdin
+
+The text goes to stdout (block by block with --stream), then one line of statistics to stderr. With --json, stdout
+gets one JSON object per request instead (text, counts, tokens per forward, latency, time to first block). A failed
+request prints the server's message (or a JSON object with "error") and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from client.grpc_client import GrpcClient
+from client.http_client import HttpClient
+from client.request import MODES
+from client.result import DLMError, Result
+
+DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m client", description="Generate with the dlm model on a Triton server.",
+        epilog="Options left out take the server's defaults (config.pbtxt parameters).",
+    )
+    parser.add_argument("prompt", nargs="?", help="the prompt; without it, one request per line of stdin")
+    parser.add_argument("--mode", choices=MODES, help="decoding mode")
+    parser.add_argument("--stream", action="store_true", help="print the text block by block as it commits")
+    parser.add_argument("--threshold", type=float, help="diffusion: commit every position at least this confident")
+    parser.add_argument("--steps", type=int, help="diffusion: refinement steps per block (when no threshold)")
+    parser.add_argument("--block-length", type=int, help="positions per block")
+    parser.add_argument("--max-tokens", type=int, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)")
+    parser.add_argument("--seed", type=int, help="sampling seed")
+    parser.add_argument("--stop", action="append", metavar="WORD", help="stop word (repeatable)")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--url", help="server address (default localhost:8001 for grpc, localhost:8000 for http)")
+    parser.add_argument("--model", default="dlm", help="Triton model name")
+    parser.add_argument("--timeout", type=float, help="seconds a request may take")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per request")
+    return parser.parse_args(argv)
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    values = {
+        "mode": args.mode, "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+        "stop_words": args.stop, "block_length": args.block_length, "threshold": args.threshold,
+        "steps": args.steps,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def prompts(args: argparse.Namespace) -> Iterator[str]:
+    if args.prompt is not None:
+        yield args.prompt
+        return
+    for line in sys.stdin:
+        line = line.rstrip("\r\n")
+        if line:
+            yield line
+
+
+def statistics(result: Result) -> str:
+    rate = result.num_tokens / result.latency if result.latency > 0 else 0.0
+    return (
+        f"[{result.num_tokens} tokens, {result.num_forwards} forwards, {result.tokens_per_forward:.2f} tokens/forward, "
+        f"latency {result.latency * 1000:.1f} ms, first block {result.time_to_first_block * 1000:.1f} ms, "
+        f"{rate:.1f} tokens/s]"
+    )
+
+
+def run_one(client: GrpcClient | HttpClient, prompt: str, args: argparse.Namespace) -> Result:
+    kwargs = options(args)
+    if not args.stream:
+        return client.generate(prompt, timeout=args.timeout, **kwargs)
+    with client.generate_stream(prompt, timeout=args.timeout, **kwargs) as stream:
+        for block in stream:
+            if not args.json:
+                sys.stdout.write(block.text)
+                sys.stdout.flush()
+    return stream.result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    url = args.url or DEFAULT_URLS[args.protocol]
+    kind = GrpcClient if args.protocol == "grpc" else HttpClient
+    failed = False
+    with kind(url, model=args.model) as client:
+        for prompt in prompts(args):
+            try:
+                result = run_one(client, prompt, args)
+            except DLMError as error:
+                failed = True
+                if args.json:
+                    print(json.dumps({"prompt": prompt, "error": str(error), "type": type(error).__name__}))
+                else:
+                    if args.stream:
+                        print()
+                    print(f"error ({type(error).__name__}): {error}", file=sys.stderr)
+                continue
+            if args.json:
+                print(json.dumps({"prompt": prompt, **options(args), **result.to_dict()}), flush=True)
+            else:
+                print("" if args.stream else result.text, flush=True)
+                print(statistics(result), file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the open stream was closed on the way out, which cancelled the request
+        sys.exit(130)

@@ -1,0 +1,419 @@
+"""OpenAI-compatible HTTP gateway in front of the `dlm` Triton model (FastAPI + uvicorn + sse-starlette).
+
+    python -m client.gateway --triton localhost:8001 --port 9000 [--api-key KEY] [--tokenizer DIR]
+
+- `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`; `stream: true` answers with server-sent
+  events in OpenAI's chunk format, ending with `data: [DONE]`; `stream_options.include_usage` adds a usage chunk.
+- The DLM controls ride along as extra body fields: `mode`, `threshold`, `steps`, `block_length` (with the `openai`
+  package: `extra_body={"mode": "speculative"}`). `max_tokens`, `temperature`, `seed` and `stop` map to the model's
+  inputs; left out, the server's defaults apply.
+- Each request is one gRPC stream to Triton; a client that disconnects (streaming or not) cancels its request there.
+- Chat messages become a prompt through the checkpoint's chat template (`--tokenizer`, default the model
+  repository's tokenizer folder); `usage.prompt_tokens` counts the prompt with that tokenizer.
+- Errors are OpenAI error objects: 400 for a malformed body or a value the server refuses (with Triton's message),
+  401 for a missing or wrong API key (when `--api-key` or `DLM_GATEWAY_API_KEY` is set), 404 for an unknown model,
+  503 when Triton cannot take the request, 504 on a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException
+
+from client.chat_template import ChatTemplate, TemplateError
+from client.grpc_client import AsyncBlockStream, AsyncGrpcClient
+from client.result import DLMError, InvalidRequest, Result, ServerUnavailable, Timeout
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TOKENIZER = ROOT / "model_repository" / "dlm" / "1" / "tokenizer"
+
+
+# --- request bodies ----------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationFields(BaseModel):
+    """What both endpoints accept; fields OpenAI defines that do not apply here are accepted and ignored
+    (`top_p`, penalties, `user`, ...), except those whose meaning cannot be honoured, which are refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0)
+    seed: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    logprobs: Any = None
+    # the DLM controls
+    mode: str | None = None
+    threshold: float | None = None
+    steps: int | None = None
+    block_length: int | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.n != 1:
+            return "n", "only n = 1 is supported"
+        if self.logprobs not in (None, False, 0):
+            return "logprobs", "logprobs are not supported"
+        return None
+
+    def options(self, max_tokens: int | None = None) -> dict[str, Any]:
+        values = {
+            "mode": self.mode, "max_tokens": max_tokens or self.max_tokens, "temperature": self.temperature,
+            "seed": self.seed, "stop_words": [self.stop] if isinstance(self.stop, str) else self.stop,
+            "block_length": self.block_length, "threshold": self.threshold, "steps": self.steps,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+
+class CompletionRequest(GenerationFields):
+    prompt: str | list[str]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.best_of not in (None, 1):
+            return "best_of", "only best_of = 1 is supported"
+        if self.suffix:
+            return "suffix", "suffix is not supported"
+        if isinstance(self.prompt, list) and (self.stream and len(self.prompt) != 1 or not self.prompt):
+            return "prompt", "a streamed completion takes exactly one prompt" if self.prompt else "prompt is empty"
+        return super().unsupported()
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
+
+
+class ChatRequest(GenerationFields):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def api_error(error: DLMError) -> APIError:
+    """A failed Triton request as the OpenAI error it amounts to, with Triton's message verbatim."""
+    if isinstance(error, InvalidRequest):
+        return APIError(400, str(error))
+    if isinstance(error, ServerUnavailable):
+        return APIError(503, str(error), "server_error", code="unavailable")
+    if isinstance(error, Timeout):
+        return APIError(504, str(error), "server_error", code="timeout")
+    return APIError(500, str(error), "server_error")
+
+
+def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    problems = []
+    param = None
+    for item in error.errors():
+        if item.get("type") == "json_invalid":
+            return f"the body is not valid JSON: {item.get('ctx', {}).get('error', item.get('msg'))}", None
+        location = [str(part) for part in item.get("loc", ()) if part != "body"]
+        param = param or (location[0] if location else None)
+        where = ".".join(location)
+        problems.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+    return "invalid request body: " + "; ".join(problems), param
+
+
+# --- the app -----------------------------------------------------------------------------------------------------
+class Gateway:
+    """State shared by the endpoints: the Triton client, the tokenizer and chat template, the request defaults."""
+
+    def __init__(self, triton_url: str, model: str, served_name: str, tokenizer: Path | None,
+                 timeout: float | None):
+        self.triton_url, self.model, self.served_name, self.timeout = triton_url, model, served_name, timeout
+        self.template = ChatTemplate.from_directory(tokenizer)
+        self.tokenizer = None
+        if tokenizer is not None and (Path(tokenizer) / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json"))
+        self.created = int(time.time())
+        self.client: AsyncGrpcClient | None = None
+        self._default_max_tokens: int | None = None
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer.encode(prompt).ids) if self.tokenizer is not None else 0
+
+    async def default_max_tokens(self) -> int | None:
+        """The server's `max_tokens` default (config.pbtxt), to tell 'length' from 'stop' when a body has none."""
+        if self._default_max_tokens is None and self.client is not None:
+            value = (await self.client.model_parameters()).get("max_tokens", "").strip()
+            self._default_max_tokens = int(value) if value else None
+        return self._default_max_tokens
+
+    async def finish_reason(self, result_tokens: int, max_tokens: int | None) -> str:
+        limit = max_tokens or await self.default_max_tokens()
+        return "length" if limit is not None and result_tokens >= limit else "stop"
+
+    def check_model(self, name: str) -> None:
+        if name != self.served_name:
+            raise APIError(404, f"The model '{name}' does not exist; this gateway serves '{self.served_name}'",
+                           param="model", code="model_not_found")
+
+
+def create_app(triton_url: str, model: str = "dlm", served_name: str | None = None,
+               tokenizer: str | Path | None = DEFAULT_TOKENIZER, api_key: str | None = None,
+               timeout: float | None = None) -> FastAPI:
+    gateway = Gateway(triton_url, model, served_name or model, Path(tokenizer) if tokenizer else None, timeout)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway.client = AsyncGrpcClient(triton_url, model, timeout=timeout)  # inside the serving event loop
+        try:
+            yield
+        finally:
+            await gateway.client.close()
+
+    app = FastAPI(title="dlm OpenAI-compatible gateway", lifespan=lifespan)
+    app.state.gateway = gateway
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(error)
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return APIError(error.status_code, str(error.detail)).response()
+
+    async def authorize(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready = await gateway.client.is_ready()
+        return JSONResponse({"triton": gateway.triton_url, "ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
+        card = {"id": gateway.served_name, "object": "model", "created": gateway.created, "owned_by": "dlm-serving"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        gateway.check_model(body.model)
+        refuse_unsupported(body)
+        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        reply = Reply(gateway, "cmpl", "text_completion", body, body.max_tokens)
+        if body.stream:
+            return await reply.stream(prompts[0], request)
+        results = await unless_disconnected(
+            request, asyncio.gather(*(reply.generate(p) for p in prompts)))
+        choices = [
+            {"index": i, "text": r.text, "logprobs": None, "finish_reason": await reply.finish_reason(r)}
+            for i, r in enumerate(results)
+        ]
+        return reply.answer(choices, prompts, results)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        gateway.check_model(body.model)
+        refuse_unsupported(body)
+        try:
+            prompt = gateway.template.render([m.as_dict() for m in body.messages])
+        except TemplateError as error:
+            raise APIError(400, str(error), param="messages") from error
+        reply = Reply(gateway, "chatcmpl", "chat.completion", body, body.max_completion_tokens or body.max_tokens)
+        if body.stream:
+            return await reply.stream(prompt, request)
+        result = await unless_disconnected(request, reply.generate(prompt))
+        message = {"role": "assistant", "content": result.text}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": await reply.finish_reason(result)}
+        return reply.answer([choice], [prompt], [result])
+
+    return app
+
+
+def refuse_unsupported(body: GenerationFields) -> None:
+    problem = body.unsupported()
+    if problem:
+        raise APIError(400, problem[1], param=problem[0])
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await `work`, cancelling it (and so its Triton requests) if the HTTP client goes away first."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # a cancelled one's error is seen
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.1)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "the client closed the connection")
+    except DLMError as error:
+        raise api_error(error) from None
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+class Reply:
+    """One OpenAI response (or its stream of chunks) for one endpoint."""
+
+    def __init__(self, gateway: Gateway, prefix: str, kind: str, body: GenerationFields, max_tokens: int | None):
+        self.gateway, self.kind, self.body, self.max_tokens = gateway, kind, body, max_tokens
+        self.chat = kind == "chat.completion"
+        self.chunk_kind = "chat.completion.chunk" if self.chat else "text_completion"
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    async def generate(self, prompt: str) -> Result:
+        return await self.gateway.client.generate(prompt, **self.body.options(self.max_tokens))
+
+    async def finish_reason(self, result: Result) -> str:
+        return await self.gateway.finish_reason(result.num_tokens, self.max_tokens)
+
+    def usage(self, prompts: list[str], results: list[Result]) -> dict[str, int]:
+        prompt_tokens = sum(self.gateway.prompt_tokens(p) for p in prompts)
+        completion_tokens = sum(r.num_tokens for r in results)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def envelope(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.gateway.served_name}
+
+    def answer(self, choices: list[dict], prompts: list[str], results: list[Result]) -> dict[str, Any]:
+        forwards = sum(r.num_forwards for r in results)
+        dlm = {"num_forwards": forwards, "tokens_per_forward": sum(r.tokens_per_forward for r in results) / len(results),
+               "latency": max(r.latency for r in results)}
+        return {**self.envelope(self.kind), "choices": choices, "usage": self.usage(prompts, results), "dlm": dlm}
+
+    def chunk(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {**self.envelope(self.chunk_kind), "choices": [choice]}
+
+    async def stream(self, prompt: str, request: Request) -> Any:
+        """Server-sent events; the first block is awaited before answering, so a refused request gets its HTTP
+        error status rather than an error event."""
+        stream: AsyncBlockStream = self.gateway.client.generate_stream(prompt, **self.body.options(self.max_tokens))
+        try:
+            first = await unless_disconnected(request, anext_or_none(stream))
+        except BaseException:
+            await stream.aclose()
+            raise
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if self.chat:
+                    yield json.dumps(self.chunk(None, None, first=True))
+                if first is not None:
+                    yield json.dumps(self.chunk(first.text, None))
+                    async for block in stream:
+                        yield json.dumps(self.chunk(block.text, None))
+                result = stream.result
+                yield json.dumps(self.chunk(None, await self.finish_reason(result)))
+                if include_usage:
+                    yield json.dumps({**self.envelope(self.chunk_kind), "choices": [],
+                                      "usage": self.usage([prompt], [result])})
+            except DLMError as error:
+                yield json.dumps(api_error(error).body())
+            finally:
+                await stream.aclose()  # cancels the Triton request when the client went away mid-stream
+            yield "[DONE]"
+
+        return EventSourceResponse(events(), ping=15)
+
+
+async def anext_or_none(stream: AsyncBlockStream) -> Any:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m client.gateway", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--triton", default="localhost:8001", help="Triton's gRPC address (host:port)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--model", default="dlm", help="the Triton model to forward to")
+    parser.add_argument("--served-model-name", help="the model id clients ask for (default: --model)")
+    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
+                        help="folder with the checkpoint's tokenizer.json and tokenizer_config.json (chat template)")
+    parser.add_argument("--api-key", default=os.environ.get("DLM_GATEWAY_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $DLM_GATEWAY_API_KEY; unset: open)")
+    parser.add_argument("--timeout", type=float, help="seconds one request may take at Triton")
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    args = parse_args(argv)
+    app = create_app(args.triton, args.model, args.served_model_name, args.tokenizer, args.api_key, args.timeout)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

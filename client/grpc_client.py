@@ -1,0 +1,306 @@
+"""gRPC clients of the `dlm` model on `tritonclient.grpc` (blocking) and `tritonclient.grpc.aio` (asyncio).
+
+A decoupled model answers only over gRPC's bidirectional streaming API, so every request, streamed or not, is one
+`ModelStreamInfer` call read until the response that carries `triton_final_response`. Closing a stream early (or a
+timeout) cancels that call, and Triton tells the model, which stops the request at its next step.
+
+    from client import GrpcClient
+    with GrpcClient("localhost:8001") as dlm:
+        print(dlm.generate("4821+377=", mode="diffusion").text)
+        with dlm.generate_stream("upper:" + "abc" * 12 + "=", max_tokens=40) as stream:
+            for block in stream:
+                print(block.text, end="", flush=True)
+        print(stream.result.tokens_per_forward)
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aiogrpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from client.request import Options, tensors
+from client.result import Accumulator, Block, DLMError, Result, Timeout, from_grpc
+
+OUTPUTS = ("text_output", "num_forwards", "num_tokens")
+Response = tuple[str, int, int, bool]  # text delta, engine passes so far, tokens so far, final
+
+
+def grpc_target(url: str) -> str:
+    """'host:port' for tritonclient, from 'host:port' or 'grpc://host:port'."""
+    return url.split("://", 1)[1] if "://" in url else url
+
+
+def infer_inputs(prompt: str, options: Options, stream: bool) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, array in tensors(prompt, options, stream).items():
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def parse_response(result: Any) -> Response:
+    """(text, num_forwards, num_tokens, final) of one `InferResult`."""
+    text = result.as_numpy("text_output")
+    forwards, tokens = result.as_numpy("num_forwards"), result.as_numpy("num_tokens")
+    parameters = result.get_response().parameters
+    final = "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
+    if text is None:  # an empty final response (flags only)
+        return "", 0, 0, final
+    value = text.reshape(-1)[0]
+    return (
+        value.decode("utf-8") if isinstance(value, bytes) else str(value),
+        int(forwards.reshape(-1)[0]), int(tokens.reshape(-1)[0]), final,
+    )
+
+
+def to_error(error: Exception) -> DLMError:
+    if isinstance(error, DLMError):
+        return error
+    if isinstance(error, InferenceServerException):
+        return from_grpc(error.message() or str(error), error.status())
+    if isinstance(error, grpc.RpcError):
+        return from_grpc(error.details() or str(error), str(error.code()))
+    return DLMError(str(error))
+
+
+class BlockStream:
+    """One streamed request: iterate for its `Block`s as they arrive; `result` once it has finished. `close()` (or
+    leaving a `with` block) before the end cancels the request on the server."""
+
+    def __init__(self, responses: Iterator[Response], accumulator: Accumulator):
+        self._responses = responses  # a generator whose close() cancels the call if it has not finished
+        self._acc = accumulator
+
+    def __iter__(self) -> "BlockStream":
+        return self
+
+    def __next__(self) -> Block:
+        for text, forwards, tokens, final in self._responses:
+            block = self._acc.add(text, forwards, tokens, final)
+            if block is not None:
+                return block
+        raise StopIteration
+
+    @property
+    def result(self) -> Result:
+        return self._acc.result()
+
+    def close(self) -> None:
+        self._responses.close()
+
+    def __enter__(self) -> "BlockStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncBlockStream:
+    """The asyncio counterpart of `BlockStream`: `async for`, `result`, `await aclose()` (or `async with`)."""
+
+    def __init__(self, responses: AsyncIterator[Response], accumulator: Accumulator):
+        self._responses = responses
+        self._acc = accumulator
+
+    def __aiter__(self) -> "AsyncBlockStream":
+        return self
+
+    async def __anext__(self) -> Block:
+        async for text, forwards, tokens, final in self._responses:
+            block = self._acc.add(text, forwards, tokens, final)
+            if block is not None:
+                return block
+        raise StopAsyncIteration
+
+    @property
+    def result(self) -> Result:
+        return self._acc.result()
+
+    async def aclose(self) -> None:
+        await self._responses.aclose()
+
+    async def __aenter__(self) -> "AsyncBlockStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+class GrpcClient:
+    """Blocking client; safe to share between threads (each request borrows its own stream's connection).
+
+    `timeout` (seconds, per request) bounds a request end to end; when it passes, the call is cancelled and
+    `Timeout` is raised. Options are the model's inputs: mode, max_tokens, temperature, seed, stop_words,
+    block_length, threshold, steps."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = "dlm", timeout: float | None = None):
+        self.url, self.model, self.timeout = grpc_target(url), model, timeout
+        self._idle: list[grpcclient.InferenceServerClient] = []
+        self._lock = threading.Lock()
+
+    def generate(self, prompt: str, *, timeout: float | None = None, **options: Any) -> Result:
+        """The whole text in one response (`stream` false)."""
+        stream = self._open(prompt, Options.of(**options), False, timeout)
+        with stream:
+            for _ in stream:
+                pass
+        return stream.result
+
+    def generate_stream(self, prompt: str, *, timeout: float | None = None, **options: Any) -> BlockStream:
+        """One `Block` per committed block, as the server commits them."""
+        return self._open(prompt, Options.of(**options), True, timeout)
+
+    def _open(self, prompt: str, options: Options, stream: bool, timeout: float | None) -> BlockStream:
+        accumulator = Accumulator()
+        responses = self._responses(infer_inputs(prompt, options, stream), timeout or self.timeout)
+        return BlockStream(responses, accumulator)
+
+    def _responses(self, inputs: list[grpcclient.InferInput], timeout: float | None) -> Iterator[Response]:
+        client = self._borrow()
+        arrived: queue.SimpleQueue = queue.SimpleQueue()
+        finished = False
+        try:
+            client.start_stream(callback=lambda result, error: arrived.put((result, error)), stream_timeout=timeout)
+            try:
+                client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+            except InferenceServerException as error:  # the stream failed already: its callback has the reason
+                try:
+                    error = arrived.get(timeout=1.0)[1] or error
+                except queue.Empty:
+                    pass
+                finished = True
+                raise to_error(error) from None
+            deadline = None if timeout is None else time.monotonic() + timeout + 5.0  # gRPC's deadline fires first
+            while True:
+                try:
+                    wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    result, error = arrived.get(timeout=wait)
+                except queue.Empty:
+                    raise Timeout(f"no response within {timeout} s") from None
+                if error is not None:
+                    finished = True  # an error ends the request on the server
+                    raise to_error(error)
+                response = parse_response(result)
+                finished = response[3]
+                yield response
+                if finished:
+                    return
+        except InferenceServerException as error:
+            raise to_error(error) from None
+        finally:
+            try:
+                client.stop_stream(cancel_requests=not finished)
+            finally:
+                self._give_back(client)
+
+    def _borrow(self) -> grpcclient.InferenceServerClient:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return grpcclient.InferenceServerClient(self.url)
+
+    def _give_back(self, client: grpcclient.InferenceServerClient) -> None:
+        with self._lock:
+            self._idle.append(client)
+
+    def is_ready(self) -> bool:
+        client = self._borrow()
+        try:
+            return client.is_model_ready(self.model)
+        except InferenceServerException:
+            return False
+        finally:
+            self._give_back(client)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
+
+    def __enter__(self) -> "GrpcClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncGrpcClient:
+    """asyncio client over one channel; any number of requests may run concurrently. Create it inside the event
+    loop that uses it. Same options and timeout as `GrpcClient`."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = "dlm", timeout: float | None = None):
+        self.url, self.model, self.timeout = grpc_target(url), model, timeout
+        self._client = aiogrpcclient.InferenceServerClient(self.url)
+
+    async def generate(self, prompt: str, *, timeout: float | None = None, **options: Any) -> Result:
+        stream = self._open(prompt, Options.of(**options), False, timeout)
+        async with stream:
+            async for _ in stream:
+                pass
+        return stream.result
+
+    def generate_stream(self, prompt: str, *, timeout: float | None = None, **options: Any) -> AsyncBlockStream:
+        return self._open(prompt, Options.of(**options), True, timeout)
+
+    def _open(self, prompt: str, options: Options, stream: bool, timeout: float | None) -> AsyncBlockStream:
+        accumulator = Accumulator()
+        responses = self._responses(infer_inputs(prompt, options, stream), timeout or self.timeout)
+        return AsyncBlockStream(responses, accumulator)
+
+    async def _responses(self, inputs: list[grpcclient.InferInput], timeout: float | None) -> AsyncIterator[Response]:
+        async def requests():
+            yield {"model_name": self.model, "inputs": inputs}
+
+        call = None
+        finished = False
+        try:
+            call = self._client.stream_infer(requests(), stream_timeout=timeout)
+            async for result, error in call:
+                if error is not None:
+                    finished = True
+                    raise to_error(error)
+                response = parse_response(result)
+                finished = response[3]
+                yield response
+                if finished:
+                    return
+            raise DLMError("the server closed the stream before the request's final response")
+        except (InferenceServerException, grpc.RpcError) as error:
+            finished = True
+            raise to_error(error) from None
+        finally:
+            if call is not None and not finished:
+                call.cancel()
+
+    async def is_ready(self) -> bool:
+        try:
+            return await self._client.is_model_ready(self.model)
+        except InferenceServerException:
+            return False
+
+    async def model_parameters(self) -> dict[str, str]:
+        """The model's `config.pbtxt` parameters (its request defaults among them)."""
+        try:
+            config = await self._client.get_model_config(self.model, as_json=True)
+        except InferenceServerException as error:
+            raise to_error(error) from None
+        return {k: v.get("string_value", "") for k, v in config["config"].get("parameters", {}).items()}
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> "AsyncGrpcClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

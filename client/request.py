@@ -1,0 +1,78 @@
+"""One generation request as the `dlm` model's inputs (DESIGN §5): the tensors for gRPC, the JSON body for HTTP.
+
+Only the options a caller sets are sent; the server fills in the rest from its `config.pbtxt` defaults and checks
+every value (an out-of-range one comes back as the server's error, never a local guess).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+MODES = ("diffusion", "ar", "speculative")
+
+# input name -> numpy dtype of its tensor (config.pbtxt's TYPE_STRING is BYTES: numpy object arrays of bytes)
+INPUT_DTYPES: dict[str, Any] = {
+    "text_input": np.object_,
+    "max_tokens": np.int32,
+    "stream": np.bool_,
+    "temperature": np.float32,
+    "seed": np.uint64,
+    "stop_words": np.object_,
+    "mode": np.object_,
+    "block_length": np.int32,
+    "threshold": np.float32,
+    "steps": np.int32,
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The optional inputs of one request; None leaves an input out (the server's default applies)."""
+
+    mode: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    stop_words: tuple[str, ...] | list[str] | None = None
+    block_length: int | None = None
+    threshold: float | None = None
+    steps: int | None = None
+
+    @classmethod
+    def of(cls, **options: Any) -> "Options":
+        """Options from keyword arguments, refusing names the model has no input for."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}: expected some of {', '.join(sorted(known))}")
+        return cls(**options)
+
+    def values(self) -> dict[str, Any]:
+        """The options that are set, by input name."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        if "stop_words" in out:
+            out["stop_words"] = [out["stop_words"]] if isinstance(out["stop_words"], str) else list(out["stop_words"])
+            if not out["stop_words"]:
+                del out["stop_words"]
+        return out
+
+
+def tensors(prompt: str, options: Options, stream: bool) -> dict[str, np.ndarray]:
+    """The request's input tensors by name (shape [1], stop_words [n])."""
+    values = {"text_input": prompt, **options.values(), "stream": stream}
+    out = {}
+    for name, value in values.items():
+        dtype = INPUT_DTYPES[name]
+        items = value if isinstance(value, list) else [value]
+        if dtype is np.object_:
+            items = [str(v).encode("utf-8") for v in items]
+        out[name] = np.array(items, dtype=dtype)
+    return out
+
+
+def json_body(prompt: str, options: Options, stream: bool) -> dict[str, Any]:
+    """The body of Triton's `/generate` and `/generate_stream` (inputs by name, scalars as JSON values)."""
+    return {"text_input": prompt, **options.values(), "stream": stream}
