@@ -72,27 +72,42 @@ def to_error(error: Exception) -> DLMError:
     return DLMError(str(error))
 
 
-class BlockStream:
+class _Stream:
+    """What a stream of either kind keeps: its responses (a generator whose closing cancels an unfinished call)
+    and the accumulator that turns them into blocks and a result."""
+
+    def __init__(self, responses: Any, accumulator: Accumulator):
+        self._responses = responses
+        self._acc = accumulator
+
+    @property
+    def result(self) -> Result:
+        """The finished request (raises `DLMError` before the stream has been read to its end)."""
+        return self._acc.result()
+
+
+class BlockStream(_Stream):
     """One streamed request: iterate for its `Block`s as they arrive; `result` once it has finished. `close()` (or
     leaving a `with` block) before the end cancels the request on the server."""
 
-    def __init__(self, responses: Generator[Response, None, None], accumulator: Accumulator):
-        self._responses = responses  # a generator whose close() cancels the call if it has not finished
-        self._acc = accumulator
+    _responses: Generator[Response, None, None]
 
     def __iter__(self) -> "BlockStream":
         return self
 
     def __next__(self) -> Block:
-        for text, forwards, tokens, final in self._responses:
-            block = self._acc.add(text, forwards, tokens, final)
+        for response in self._responses:
+            block = self._acc.add(*response)
             if block is not None:
                 return block
         raise StopIteration
 
-    @property
-    def result(self) -> Result:
-        return self._acc.result()
+    def drain(self) -> Result:
+        """Read the stream to its end; the request's `Result`."""
+        with self:
+            for _ in self:
+                pass
+        return self.result
 
     def close(self) -> None:
         self._responses.close()
@@ -104,26 +119,26 @@ class BlockStream:
         self.close()
 
 
-class AsyncBlockStream:
+class AsyncBlockStream(_Stream):
     """The asyncio counterpart of `BlockStream`: `async for`, `result`, `await aclose()` (or `async with`)."""
 
-    def __init__(self, responses: AsyncGenerator[Response, None], accumulator: Accumulator):
-        self._responses = responses
-        self._acc = accumulator
+    _responses: AsyncGenerator[Response, None]
 
     def __aiter__(self) -> "AsyncBlockStream":
         return self
 
     async def __anext__(self) -> Block:
-        async for text, forwards, tokens, final in self._responses:
-            block = self._acc.add(text, forwards, tokens, final)
+        async for response in self._responses:
+            block = self._acc.add(*response)
             if block is not None:
                 return block
         raise StopAsyncIteration
 
-    @property
-    def result(self) -> Result:
-        return self._acc.result()
+    async def drain(self) -> Result:
+        async with self:
+            async for _ in self:
+                pass
+        return self.result
 
     async def aclose(self) -> None:
         await self._responses.aclose()
@@ -149,20 +164,15 @@ class GrpcClient:
 
     def generate(self, prompt: str, *, timeout: float | None = None, **options: Any) -> Result:
         """The whole text in one response (`stream` false)."""
-        stream = self._open(prompt, Options.of(**options), False, timeout)
-        with stream:
-            for _ in stream:
-                pass
-        return stream.result
+        return self._open(prompt, options, False, timeout).drain()
 
     def generate_stream(self, prompt: str, *, timeout: float | None = None, **options: Any) -> BlockStream:
         """One `Block` per committed block, as the server commits them."""
-        return self._open(prompt, Options.of(**options), True, timeout)
+        return self._open(prompt, options, True, timeout)
 
-    def _open(self, prompt: str, options: Options, stream: bool, timeout: float | None) -> BlockStream:
-        accumulator = Accumulator()
-        responses = self._responses(infer_inputs(prompt, options, stream), timeout or self.timeout)
-        return BlockStream(responses, accumulator)
+    def _open(self, prompt: str, options: dict[str, Any], stream: bool, timeout: float | None) -> BlockStream:
+        inputs = infer_inputs(prompt, Options.of(**options), stream)
+        return BlockStream(self._responses(inputs, timeout or self.timeout), Accumulator())
 
     def _responses(self, inputs: list[grpcclient.InferInput], timeout: float | None) -> Generator[Response, None, None]:
         client = self._borrow()
@@ -244,19 +254,14 @@ class AsyncGrpcClient:
         self._client = aiogrpcclient.InferenceServerClient(self.url)
 
     async def generate(self, prompt: str, *, timeout: float | None = None, **options: Any) -> Result:
-        stream = self._open(prompt, Options.of(**options), False, timeout)
-        async with stream:
-            async for _ in stream:
-                pass
-        return stream.result
+        return await self._open(prompt, options, False, timeout).drain()
 
     def generate_stream(self, prompt: str, *, timeout: float | None = None, **options: Any) -> AsyncBlockStream:
-        return self._open(prompt, Options.of(**options), True, timeout)
+        return self._open(prompt, options, True, timeout)
 
-    def _open(self, prompt: str, options: Options, stream: bool, timeout: float | None) -> AsyncBlockStream:
-        accumulator = Accumulator()
-        responses = self._responses(infer_inputs(prompt, options, stream), timeout or self.timeout)
-        return AsyncBlockStream(responses, accumulator)
+    def _open(self, prompt: str, options: dict[str, Any], stream: bool, timeout: float | None) -> AsyncBlockStream:
+        inputs = infer_inputs(prompt, Options.of(**options), stream)
+        return AsyncBlockStream(self._responses(inputs, timeout or self.timeout), Accumulator())
 
     async def _responses(
         self, inputs: list[grpcclient.InferInput], timeout: float | None
