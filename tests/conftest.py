@@ -113,3 +113,13 @@ def triton(tmp_path_factory):
     server = start_server(tmp_path_factory.mktemp("triton") / "server.log")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(triton, tmp_path_factory):
+    """The OpenAI-compatible gateway (`python -m client.gateway`) in front of the session's server."""
+    from triton_server import Gateway
+
+    gateway = Gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log").wait_ready()
+    yield gateway
+    gateway.stop()
