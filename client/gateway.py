@@ -179,15 +179,25 @@ class Gateway:
 
             self.tokenizer = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json"))
         self.created = int(time.time())
-        self.client: AsyncGrpcClient | None = None
+        self._client: AsyncGrpcClient | None = None
         self._default_max_tokens: int | None = None
+
+    @property
+    def client(self) -> AsyncGrpcClient:
+        if self._client is None:
+            raise RuntimeError("the gateway's Triton client exists only while the app runs (its lifespan)")
+        return self._client
+
+    @client.setter
+    def client(self, client: AsyncGrpcClient) -> None:
+        self._client = client
 
     def prompt_tokens(self, prompt: str) -> int:
         return len(self.tokenizer.encode(prompt).ids) if self.tokenizer is not None else 0
 
     async def default_max_tokens(self) -> int | None:
         """The server's `max_tokens` default (config.pbtxt), to tell 'length' from 'stop' when a body has none."""
-        if self._default_max_tokens is None and self.client is not None:
+        if self._default_max_tokens is None:
             value = (await self.client.model_parameters()).get("max_tokens", "").strip()
             self._default_max_tokens = int(value) if value else None
         return self._default_max_tokens

@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from typing import Any
 
 import grpc
@@ -76,7 +76,7 @@ class BlockStream:
     """One streamed request: iterate for its `Block`s as they arrive; `result` once it has finished. `close()` (or
     leaving a `with` block) before the end cancels the request on the server."""
 
-    def __init__(self, responses: Iterator[Response], accumulator: Accumulator):
+    def __init__(self, responses: Generator[Response, None, None], accumulator: Accumulator):
         self._responses = responses  # a generator whose close() cancels the call if it has not finished
         self._acc = accumulator
 
@@ -107,7 +107,7 @@ class BlockStream:
 class AsyncBlockStream:
     """The asyncio counterpart of `BlockStream`: `async for`, `result`, `await aclose()` (or `async with`)."""
 
-    def __init__(self, responses: AsyncIterator[Response], accumulator: Accumulator):
+    def __init__(self, responses: AsyncGenerator[Response, None], accumulator: Accumulator):
         self._responses = responses
         self._acc = accumulator
 
@@ -164,7 +164,7 @@ class GrpcClient:
         responses = self._responses(infer_inputs(prompt, options, stream), timeout or self.timeout)
         return BlockStream(responses, accumulator)
 
-    def _responses(self, inputs: list[grpcclient.InferInput], timeout: float | None) -> Iterator[Response]:
+    def _responses(self, inputs: list[grpcclient.InferInput], timeout: float | None) -> Generator[Response, None, None]:
         client = self._borrow()
         arrived: queue.SimpleQueue = queue.SimpleQueue()
         finished = False
@@ -172,13 +172,14 @@ class GrpcClient:
             client.start_stream(callback=lambda result, error: arrived.put((result, error)), stream_timeout=timeout)
             try:
                 client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
-            except InferenceServerException as error:  # the stream failed already: its callback has the reason
+            except InferenceServerException as refused:  # the stream failed already: its callback has the reason
+                reason: Exception = refused
                 try:
-                    error = arrived.get(timeout=1.0)[1] or error
+                    reason = arrived.get(timeout=1.0)[1] or refused
                 except queue.Empty:
                     pass
                 finished = True
-                raise to_error(error) from None
+                raise to_error(reason) from None
             deadline = None if timeout is None else time.monotonic() + timeout + 5.0  # gRPC's deadline fires first
             while True:
                 try:
@@ -257,7 +258,9 @@ class AsyncGrpcClient:
         responses = self._responses(infer_inputs(prompt, options, stream), timeout or self.timeout)
         return AsyncBlockStream(responses, accumulator)
 
-    async def _responses(self, inputs: list[grpcclient.InferInput], timeout: float | None) -> AsyncIterator[Response]:
+    async def _responses(
+        self, inputs: list[grpcclient.InferInput], timeout: float | None
+    ) -> AsyncGenerator[Response, None]:
         async def requests():
             yield {"model_name": self.model, "inputs": inputs}
 

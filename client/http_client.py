@@ -10,8 +10,9 @@ and `tritonclient.http` has no generate helper, so this is httpx with httpx-sse.
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import httpx
@@ -62,11 +63,12 @@ class HttpClient:
         return f"/v2/models/{self.model}/{endpoint}"
 
     def generate(self, prompt: str, *, timeout: float | None = None, **options: Any) -> Result:
-        """The whole text in one response (`/generate`)."""
+        """The whole text in one response (`/generate`). On a timeout the connection is closed, but Triton notices
+        a gone client only when it writes, so the request runs to its end on the server (streams are cancelled)."""
         accumulator = Accumulator()
         body = json_body(prompt, Options.of(**options), stream=False)
         with transport_errors():
-            response = self._http.post(self._url("generate"), json=body, **self._timeout(timeout))
+            response = self._http.post(self._url("generate"), json=body, **self._timeout(timeout or self.timeout))
         if response.status_code != 200:
             raise from_http(error_message(response.text), response.status_code)
         accumulator.add(*parse_event(response.json(), final=True))
@@ -75,12 +77,12 @@ class HttpClient:
     def generate_stream(self, prompt: str, *, timeout: float | None = None, **options: Any) -> BlockStream:
         """One `Block` per committed block (`/generate_stream`); closing the stream closes the connection."""
         body = json_body(prompt, Options.of(**options), stream=True)
-        return BlockStream(self._events(body, timeout), Accumulator())
+        return BlockStream(self._events(body, timeout or self.timeout), Accumulator())
 
     def _timeout(self, timeout: float | None) -> dict[str, Any]:
         return {} if timeout is None else {"timeout": timeout}
 
-    def _events(self, body: dict[str, Any], timeout: float | None) -> Iterator[Response]:
+    def _events(self, body: dict[str, Any], timeout: float | None) -> Generator[Response, None, None]:
         with transport_errors():
             url = self._url("generate_stream")
             with connect_sse(self._http, "POST", url, json=body, **self._timeout(timeout)) as source:
@@ -88,11 +90,14 @@ class HttpClient:
                 if "text/event-stream" not in source.response.headers.get("content-type", ""):
                     raise from_http(error_message(source.response.read().decode()), status)
                 last = None
+                deadline = None if timeout is None else time.monotonic() + timeout
                 try:
                     for event in source.iter_sse():
                         data = event.json()
                         if "error" in data:
                             raise from_http(str(data["error"]), status)
+                        if deadline is not None and time.monotonic() > deadline:  # leaving closes the connection
+                            raise Timeout(f"the request did not finish within {timeout} s")
                         last = parse_event(data, final=False)
                         yield last
                 except SSEError as error:

@@ -1,0 +1,62 @@
+"""`python -m client` against a real tritonserver: streamed text then a statistics line, `--json` that parses, prompts
+from stdin, and the server's message with exit status 1 on a refused request."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+from export.tasks import held_out_set
+
+PROBLEMS = held_out_set("upper", 3)
+STATISTICS = re.compile(
+    r"^\[(\d+) tokens, (\d+) forwards, [\d.]+ tokens/forward, latency [\d.]+ ms, first block [\d.]+ ms, "
+    r"[\d.]+ tokens/s\]$"
+)
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "client", *args], input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
+    )
+
+
+def test_streamed_generation_prints_the_text_and_a_statistics_line(triton):
+    problem = PROBLEMS[0]
+    run = cli(problem.prompt, "--url", triton.grpc_url, "--stream", "--mode", "diffusion", "--threshold", "0.9",
+              "--max-tokens", "48")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == problem.answer + "\n"
+    stats = STATISTICS.match(run.stderr.strip())
+    assert stats, run.stderr
+    tokens, forwards = int(stats.group(1)), int(stats.group(2))
+    assert tokens == len(problem.answer) + 1 and forwards < tokens / 3  # several tokens per forward
+
+
+def test_json_output_parses_one_object_per_stdin_line(triton):
+    stdin = "".join(p.prompt + "\n" for p in PROBLEMS[1:]) + "\n"  # a blank line is skipped
+    run = cli("--protocol", "http", "--url", triton.http_url, "--mode", "speculative", "--json", "--stream",
+              stdin=stdin)
+    assert run.returncode == 0, run.stderr
+    results = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["prompt"] for r in results] == [p.prompt for p in PROBLEMS[1:]]
+    assert [r["text"] for r in results] == [p.answer for p in PROBLEMS[1:]]
+    for r in results:
+        assert r["mode"] == "speculative" and r["num_tokens"] == len(r["text"]) + 1
+        assert r["tokens_per_forward"] == r["num_tokens"] / (r["num_forwards"] - 1)
+        assert 0 < r["time_to_first_block"] < r["latency"]
+
+
+def test_a_refused_request_prints_the_server_message_and_exits_1(triton):
+    run = cli("4821+377=", "--url", triton.grpc_url, "--block-length", "1")
+    assert run.returncode == 1
+    assert re.fullmatch(r"error \(InvalidRequest\): block_length must be in \[2, \d+\], got 1", run.stderr.strip())
+    run = cli("4821+377=", "--url", triton.grpc_url, "--steps", "0", "--json")
+    assert run.returncode == 1
+    assert json.loads(run.stdout) == {"prompt": "4821+377=", "error": "steps must be in [1, 32], got 0",
+                                      "type": "InvalidRequest"}

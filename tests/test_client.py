@@ -1,0 +1,181 @@
+"""The client library (`client/`) against a real tritonserver: unary and streaming in every mode over gRPC (blocking
+and asyncio) and HTTP, cancellation when a stream is closed early, timeouts, and server errors raised as exceptions
+that carry Triton's message."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from client import AsyncGrpcClient, Block, GrpcClient, HttpClient, InvalidRequest, ServerUnavailable, Timeout
+from client.request import Options, json_body, tensors
+from client.result import Cancelled, DLMError, from_grpc, from_http
+from export.tasks import held_out_set
+from test_server import wait_for_metric
+from triton_server import free_port
+
+MODES = ["ar", "diffusion", "speculative"]
+PROBLEM = held_out_set("upper", 2)[1]  # a 37-token answer: several blocks in every mode
+LONG, ANSWER = PROBLEM.prompt, PROBLEM.answer
+
+
+@pytest.fixture(scope="module")
+def clients(triton):
+    grpc, http = GrpcClient(triton.grpc_url), HttpClient(triton.http_url)
+    yield {"grpc": grpc, "http": http}
+    grpc.close()
+    http.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("mode", MODES)
+def test_unary_generation(clients, protocol, mode):
+    result = clients[protocol].generate(LONG, mode=mode, max_tokens=48)
+    assert result.text == ANSWER
+    assert result.num_tokens == len(ANSWER) + 1  # the end token counts
+    assert result.blocks == 1 and result.time_to_first_block == result.latency > 0
+    if mode == "ar":
+        assert result.num_forwards == result.num_tokens  # the prefill gives the first token
+    else:
+        assert result.tokens_per_forward > 3
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("mode", MODES)
+def test_streaming_yields_blocks_as_they_commit(clients, protocol, mode):
+    unary = clients[protocol].generate(LONG, mode=mode, max_tokens=48)
+    with clients[protocol].generate_stream(LONG, mode=mode, max_tokens=48) as stream:
+        blocks = list(stream)
+    result = stream.result
+    assert all(isinstance(b, Block) and b.text for b in blocks) and len(blocks) >= 2
+    assert "".join(b.text for b in blocks) == result.text == ANSWER
+    counts = [(b.num_forwards, b.num_tokens, b.seconds) for b in blocks]
+    assert counts == sorted(counts)  # passes, tokens and time only grow
+    assert (result.num_forwards, result.num_tokens) == (unary.num_forwards, unary.num_tokens)
+    assert result.blocks == len(blocks) and 0 < result.time_to_first_block < result.latency
+
+
+def test_asyncio_client_runs_requests_concurrently(triton):
+    async def run():
+        async with AsyncGrpcClient(triton.grpc_url) as client:
+            unary = await asyncio.gather(*(client.generate(LONG, mode=m, max_tokens=48) for m in MODES))
+            stream = client.generate_stream(LONG, mode="diffusion", max_tokens=48)
+            async with stream:
+                blocks = [block async for block in stream]
+            return unary, blocks, stream.result
+
+    unary, blocks, streamed = asyncio.run(run())
+    assert [r.text for r in unary] == [ANSWER] * 3
+    assert "".join(b.text for b in blocks) == streamed.text == ANSWER and len(blocks) >= 2
+
+
+def requests_total(server) -> dict[str, float]:
+    return {k: v for k, v in server.metrics().items() if k.startswith("dlm_requests_total")}
+
+
+def close_after_first_block(kind: str, url: str) -> Block:
+    if kind == "grpc-asyncio":
+        async def run():
+            async with AsyncGrpcClient(url) as client:
+                stream = client.generate_stream(LONG, mode="ar", max_tokens=48)
+                first = await stream.__anext__()
+                await stream.aclose()
+                return first
+
+        return asyncio.run(run())
+    client = GrpcClient(url) if kind == "grpc" else HttpClient(url)
+    with client, client.generate_stream(LONG, mode="ar", max_tokens=48) as stream:
+        return next(stream)
+
+
+@pytest.mark.parametrize("kind", ["grpc", "grpc-asyncio", "http"])
+def test_a_stream_closed_early_cancels_the_request_on_the_server(triton, kind):
+    key = 'dlm_requests_total{mode="ar",outcome="cancelled"}'
+    before = triton.metrics().get(key, 0.0)
+    url = triton.http_url if kind == "http" else triton.grpc_url
+    first = close_after_first_block(kind, url)
+    assert first.text == ANSWER[0] and first.num_tokens == 1  # `ar` streams token by token: 36 were left
+    assert wait_for_metric(triton, key, lambda v: v >= before + 1) == before + 1, requests_total(triton)
+    assert wait_for_metric(triton, "dlm_live_slots", lambda v: v == 0) == 0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_an_invalid_input_raises_with_the_server_message(clients, protocol, stream):
+    client = clients[protocol]
+    with pytest.raises(InvalidRequest) as raised:
+        if stream:
+            list(client.generate_stream(LONG, threshold=1.5))
+        else:
+            client.generate(LONG, threshold=1.5)
+    assert str(raised.value) == "threshold must be in (0, 1], got 1.5"
+    with pytest.raises(InvalidRequest, match=r"^mode 'fast' is unknown: expected one of ar, diffusion, speculative$"):
+        client.generate(LONG, mode="fast")
+    assert client.generate("4821+377=", mode="ar", max_tokens=8).text  # the server goes on serving
+
+
+def test_asyncio_client_raises_the_server_message(triton):
+    async def run():
+        async with AsyncGrpcClient(triton.grpc_url) as client:
+            await client.generate(LONG, steps=0)
+
+    with pytest.raises(InvalidRequest, match=r"^steps must be in \[1, 32\], got 0$"):
+        asyncio.run(run())
+
+
+@pytest.mark.parametrize("protocol, stream", [("grpc", False), ("grpc", True), ("http", True)])
+def test_timeout_raises_and_cancels(triton, clients, protocol, stream):
+    key = 'dlm_requests_total{mode="ar",outcome="cancelled"}'
+    before = triton.metrics().get(key, 0.0)
+    with pytest.raises(Timeout):
+        if stream:
+            list(clients[protocol].generate_stream(LONG, mode="ar", max_tokens=48, timeout=0.05))
+        else:
+            clients[protocol].generate(LONG, mode="ar", max_tokens=48, timeout=0.01)
+    assert wait_for_metric(triton, key, lambda v: v >= before + 1) == before + 1
+
+
+def test_http_unary_timeout_raises(clients):
+    # Triton's /generate notices a client that has gone only when it writes, at the end: the request runs out there
+    with pytest.raises(Timeout):
+        clients["http"].generate(LONG, mode="ar", max_tokens=48, timeout=0.01)
+
+
+@pytest.mark.parametrize("kind", [GrpcClient, HttpClient])
+def test_no_server_raises_server_unavailable(kind):
+    with kind(f"127.0.0.1:{free_port()}") as client, pytest.raises(ServerUnavailable):
+        client.generate("1+1=")
+
+
+def test_options_become_the_model_inputs():
+    options = Options.of(mode="ar", max_tokens=8, threshold=0.5, seed=3, stop_words="\n")
+    arrays = tensors("1+1=", options, stream=True)
+    assert {name: a.dtype for name, a in arrays.items()} == {
+        "text_input": np.object_, "mode": np.object_, "max_tokens": np.int32, "seed": np.uint64,
+        "stop_words": np.object_, "threshold": np.float32, "stream": np.bool_,
+    }
+    assert arrays["stop_words"].tolist() == [b"\n"] and arrays["text_input"].shape == (1,)
+    assert json_body("1+1=", options, stream=False) == {
+        "text_input": "1+1=", "mode": "ar", "max_tokens": 8, "seed": 3, "stop_words": ["\n"], "threshold": 0.5,
+        "stream": False,
+    }
+    with pytest.raises(TypeError, match="unknown option"):
+        Options.of(top_k=3)
+
+
+@pytest.mark.parametrize("message, kind", [
+    ("threshold must be in (0, 1], got 1.5", InvalidRequest),
+    ("input 'text_input' is missing: send the prompt as BYTES", InvalidRequest),
+    ("inference input 'max_tokens' data-type is 'INT64', but model 'dlm' expects 'INT32'", InvalidRequest),
+    ("the queue is full (64 requests waiting, 16 running); retry later", ServerUnavailable),
+    ("the server is shutting down and accepts no new requests", ServerUnavailable),
+    ("the request was cancelled", Cancelled),
+    ("the engine pass failed: boom", DLMError),
+])
+def test_stream_errors_are_classified_by_their_wording(message, kind):
+    error = from_grpc(message, None)
+    assert type(error) is kind and str(error) == message
+    assert type(from_grpc(message, "StatusCode.DEADLINE_EXCEEDED")) is Timeout
+    assert type(from_http(message, 400)) is InvalidRequest and type(from_http(message, 503)) is ServerUnavailable
