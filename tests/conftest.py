@@ -116,8 +116,8 @@ def triton(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gateway(triton, tmp_path_factory):
-    """The OpenAI-compatible gateway (`python -m client.gateway`) in front of the session's server."""
+def gateway_process(triton, tmp_path_factory):
+    """`python -m client.gateway` (the command users run) in a child process, in front of the session's server."""
     from triton_server import Gateway
 
     gateway = Gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log").wait_ready()

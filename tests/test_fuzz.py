@@ -188,11 +188,11 @@ def openai_bodies(draw):
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(body=openai_bodies(), path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
-def test_gateway_any_body_gets_an_answer_or_an_openai_error(gateway, body, path):
+def test_gateway_any_body_gets_an_answer_or_an_openai_error(gateway_process, body, path):
     import httpx
 
     CASES["gateway"] += 1
-    response = httpx.post(gateway.url + path, content=body, headers={"Content-Type": "application/json"},
+    response = httpx.post(gateway_process.url + path, content=body, headers={"Content-Type": "application/json"},
                           timeout=60)
     if response.status_code == 200:
         settle(response.text, None)
@@ -201,7 +201,7 @@ def test_gateway_any_body_gets_an_answer_or_an_openai_error(gateway, body, path)
         error = response.json()["error"]
         assert error["type"] and isinstance(error["message"], str)
         settle(None, error["message"])
-    valid = httpx.post(gateway.url + "/v1/completions", json={"model": "dlm", "prompt": "57+8=", "max_tokens": 4},
+    valid = httpx.post(gateway_process.url + "/v1/completions", json={"model": "dlm", "prompt": "57+8=", "max_tokens": 4},
                        timeout=60)
     assert valid.status_code == 200, valid.text
 
