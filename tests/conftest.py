@@ -113,3 +113,13 @@ def triton(tmp_path_factory):
     server = start_server(tmp_path_factory.mktemp("triton") / "server.log")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_process(triton, tmp_path_factory):
+    """`python -m client.gateway` (the command users run) in a child process, in front of the session's server."""
+    from triton_server import Gateway
+
+    gateway = Gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log").wait_ready()
+    yield gateway
+    gateway.stop()

@@ -1,6 +1,6 @@
-"""Property-based bad input against the real server (hypothesis): whatever a client sends over gRPC or HTTP, it
-gets a clear error or a valid answer within a time limit, never a hang or a crash, and a valid request right
-after it succeeds. The number of cases tried is printed and written to the session's temporary folder."""
+"""Property-based bad input against the real server (hypothesis): whatever a client sends over gRPC, HTTP or the
+OpenAI-compatible gateway, it gets a clear error or a valid answer within a time limit, never a hang or a crash,
+and a valid request right after it succeeds. The number of cases tried is printed and written to the session's temporary folder."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from triton_server import grpc_generate, http_post
 
 EXAMPLES = 100  # per protocol: a fixed budget, so the suite's time stays bounded
-CASES = {"grpc": 0, "http": 0, "answered": 0, "refused": 0}
+CASES = {"grpc": 0, "http": 0, "gateway": 0, "answered": 0, "refused": 0}
 SPEC = {  # the contract's dtypes (DESIGN §5)
     "text_input": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32", "seed": "UINT64",
     "stop_words": "BYTES", "mode": "BYTES", "block_length": "INT32", "threshold": "FP32", "steps": "INT32",
@@ -157,9 +157,58 @@ def test_http_any_input_gets_an_answer_or_a_clear_error(triton, request, endpoin
     still_serving(triton)
 
 
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63), st.floats(allow_nan=False),
+                        st.text(max_size=20))
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                                 st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                           max_leaves=6)
+openai_fields = {
+    "model": mostly(st.just("dlm"), json_values),
+    "prompt": mostly(st.sampled_from(["4821+377=", "57+8=", "upper:abcdefghij="]), json_values),
+    "max_tokens": mostly(st.integers(1, 16), json_values),
+    "temperature": mostly(st.sampled_from([0.0, 0.5]), json_values),
+    "stream": mostly(st.booleans(), json_values),
+    "mode": mostly(st.sampled_from(["ar", "diffusion", "speculative"]), json_values),
+    "threshold": mostly(st.floats(0.05, 1.0), json_values),
+    "steps": mostly(st.integers(1, 32), json_values),
+    "block_length": mostly(st.integers(2, 64), json_values),
+    "stop": mostly(st.lists(st.text(max_size=3), max_size=2), json_values),
+    "messages": mostly(st.just([{"role": "user", "content": "57+8="}]), json_values),
+}
+
+
+@st.composite
+def openai_bodies(draw):
+    body = {name: draw(strategy) for name, strategy in openai_fields.items() if draw(st.integers(0, 2)) > 0}
+    if draw(st.integers(0, 9)) == 0:  # not JSON at all, or JSON that is not an object
+        return draw(st.one_of(st.binary(max_size=30), json_values.map(lambda v: json.dumps(v).encode())))
+    return json.dumps(body).encode()
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(body=openai_bodies(), path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+def test_gateway_any_body_gets_an_answer_or_an_openai_error(gateway_process, body, path):
+    import httpx
+
+    CASES["gateway"] += 1
+    response = httpx.post(gateway_process.url + path, content=body, headers={"Content-Type": "application/json"},
+                          timeout=60)
+    if response.status_code == 200:
+        settle(response.text, None)
+    else:
+        assert 400 <= response.status_code < 500, (response.status_code, response.text)  # the client's fault
+        error = response.json()["error"]
+        assert error["type"] and isinstance(error["message"], str)
+        settle(None, error["message"])
+    valid = httpx.post(gateway_process.url + "/v1/completions", json={"model": "dlm", "prompt": "57+8=", "max_tokens": 4},
+                       timeout=60)
+    assert valid.status_code == 200, valid.text
+
+
 def test_report_the_cases_tried(tmp_path_factory):
     """Runs after the two properties (file order): the count goes to the output and a JSON file."""
-    tried = CASES["grpc"] + CASES["http"]
+    tried = CASES["grpc"] + CASES["http"] + CASES["gateway"]
     print(f"\nfuzz cases tried: {tried} ({CASES})")
     (tmp_path_factory.getbasetemp() / "fuzz_cases.json").write_text(json.dumps(CASES))
     assert tried >= EXAMPLES or tried == 0  # 0 when run alone with -k

@@ -209,3 +209,16 @@ def test_slots_are_allocated_once(runtime, spec):
     assert runtime._cache is cache and runtime.slots == 2
     assert np.all([not r.errors for r in recorders])
     scheduler.stop()
+
+
+def test_a_failing_observer_never_stops_decoding(runtime, fresh_runtime, spec):
+    class Broken:
+        def __getattr__(self, name):
+            raise RuntimeError("metrics are down")
+
+    scheduler = Scheduler(runtime, spec, max_live=2, max_queue=2, context=64, observer=Broken())
+    recorder = Recorder()
+    scheduler.submit(PROMPTS[1], PARAMS[1], recorder)
+    wait_all([recorder])
+    assert recorder.updates[-1] == alone(fresh_runtime, spec, PROMPTS[1], PARAMS[1]).tokens
+    scheduler.stop()

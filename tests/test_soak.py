@@ -5,6 +5,7 @@ the README."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from conftest import ROOT
 
@@ -13,6 +14,7 @@ def load_soak():
     spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules["soak"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

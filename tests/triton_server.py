@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -137,6 +138,43 @@ def start_server(log: Path, repository: Path | None = None, extra_args: Sequence
     except Exception:
         server.stop()
         raise
+
+
+
+class Gateway:
+    """`python -m client.gateway` as a child process in front of a running server."""
+
+    def __init__(self, triton_grpc_url: str, log: Path, api_key: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "wb")
+        self.log_path = log
+        command = [sys.executable, "-m", "client.gateway", "--triton", triton_grpc_url, "--port", str(self.port),
+                   "--log-level", "warning"]
+        if api_key:
+            command += ["--api-key", api_key]
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> "Gateway":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the gateway exited: {self.log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.2)
+        raise TimeoutError(f"the gateway was not ready within {timeout} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
 
 
 # --- raw tritonclient requests, so the tests hold the server to its contract whatever the client library does

@@ -122,8 +122,7 @@ class Scheduler:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down and accepts no new requests")
             if len(self._waiting) >= self.max_queue and not self._free_slots:
-                if self.observer:
-                    self.observer.rejected(params)
+                self._observe("rejected", params)
                 raise QueueFull(
                     f"the queue is full ({self.max_queue} requests waiting, {self.max_live} running); retry later"
                 )
@@ -165,14 +164,20 @@ class Scheduler:
                     self._lock.wait()
                 if self._closed:
                     return
+                admitted = bool(self._waiting and self._free_slots)
                 while self._waiting and self._free_slots:
                     job = self._waiting.popleft()
                     job.seq.slot = self._free_slots.pop()
                     self._live.append(job)
-            self._occupancy()
-            self._drop_cancelled()
-            if self._live:
-                self._step()
+            if admitted:
+                self._occupancy()
+            try:
+                self._drop_cancelled()
+                if self._live:
+                    self._step()
+            except Exception as error:  # noqa: BLE001 - a bug must end the requests concerned, never the loop
+                for job in list(self._live):
+                    self._leave(job, "error", RuntimeError(f"the scheduler failed: {error}"))
 
     def _drop_cancelled(self) -> None:
         for job in list(self._live):
@@ -200,8 +205,7 @@ class Scheduler:
                 self._leave(job, job.seq.finish_reason or "length")
             elif len(job.seq.tokens) > job.reported:
                 self._report(job)
-        if self.observer:
-            self.observer.step(seconds, len(jobs))
+        self._observe("step", seconds, len(jobs))
 
     def _report(self, job: Job) -> None:
         """Tell the consumer what was committed; it may stop the job, and one that cannot be told has gone."""
@@ -224,8 +228,7 @@ class Scheduler:
                 self._waiting.remove(job)
         self._occupancy()
         job.outcome = outcome
-        if self.observer:
-            self.observer.finished(job)
+        self._observe("finished", job)
         try:
             if error is not None:
                 job.consumer.fail(job, error)
@@ -235,5 +238,12 @@ class Scheduler:
             pass  # the client has gone; nothing is left to tell
 
     def _occupancy(self) -> None:
-        if self.observer:
-            self.observer.occupancy(len(self._live), len(self._waiting))
+        self._observe("occupancy", len(self._live), len(self._waiting))
+
+    def _observe(self, event: str, *args: object) -> None:
+        """Measurements never stop decoding: an observer that fails is ignored."""
+        if self.observer is not None:
+            try:
+                getattr(self.observer, event)(*args)
+            except Exception:
+                pass
