@@ -1,4 +1,4 @@
-"""The OpenAI-compatible gateway (`client.gateway`) in uvicorn, in front of a real tritonserver, with the official
+"""The OpenAI-compatible gateway (`python -m client.gateway`) in front of a real tritonserver, with the official
 `openai` package as its client: completions and chat completions, streamed and not, give the text the gRPC client
 gets for the same request at temperature 0; malformed bodies get OpenAI error objects with HTTP 400; the API key;
 a client that disconnects cancels its Triton request."""
@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from client import GrpcClient
@@ -21,7 +18,6 @@ from client.chat_template import ChatTemplate, TemplateError
 from client.gateway import create_app
 from export.tasks import held_out_set
 from test_server import wait_for_metric
-from triton_server import free_port
 
 MODES = ["ar", "diffusion", "speculative"]
 PROBLEM = held_out_set("upper", 3)[2]
@@ -29,20 +25,9 @@ CANCELLED = 'dlm_requests_total{mode="ar",outcome="cancelled"}'
 
 
 @pytest.fixture(scope="module")
-def gateway(triton):
-    """The gateway app served by uvicorn on a free port, in a thread; its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(triton.grpc_url), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+def gateway(gateway_process) -> str:
+    """The base URL of `python -m client.gateway`, the session's child process in front of the session's server."""
+    return gateway_process.url
 
 
 @pytest.fixture(scope="module")
