@@ -125,22 +125,26 @@ def test_asyncio_client_raises_the_server_message(triton):
         asyncio.run(run())
 
 
+# one token per pass: about 48 passes of a 32-token block, 150 ms or more, against timeouts of 50 ms
+SLOW = {"mode": "diffusion", "steps": 32, "max_tokens": 48}
+
+
 @pytest.mark.parametrize("protocol, stream", [("grpc", False), ("grpc", True), ("http", True)])
 def test_timeout_raises_and_cancels(triton, clients, protocol, stream):
-    key = 'dlm_requests_total{mode="ar",outcome="cancelled"}'
+    key = 'dlm_requests_total{mode="diffusion",outcome="cancelled"}'
     before = triton.metrics().get(key, 0.0)
     with pytest.raises(Timeout):
         if stream:
-            list(clients[protocol].generate_stream(LONG, mode="ar", max_tokens=48, timeout=0.05))
+            list(clients[protocol].generate_stream(LONG, timeout=0.05, **SLOW))
         else:
-            clients[protocol].generate(LONG, mode="ar", max_tokens=48, timeout=0.01)
-    assert wait_for_metric(triton, key, lambda v: v >= before + 1) == before + 1
+            clients[protocol].generate(LONG, timeout=0.05, **SLOW)
+    assert wait_for_metric(triton, key, lambda v: v >= before + 1) == before + 1, requests_total(triton)
 
 
 def test_http_unary_timeout_raises(clients):
     # Triton's /generate notices a client that has gone only when it writes, at the end: the request runs out there
     with pytest.raises(Timeout):
-        clients["http"].generate(LONG, mode="ar", max_tokens=48, timeout=0.01)
+        clients["http"].generate(LONG, timeout=0.05, **SLOW)
 
 
 @pytest.mark.parametrize("kind", [GrpcClient, HttpClient])
