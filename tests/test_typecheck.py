@@ -19,7 +19,9 @@ def mypy(path) -> subprocess.CompletedProcess:
     if not (STUBS / "tensorrt" / "__init__.pyi").is_file():
         pytest.fail(f"no TensorRT stubs in {STUBS}: run scripts/typecheck.sh (scripts/test.sh runs it) first")
     return subprocess.run(
-        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), str(path)],
+        # a cache of its own: the shared .mypy_cache would answer for a same-named file of an earlier run's tmp_path
+        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
+         "--cache-dir", str(path.parent / ".mypy_cache"), str(path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
 
