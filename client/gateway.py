@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP gateway in front of the `dlm` Triton model (FastAPI + uvicorn + sse-starlette).
 
-    python -m client.gateway --triton localhost:8001 --port 9000 [--api-key KEY] [--tokenizer DIR]
+    python -m client.gateway --triton localhost:8001 --port 9000 [--api-key KEY] [--tokenizer DIR] [--max-body-bytes N]
 
 - `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`; `stream: true` answers with server-sent
   events in OpenAI's chunk format, ending with `data: [DONE]`; `stream_options.include_usage` adds a usage chunk.
@@ -180,7 +180,6 @@ class Gateway:
             self.tokenizer = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json"))
         self.created = int(time.time())
         self._client: AsyncGrpcClient | None = None
-        self._default_max_tokens: int | None = None
 
     @property
     def client(self) -> AsyncGrpcClient:
@@ -195,26 +194,57 @@ class Gateway:
     def prompt_tokens(self, prompt: str) -> int:
         return len(self.tokenizer.encode(prompt).ids) if self.tokenizer is not None else 0
 
-    async def default_max_tokens(self) -> int | None:
-        """The server's `max_tokens` default (config.pbtxt), to tell 'length' from 'stop' when a body has none."""
-        if self._default_max_tokens is None:
-            value = (await self.client.model_parameters()).get("max_tokens", "").strip()
-            self._default_max_tokens = int(value) if value else None
-        return self._default_max_tokens
-
-    async def finish_reason(self, result_tokens: int, max_tokens: int | None) -> str:
-        limit = max_tokens or await self.default_max_tokens()
-        return "length" if limit is not None and result_tokens >= limit else "stop"
-
     def check_model(self, name: str) -> None:
         if name != self.served_name:
             raise APIError(404, f"The model '{name}' does not exist; this gateway serves '{self.served_name}'",
                            param="model", code="model_not_found")
 
 
+class BodyLimit:
+    """ASGI middleware: a request body beyond `limit` bytes is refused with 413 as soon as it is seen to be too
+    long, whether the client declares its length or streams it in chunks; a body within the limit is read here
+    and handed on whole."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return await self._refuse(send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await self._refuse(send)
+            more = message.get("more_body", False)
+        handed = False
+
+        async def replay() -> Any:
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # what comes after the body: the client disconnecting
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Any) -> None:
+        error = APIError(413, f"the request body exceeds {self.limit} bytes", code="request_too_large")
+        body = json.dumps(error.body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(triton_url: str, model: str = "dlm", served_name: str | None = None,
                tokenizer: str | Path | None = DEFAULT_TOKENIZER, api_key: str | None = None,
-               timeout: float | None = None) -> FastAPI:
+               timeout: float | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     gateway = Gateway(triton_url, model, served_name or model, Path(tokenizer) if tokenizer else None, timeout)
 
     @asynccontextmanager
@@ -227,6 +257,7 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
 
     app = FastAPI(title="dlm OpenAI-compatible gateway", lifespan=lifespan)
     app.state.gateway = gateway
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, error: APIError) -> JSONResponse:
@@ -271,7 +302,7 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
         results = await unless_disconnected(
             request, asyncio.gather(*(reply.generate(p) for p in prompts)))
         choices = [
-            {"index": i, "text": r.text, "logprobs": None, "finish_reason": await reply.finish_reason(r)}
+            {"index": i, "text": r.text, "logprobs": None, "finish_reason": reply.finish_reason(r)}
             for i, r in enumerate(results)
         ]
         return reply.answer(choices, prompts, results)
@@ -289,7 +320,7 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
             return await reply.stream(prompt, request)
         result = await unless_disconnected(request, reply.generate(prompt))
         message = {"role": "assistant", "content": result.text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": await reply.finish_reason(result)}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish_reason(result)}
         return reply.answer([choice], [prompt], [result])
 
     return app
@@ -333,8 +364,9 @@ class Reply:
     async def generate(self, prompt: str) -> Result:
         return await self.gateway.client.generate(prompt, **self.body.options(self.max_tokens))
 
-    async def finish_reason(self, result: Result) -> str:
-        return await self.gateway.finish_reason(result.num_tokens, self.max_tokens)
+    @staticmethod
+    def finish_reason(result: Result) -> str:
+        return result.finish_reason or "stop"
 
     def usage(self, prompts: list[str], results: list[Result]) -> dict[str, int]:
         prompt_tokens = sum(self.gateway.prompt_tokens(p) for p in prompts)
@@ -381,7 +413,7 @@ class Reply:
                     async for block in stream:
                         yield json.dumps(self.chunk(block.text, None))
                 result = stream.result
-                yield json.dumps(self.chunk(None, await self.finish_reason(result)))
+                yield json.dumps(self.chunk(None, self.finish_reason(result)))
                 if include_usage:
                     yield json.dumps({**self.envelope(self.chunk_kind), "choices": [],
                                       "usage": self.usage([prompt], [result])})
@@ -413,6 +445,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=os.environ.get("DLM_GATEWAY_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $DLM_GATEWAY_API_KEY; unset: open)")
     parser.add_argument("--timeout", type=float, help="seconds one request may take at Triton")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                        help="largest request body accepted (default 1 MiB); a larger one gets 413")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
@@ -421,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     args = parse_args(argv)
-    app = create_app(args.triton, args.model, args.served_model_name, args.tokenizer, args.api_key, args.timeout)
+    app = create_app(args.triton, args.model, args.served_model_name, args.tokenizer, args.api_key, args.timeout,
+                     args.max_body_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

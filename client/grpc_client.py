@@ -29,8 +29,9 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from client.request import Options, tensors
 from client.result import Accumulator, Block, DLMError, Result, Timeout, from_grpc
 
-OUTPUTS = ("text_output", "num_forwards", "num_tokens")
-Response = tuple[str, int, int, bool]  # text delta, engine passes so far, tokens so far, final
+OUTPUTS = ("text_output", "num_forwards", "num_tokens", "finish_reason")
+# text delta, engine passes so far, tokens so far, final, finish reason ("stop" or "length"; "" before the end)
+Response = tuple[str, int, int, bool, str]
 
 
 def grpc_target(url: str) -> str:
@@ -48,18 +49,23 @@ def infer_inputs(prompt: str, options: Options, stream: bool) -> list[grpcclient
 
 
 def parse_response(result: Any) -> Response:
-    """(text, num_forwards, num_tokens, final) of one `InferResult`."""
+    """(text, num_forwards, num_tokens, final, finish_reason) of one `InferResult`."""
     text = result.as_numpy("text_output")
     forwards, tokens = result.as_numpy("num_forwards"), result.as_numpy("num_tokens")
     parameters = result.get_response().parameters
     final = "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
     if text is None:  # an empty final response (flags only)
-        return "", 0, 0, final
-    value = text.reshape(-1)[0]
+        return "", 0, 0, final, ""
+    reason = result.as_numpy("finish_reason")
     return (
-        value.decode("utf-8") if isinstance(value, bytes) else str(value),
-        int(forwards.reshape(-1)[0]), int(tokens.reshape(-1)[0]), final,
+        as_text(text), int(forwards.reshape(-1)[0]), int(tokens.reshape(-1)[0]), final,
+        "" if reason is None else as_text(reason),
     )
+
+
+def as_text(array: Any) -> str:
+    value = array.reshape(-1)[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def to_error(error: Exception) -> DLMError:
@@ -295,14 +301,6 @@ class AsyncGrpcClient:
             return await self._client.is_model_ready(self.model)
         except InferenceServerException:
             return False
-
-    async def model_parameters(self) -> dict[str, str]:
-        """The model's `config.pbtxt` parameters (its request defaults among them)."""
-        try:
-            config = await self._client.get_model_config(self.model, as_json=True)
-        except InferenceServerException as error:
-            raise to_error(error) from None
-        return {k: v.get("string_value", "") for k, v in config["config"].get("parameters", {}).items()}
 
     async def close(self) -> None:
         await self._client.close()

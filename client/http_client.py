@@ -49,7 +49,8 @@ def transport_errors() -> Iterator[None]:
 
 
 def parse_event(data: dict[str, Any], final: bool) -> Response:
-    return str(data.get("text_output", "")), int(data.get("num_forwards", 0)), int(data.get("num_tokens", 0)), final
+    return (str(data.get("text_output", "")), int(data.get("num_forwards", 0)), int(data.get("num_tokens", 0)), final,
+            str(data.get("finish_reason", "")))
 
 
 class HttpClient:
@@ -105,7 +106,7 @@ class HttpClient:
                 if last is None:
                     raise DLMError("the server closed the stream without a response")
                 # the stream ends after the request's final response: repeat its counts, marked final
-                yield "", last[1], last[2], True
+                yield "", last[1], last[2], True, last[4]
 
     def is_ready(self) -> bool:
         try:

@@ -59,6 +59,7 @@ class Result:
     latency: float  # seconds from sending the request to its final response
     time_to_first_block: float  # seconds to the first response that carried text (the latency if none did)
     blocks: int = 0  # responses that carried text
+    finish_reason: str = ""  # "stop" (an end token or a stop word) or "length" (max_tokens reached)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -79,10 +80,13 @@ class Accumulator:
     num_forwards: int = 0
     first: float | None = None
     end: float | None = None
+    finish_reason: str = ""
 
-    def add(self, text: str, num_forwards: int, num_tokens: int, final: bool) -> Block | None:
+    def add(self, text: str, num_forwards: int, num_tokens: int, final: bool, finish_reason: str = "") -> Block | None:
         now = time.perf_counter() - self.start
-        self.num_forwards, self.num_tokens = num_forwards, num_tokens
+        if num_forwards:  # an empty final response carries no counts
+            self.num_forwards, self.num_tokens = num_forwards, num_tokens
+        self.finish_reason = finish_reason or self.finish_reason
         if final:
             self.end = now
         if not text:
@@ -100,7 +104,8 @@ class Accumulator:
         if self.end is None:
             raise DLMError("the request has not finished: read its stream to the end first")
         first = self.end if self.first is None else self.first
-        return Result("".join(self.parts), self.num_tokens, self.num_forwards, self.end, first, len(self.parts))
+        return Result("".join(self.parts), self.num_tokens, self.num_forwards, self.end, first, len(self.parts),
+                      self.finish_reason)
 
 
 # Wording of the refusals the model (dlm/inputs.py, dlm/scheduler.py) and Triton's request checks send on a

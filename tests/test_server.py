@@ -42,6 +42,10 @@ def test_grpc_unary_and_streaming_give_the_in_process_text(triton, in_process, m
     assert len(streamed) >= 2  # the first seed, then blocks as they commit
     forwards = [r["num_forwards"] for r in streamed]
     assert forwards == sorted(forwards) and forwards[-1] == unary[0]["num_forwards"]
+    assert unary[0]["finish_reason"] == streamed[-1]["finish_reason"] == "stop"  # the end token
+    assert [r["finish_reason"] for r in streamed[:-1]] == [None] * (len(streamed) - 1)
+    short = grpc_generate(triton.grpc_url, LONG, mode=mode, max_tokens=5)
+    assert len(short[0]["text"]) == 5 and short[0]["finish_reason"] == "length"
 
 
 @pytest.mark.parametrize("mode", MODES)

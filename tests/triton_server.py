@@ -199,8 +199,9 @@ def grpc_inputs(text: str, **values) -> list:
 
 def grpc_generate(url: str, text: str, inputs: list | None = None, cancel_after: int | None = None,
                   timeout: float = 120, **values) -> list[dict]:
-    """Responses of one request over a gRPC stream, each {'text', 'num_forwards', 'num_tokens'}; raises the
-    server's error. With `cancel_after`, closes the stream (cancelling the request) after that many responses."""
+    """Responses of one request over a gRPC stream, each {'text', 'num_forwards', 'num_tokens', 'finish_reason'}
+    (the last only in the final response); raises the server's error. With `cancel_after`, closes the stream
+    (cancelling the request) after that many responses."""
     client = grpcclient.InferenceServerClient(url)
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -213,10 +214,12 @@ def grpc_generate(url: str, text: str, inputs: list | None = None, cancel_after:
                 raise error
             final = result.get_response().parameters["triton_final_response"].bool_param
             if result.as_numpy("text_output") is not None:
+                reason = result.as_numpy("finish_reason")
                 responses.append({
                     "text": result.as_numpy("text_output")[0].decode(),
                     "num_forwards": int(result.as_numpy("num_forwards")[0]),
                     "num_tokens": int(result.as_numpy("num_tokens")[0]),
+                    "finish_reason": None if reason is None else reason[0].decode(),
                 })
             if final or (cancel_after is not None and len(responses) >= cancel_after):
                 return responses

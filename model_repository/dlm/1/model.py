@@ -123,14 +123,15 @@ class Responder:
             text = self.unsent if self.stream else self.text.text
             self.unsent = ""
             seq = job.seq
-            self.sender.send(
-                pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-                    pb_utils.Tensor("num_forwards", np.array([seq.forwards], dtype=np.int32)),
-                    pb_utils.Tensor("num_tokens", np.array([len(seq.tokens)], dtype=np.int32)),
-                ]),
-                flags=FINAL if job.finished else 0,
-            )
+            outputs = [
+                pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+                pb_utils.Tensor("num_forwards", np.array([seq.forwards], dtype=np.int32)),
+                pb_utils.Tensor("num_tokens", np.array([len(seq.tokens)], dtype=np.int32)),
+            ]
+            if job.finished:
+                reason = "length" if job.outcome == "length" else "stop"  # OpenAI's words, as vLLM's backend uses
+                outputs.append(pb_utils.Tensor("finish_reason", np.array([reason.encode()], dtype=np.object_)))
+            self.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if job.finished else 0)
         return False
 
     def fail(self, job: Job, error: Exception) -> None:
@@ -156,7 +157,10 @@ class TritonPythonModel:
         self.defaults = Defaults.from_parameters(parameters)
         name = parameters.get("runtime", "auto")
         name = choose_runtime(artifact_dir) if name == "auto" else name
-        options: dict[str, Any] = {"threads": integer("runtime_threads")} if name == "onnxruntime" else {}
+        options: dict[str, Any] = {}
+        if name == "onnxruntime":
+            spin = parameters.get("runtime_spin", "").strip().lower() in ("1", "true", "yes")
+            options = {"threads": integer("runtime_threads"), "spin": spin}
         runtime = load_runtime(name, artifact_dir, model_config, **options)
         profile = runtime.contract.profile
         context = integer("context") or profile.max_context
