@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import tritonclient.grpc as grpcclient
 
-from triton_server import REPOSITORY, grpc_generate, http_post, repository_with, start_server
+from triton_server import (ENDLESS_PROMPT, ENDLESS_TOKENS, REPOSITORY, grpc_generate, http_post, repository_with,
+                           start_server)
 
 ENGINE = REPOSITORY / "dlm" / "1" / "engine"
 TOKENIZER = REPOSITORY / "dlm" / "1" / "tokenizer"
@@ -106,8 +107,8 @@ def test_full_queue_is_refused_with_a_clear_error_and_accepted_requests_finish(t
     try:
         with ThreadPoolExecutor(6) as pool:
             results = list(pool.map(
-                lambda _: outcome(grpc_generate, server.grpc_url, "upper:abcdefghijklmnopqrstuvwxyz0123456789=",
-                                  mode="ar", max_tokens=48), range(6)))
+                lambda _: outcome(grpc_generate, server.grpc_url, ENDLESS_PROMPT, mode="ar", max_tokens=ENDLESS_TOKENS),
+                range(6)))
         refused = [r for r in results if r != "ok"]
         assert refused and all("the queue is full (1 requests waiting, 1 running)" in r for r in refused), results
         assert results.count("ok") >= 2  # the one running and the one waiting

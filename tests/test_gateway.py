@@ -18,6 +18,7 @@ from client.chat_template import ChatTemplate, TemplateError
 from client.gateway import create_app
 from export.tasks import held_out_set
 from test_server import wait_for_metric
+from triton_server import ENDLESS_PROMPT, ENDLESS_TOKENS
 
 MODES = ["ar", "diffusion", "speculative"]
 PROBLEM = held_out_set("upper", 3)[2]
@@ -157,8 +158,7 @@ def test_the_checkpoint_chat_template_makes_the_prompt(triton, grpc, tmp_path):
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_request(triton, gateway):
     before = triton.metrics().get(CANCELLED, 0.0)
-    # "1+" in ar never ends on the miniature: 200 passes, long enough that the request cannot finish first
-    body = {"model": "dlm", "prompt": "1+", "max_tokens": 200, "mode": "ar", "stream": True}
+    body = {"model": "dlm", "prompt": ENDLESS_PROMPT, "max_tokens": ENDLESS_TOKENS, "mode": "ar", "stream": True}
     with httpx.stream("POST", f"{gateway}/v1/completions", json=body) as response:
         first = next(line for line in response.iter_lines() if line.startswith("data: "))
     assert json.loads(first[len("data: "):])["choices"][0]["text"]
@@ -166,8 +166,8 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(triton, gatewa
 
 
 def test_a_client_that_disconnects_before_the_answer_cancels_its_request(triton, grpc, gateway):
-    slow = {"prompt": "1+", "mode": "ar", "max_tokens": 200}  # the miniature never ends this one: 200 passes
-    assert grpc.generate(slow["prompt"], mode="ar", max_tokens=200).num_tokens == 200
+    slow = {"prompt": ENDLESS_PROMPT, "mode": "ar", "max_tokens": ENDLESS_TOKENS}
+    assert grpc.generate(ENDLESS_PROMPT, mode="ar", max_tokens=ENDLESS_TOKENS).num_tokens == ENDLESS_TOKENS
     before = triton.metrics().get(CANCELLED, 0.0)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{gateway}/v1/completions", json={"model": "dlm", **slow}, timeout=0.1)

@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 
 from conftest import MINIATURE, ROOT
 from export.tasks import held_out_set
-from triton_server import grpc_generate, grpc_inputs, http_post
+from triton_server import ENDLESS_PROMPT, ENDLESS_TOKENS, grpc_generate, grpc_inputs, http_post
 
 MODES = ["ar", "diffusion", "speculative"]
 ENGINE = ROOT / "model_repository" / "dlm" / "1" / "engine"
@@ -82,8 +82,9 @@ def wait_for_metric(server, name: str, predicate, timeout: float = 20.0) -> floa
 def test_cancelled_stream_frees_its_slot_and_the_server_keeps_serving(triton):
     key = 'dlm_requests_total{mode="ar",outcome="cancelled"}'
     before = triton.metrics().get(key, 0.0)
-    first = grpc_generate(triton.grpc_url, LONG, mode="ar", max_tokens=48, stream=True, cancel_after=1)
-    assert len(first) == 1  # 37 tokens in ar take 37 passes; we leave after the first
+    first = grpc_generate(triton.grpc_url, ENDLESS_PROMPT, mode="ar", max_tokens=ENDLESS_TOKENS, stream=True,
+                          cancel_after=1)
+    assert len(first) == 1  # we leave after the first of 200 responses
     assert wait_for_metric(triton, key, lambda v: v > before) == before + 1
     assert wait_for_metric(triton, "dlm_live_slots", lambda v: v == 0) == 0
     assert grpc_generate(triton.grpc_url, SHORT, mode="ar")[0]["text"]

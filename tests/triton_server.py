@@ -23,6 +23,9 @@ import tritonclient.grpc as grpcclient
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
+# A request the miniature never ends early: "1+" in ar runs all 200 passes, so a test that cancels it after its
+# first response cannot lose the race to the request finishing by itself.
+ENDLESS_PROMPT, ENDLESS_TOKENS = "1+", 200
 
 
 def free_port() -> int:
