@@ -115,6 +115,8 @@ class Responder:
         return self.sender.is_cancelled()
 
     def update(self, job: Job) -> bool:
+        if not (job.finished or self.stream or self.text.stop_words):
+            return False  # nothing to send or to watch for before the end: skip decoding the text
         delta, stopped = self.text.update(job.seq.output, job.finished)
         self.unsent += delta
         if stopped and not job.finished:

@@ -10,6 +10,7 @@ consumer what was committed. A pass that raises fails only the requests that too
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Protocol
 
 from dlm.refine import GenerationParams, Sequence, TokenSpec, step
 from dlm.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
@@ -98,26 +101,27 @@ class Scheduler:
         self._lock = threading.Condition()
         self._stopping = False  # no new requests
         self._closed = False  # the thread ends
+        self._observer_failed = False
         self._thread = threading.Thread(target=self._run, name="dlm-scheduler", daemon=True)
         self._thread.start()
 
     # --- called from request threads -------------------------------------------------------------------------
-    def check(self, prompt: list[int], params: GenerationParams) -> None:
-        """Raise ValueError when the request cannot run here: its parameters, or a context beyond the cache."""
-        Sequence(prompt, params, self.spec)  # validates params and the prompt
-        needed = len(prompt) + params.max_tokens + (params.block_length or self.spec.block_size)
-        if needed > self.context:
-            room = self.context - len(prompt) - (params.block_length or self.spec.block_size)
+    def _sequence(self, prompt: list[int], params: GenerationParams) -> Sequence:
+        """The request's decoding state; ValueError when it cannot run here: its parameters, its prompt, or a
+        context beyond the cache."""
+        seq = Sequence(list(prompt), params, self.spec)  # validates params and the prompt
+        if seq.context_needed > self.context:
+            room = self.context - len(prompt) - seq.block_length
             raise ValueError(
                 f"the prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) + one block exceeds the "
                 f"{self.context} positions a request may use here"
                 + (f"; max_tokens must be at most {room} for this prompt" if room >= 1 else "; shorten the prompt")
             )
+        return seq
 
     def submit(self, prompt: list[int], params: GenerationParams, consumer: Consumer) -> Job:
         """Queue a request; raises ValueError for a request that cannot run, QueueFull when the queue is full."""
-        self.check(prompt, params)
-        job = Job(Sequence(list(prompt), params, self.spec), consumer)
+        job = Job(self._sequence(prompt, params), consumer)
         with self._lock:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down and accepts no new requests")
@@ -234,8 +238,8 @@ class Scheduler:
                 job.consumer.fail(job, error)
             elif outcome != "cancelled":
                 job.consumer.update(job)
-        except Exception:
-            pass  # the client has gone; nothing is left to tell
+        except Exception as e:  # the client has gone: the request is over either way
+            log.debug("the last response of a %s request could not be sent: %s", outcome, e)
 
     def _occupancy(self) -> None:
         self._observe("occupancy", len(self._live), len(self._waiting))
@@ -245,5 +249,7 @@ class Scheduler:
         if self.observer is not None:
             try:
                 getattr(self.observer, event)(*args)
-            except Exception:
-                pass
+            except Exception as e:
+                if not self._observer_failed:  # said once, not at every step
+                    log.warning("the scheduler's observer failed (%s: %s); decoding goes on", event, e)
+                    self._observer_failed = True
