@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,16 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> Any:
+    """A script under scripts/ imported as the module `name`."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 MINIATURE = ROOT / "export" / "miniature"
 
 TINY_CONFIG: dict[str, Any] = {
@@ -113,6 +124,25 @@ def triton(tmp_path_factory):
     server = start_server(tmp_path_factory.mktemp("triton") / "server.log")
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _session_server_still_up(request):
+    """A test that uses the session's server fails, with the end of the server's log, if the server has died, so a
+    crash is reported where it happened instead of as the refused connections of the tests after it."""
+    if "triton" not in request.fixturenames:
+        yield
+        return
+    server = request.getfixturevalue("triton")
+
+    def check(when: str) -> None:
+        if server.process.poll() is not None:
+            pytest.fail(f"tritonserver exited with {server.process.returncode} {when}; its log ends:\n"
+                        f"{server.log_tail()}", pytrace=False)
+
+    check("before this test")
+    yield
+    check("during this test")
 
 
 @pytest.fixture(scope="session")

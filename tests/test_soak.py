@@ -4,23 +4,11 @@ the README."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
-from conftest import ROOT
-
-
-def load_soak():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_short_soak_has_no_errors_and_frees_every_slot(triton):
-    soak = load_soak()
+    soak = load_script("soak")
     report = soak.run(triton.grpc_url, triton.metrics_url, duration=15, concurrency=8, window=5,
                       cancel_every=3, server_pid=triton.process.pid)
     assert report["errors"] == 0, report["error_messages"]

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import torch
 
-from conftest import ROOT, TINY_CONFIG
+from conftest import TINY_CONFIG, load_script
 from export.config import ModelConfig
 
 
-def load_training_script():
-    spec = importlib.util.spec_from_file_location("train_miniature", ROOT / "scripts" / "train_miniature.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_few_steps_on_a_tiny_config_lower_the_loss():
-    train = load_training_script()
+    train = load_script("train_miniature")
     config = dict(TINY_CONFIG, vocab_size=train.VOCAB_SIZE, mask_token_id=4, pad_token_id=3)
     torch.set_num_threads(2)
     _, losses = train.train(config, steps=40, batch_size=16, lr=3e-3, seed=0, log_every=0)
@@ -28,7 +19,7 @@ def test_a_few_steps_on_a_tiny_config_lower_the_loss():
 
 
 def test_batch_mask_is_block_causal():
-    train = load_training_script()
+    train = load_script("train_miniature")
     config = ModelConfig.from_dict(dict(TINY_CONFIG, vocab_size=train.VOCAB_SIZE, mask_token_id=4, pad_token_id=3))
     tokenizer = train.build_tokenizer()
     batch = train.make_batch(tokenizer, config, "upper", 2, 8, random.Random(0))

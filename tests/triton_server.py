@@ -130,6 +130,14 @@ class TritonServer:
             self._log.close()
         return self.process.returncode
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group: for a server that may have crashed into a hang."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        if self._log is not None:
+            self._log.close()
+
 
 def start_server(log: Path, repository: Path | None = None, extra_args: Sequence[str] = (),
                  admin_key: str | None = None, ready_path: str = "/v2/models/dlm/ready") -> TritonServer:

@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 # the package beside this file, also when this repository is copied into a stock Triton container
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dlm.delayed import DelayedCalls  # noqa: E402
 from dlm.inputs import Defaults, InvalidInput, Limits, parse_request  # noqa: E402
 from dlm.refine import TokenSpec  # noqa: E402
 from dlm.runtime import choose_runtime, load_runtime  # noqa: E402
@@ -105,8 +106,9 @@ class Metrics:
 class Responder:
     """One request's responses (the scheduler's consumer): deltas when streaming, else the whole text at the end."""
 
-    def __init__(self, sender: Any, codec: TextCodec, stream: bool, stop_words: list[str]):
+    def __init__(self, sender: Any, codec: TextCodec, stream: bool, stop_words: list[str], later: DelayedCalls):
         self.sender = sender
+        self.later = later
         self.stream = stream
         self.text = TextStream(codec, stop_words)
         self.unsent = ""  # text decoded but not yet sent
@@ -137,7 +139,10 @@ class Responder:
         return False
 
     def fail(self, job: Job, error: Exception) -> None:
-        self.sender.send(error_response(error), flags=FINAL)
+        if isinstance(error, Cancelled):
+            self.later.call_later(lambda: self.sender.send(error_response(error), flags=FINAL))
+        else:
+            self.sender.send(error_response(error), flags=FINAL)
 
 
 class TritonPythonModel:
@@ -175,6 +180,12 @@ class TritonPythonModel:
         self.drain_seconds = float(parameters.get("drain_seconds") or 0)
         self.limits = Limits(context=context, max_block_length=min(profile.tokens[2], context - 2))
         self.metrics = Metrics()
+        # The last response of a cancelled request waits `cancelled_final_delay` seconds (its slot is free at once).
+        # Triton's gRPC frontend before the fix of triton-inference-server/server#8078 (2.51 included) frees a
+        # stream's state twice, and crashes, when that response arrives before it has processed the write the
+        # cancellation cut short.
+        delay = float(parameters.get("cancelled_final_delay") or 0)
+        self.cancelled_finals = DelayedCalls(delay, name="dlm-cancelled-finals")
         self.scheduler = Scheduler(
             runtime, self.spec, max_live=max_live, max_queue=integer("max_queue") or 0, context=context,
             observer=self.metrics, pad_token_id=int(model_config.get("pad_token_id") or 0),
@@ -201,7 +212,7 @@ class TritonPythonModel:
 
             parsed = parse_request(get, self.defaults, self.limits, self.spec.block_size)
             mode = parsed.params.mode
-            responder = Responder(sender, self.codec, parsed.stream, parsed.stop_words)
+            responder = Responder(sender, self.codec, parsed.stream, parsed.stop_words, self.cancelled_finals)
             try:
                 self.scheduler.submit(self.codec.encode(parsed.text), parsed.params, responder)
             except ValueError as e:  # the prompt does not fit the context
@@ -217,3 +228,4 @@ class TritonPythonModel:
     def finalize(self) -> None:
         """On unload or SIGTERM: running and queued requests get `drain_seconds` to finish, the rest an error."""
         self.scheduler.stop(drain=self.drain_seconds)
+        self.cancelled_finals.close()
