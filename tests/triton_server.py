@@ -217,13 +217,16 @@ def grpc_generate(url: str, text: str, inputs: list | None = None, cancel_after:
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     responses = []
+    ended = False  # the final response or an error came
     try:
         client.async_stream_infer("dlm", inputs or grpc_inputs(text, **values), enable_empty_final_response=True)
         while True:
             result, error = results.get(timeout=timeout)
             if error is not None:
+                ended = True
                 raise error
             final = result.get_response().parameters["triton_final_response"].bool_param
+            ended = final
             if result.as_numpy("text_output") is not None:
                 reason = result.as_numpy("finish_reason")
                 responses.append({
@@ -235,7 +238,8 @@ def grpc_generate(url: str, text: str, inputs: list | None = None, cancel_after:
             if final or (cancel_after is not None and len(responses) >= cancel_after):
                 return responses
     finally:
-        client.stop_stream(cancel_requests=cancel_after is not None)
+        # a request that has not ended is cancelled: waiting for it could hang on a server that has hung
+        client.stop_stream(cancel_requests=not ended)
         client.close()
 
 
