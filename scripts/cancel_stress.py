@@ -58,6 +58,23 @@ def log_counts(log: str) -> dict[str, int]:
     }
 
 
+class SignalWatch:
+    """Whether the server's log has reported a signal, reading only what was written since the last look (a
+    verbose log grows by tens of MB per run)."""
+
+    def __init__(self, log: Path):
+        self.log, self.offset, self.seen = log, 0, False
+
+    def __call__(self) -> bool:
+        start = max(0, self.offset - 16)  # a marker may straddle two reads
+        with open(self.log, "rb") as f:
+            f.seek(start)
+            chunk = f.read()
+        self.offset = start + len(chunk)
+        self.seen = self.seen or b"Signal (" in chunk
+        return self.seen
+
+
 def run(url: str, rounds: int, server_alive, round_timeout: float = 60.0) -> dict:
     """`rounds` rounds against the server at `url`; stops at the first round that hangs or kills the server."""
     errors: list[str] = []
@@ -98,8 +115,9 @@ def main() -> None:
             log = Path(directory) / f"server-{deaths}.log"
             server = start_server(log, repository, extra_args=["--log-verbose=1"])
             try:
+                signalled = SignalWatch(log)
                 part = run(server.grpc_url, args.rounds - rounds,
-                           lambda: server.process.poll() is None and "Signal (" not in log.read_text(errors="replace"))
+                           lambda: server.process.poll() is None and not signalled())
             finally:
                 server.kill()
             rounds, errors, seconds = rounds + part["rounds"], errors + part["errors"], seconds + part["seconds"]

@@ -27,3 +27,13 @@ def test_the_log_counts_find_the_crashing_path():
     ])
     assert load_script("cancel_stress").log_counts(log) == {
         "cancellations_seen": 2, "cancelled_during_a_write": 1, "crashing_path": 1, "server_signals": 1}
+
+
+def test_the_signal_watch_sees_a_signal_written_after_its_last_look(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("I1127 started\n" * 100)
+    signalled = load_script("cancel_stress").SignalWatch(log)
+    assert not signalled()
+    with open(log, "a") as f:
+        f.write("Signal (11) received.\n")
+    assert signalled() and signalled()
