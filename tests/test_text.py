@@ -51,3 +51,77 @@ def test_a_possible_stop_word_start_is_held_back_until_it_is_decided(codec):
 def test_missing_tokenizer_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         TextCodec(tmp_path)
+
+
+# --- each token's raw bytes -------------------------------------------------------------------------------------
+MULTI_BYTE = "naïve café, 日本語のテキスト, emoji 😀 and plain ascii words " * 3
+
+
+@pytest.fixture(scope="module")
+def byte_level(tmp_path_factory):
+    """A byte-level BPE trained here on ASCII-heavy text, so the rare multi-byte characters stay split into
+    byte tokens (half a character each), as a real vocabulary splits rare characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["plain ascii words and more plain words " * 50, MULTI_BYTE], trainer)
+    directory = tmp_path_factory.mktemp("byte_level")
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return TextCodec(directory)
+
+
+def test_byte_level_token_bytes_are_exact_even_for_half_characters(byte_level):
+    tokens = byte_level.encode(MULTI_BYTE)
+    pieces = [byte_level.token_bytes(t) for t in tokens]
+    assert b"".join(pieces) == MULTI_BYTE.encode("utf-8")
+    halves = [p for p in pieces if not _is_utf8(p)]
+    assert halves, "the trained vocabulary should split some character across tokens"
+    assert byte_level.token_bytes(byte_level.tokenizer.token_to_id("</s>")) == b"</s>"
+
+
+def test_other_tokenizers_give_the_decoded_piece(codec):
+    tokens = codec.encode("AB+7=")
+    assert [codec.token_bytes(t) for t in tokens[1:]] == [b"A", b"B", b"+", b"7", b"="]
+    assert codec.token_bytes(tokens[0]) == b"<s>" and codec.text_bytes(tokens[0]) == 0  # special: not in text
+
+
+def test_delivered_tokens_follow_the_text_and_a_half_character_waits(byte_level):
+    tokens = byte_level.encode(MULTI_BYTE)
+    tokens = tokens[: max(n for n in range(40) if _is_utf8(b"".join(map(byte_level.token_bytes, tokens[:n]))))]
+    stream = TextStream(byte_level)
+    delivered, received, waited = 0, b"", False
+    for end in range(1, len(tokens) + 1):
+        final = end == len(tokens)
+        delta, _ = stream.update(tokens[:end], final)
+        received_text = stream.text[: stream.sent]
+        now = stream.delivered_tokens(tokens[:end])
+        assert delivered <= now <= end
+        received += b"".join(byte_level.token_bytes(t) for t in tokens[delivered:now])
+        delivered = now
+        assert received_text.encode("utf-8").startswith(received)  # no token runs ahead of the text
+        if not _is_utf8(b"".join(byte_level.token_bytes(t) for t in tokens[:end])):
+            assert now < end  # a token that ends mid-character waits for the rest of the character
+            waited = True
+    assert delivered == len(tokens) and received == stream.text.encode("utf-8") and waited
+
+
+def test_delivered_tokens_stop_at_a_stop_word(codec):
+    tokens = codec.encode("ABCDEFGHIJ")[1:]
+    stream = TextStream(codec, ["EF"])
+    stream.update(tokens, final=False)
+    assert stream.text == "ABCD" and stream.delivered_tokens(tokens) == 4
+    stream = TextStream(codec, ["A"])
+    stream.update(tokens, final=True)
+    assert stream.text == "" and stream.delivered_tokens(tokens) == 0
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

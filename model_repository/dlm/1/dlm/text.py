@@ -1,17 +1,42 @@
-"""Text in and out: the checkpoint's tokenizer, and a request's committed tokens turned into text deltas that end
-at the first stop word.
+"""Text in and out: the checkpoint's tokenizer, each token's raw bytes, and a request's committed tokens turned into
+text deltas that end at the first stop word.
 
 A delta never splits a character (a trailing U+FFFD from an incomplete UTF-8 sequence is held back) and never
 shows text that could still turn out to be the start of a stop word; both are released by the next delta or the
-final one.
+final one. The tokens a stream has delivered follow its text: a token counts as delivered once all of its bytes are
+in the text sent so far (so one that is half a character waits for the other half).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
+
+BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece's byte tokens
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """The printable character a byte-level BPE (GPT-2's `bytes_to_unicode`) writes for each byte, inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + shifted)
+            shifted += 1
+    return {c: b for b, c in chars.items()}
+
+
+def _decoder_types(decoder: Any) -> Iterator[str]:
+    if isinstance(decoder, dict):
+        yield str(decoder.get("type"))
+        for inner in decoder.get("decoders") or ():
+            yield from _decoder_types(inner)
 
 
 class TextCodec:
@@ -20,8 +45,43 @@ class TextCodec:
     def __init__(self, tokenizer_dir: str | Path):
         path = Path(tokenizer_dir) / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {tokenizer_dir}: copy the checkpoint's tokenizer files there")
+            raise FileNotFoundError(
+                f"no tokenizer.json in {tokenizer_dir}: copy the checkpoint's tokenizer files there")
         self.tokenizer = Tokenizer.from_file(str(path))
+        decoders = set(_decoder_types(json.loads(self.tokenizer.to_str()).get("decoder")))
+        self.byte_level = "ByteLevel" in decoders
+        self.byte_fallback = "ByteFallback" in decoders
+        added = self.tokenizer.get_added_tokens_decoder()
+        self.added_ids = frozenset(added)
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        self._alphabet = byte_level_alphabet()
+        self._bytes: dict[int, bytes] = {}
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes token `token_id` stands for, exact even when they are part of a UTF-8 character: a
+        byte-level BPE token's string mapped back through the byte alphabet, a byte-fallback token's byte, else the
+        decoded piece's UTF-8. A special token gives its written form (e.g. b"</s>")."""
+        cached = self._bytes.get(token_id)
+        if cached is None:
+            cached = self._bytes[token_id] = self._token_bytes(token_id)
+        return cached
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            raise ValueError(f"token id {token_id} is not in the tokenizer's vocabulary")
+        if token_id in self.added_ids:  # written as it is, not through the byte alphabet
+            return piece.encode("utf-8")
+        if self.byte_level and all(c in self._alphabet for c in piece):
+            return bytes(self._alphabet[c] for c in piece)
+        fallback = BYTE_FALLBACK.match(piece) if self.byte_fallback else None
+        if fallback:
+            return bytes([int(fallback.group(1), 16)])
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def text_bytes(self, token_id: int) -> int:
+        """How many bytes the token adds to decoded text (special tokens are left out of it)."""
+        return 0 if token_id in self.special_ids else len(self.token_bytes(token_id))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -38,6 +98,8 @@ class TextStream:
         self.stop_words = [w for w in stop_words if w]
         self.sent = 0  # characters delivered so far
         self.text = ""
+        self.final = self.stopped = False
+        self._ends: list[int] = []  # byte offset in the text where each token seen so far ends
 
     def update(self, tokens: list[int], final: bool) -> tuple[str, bool]:
         """The text to send now for the committed `tokens`, and whether a stop word ended the text."""
@@ -49,8 +111,22 @@ class TextStream:
         end = len(text) if final else self._safe_end(text)
         delta = text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
-        self.text = text
+        self.text, self.final, self.stopped = text, final, stopped
         return delta, stopped
+
+    def delivered_tokens(self, tokens: list[int]) -> int:
+        """How many of `tokens` (those of the last `update`) the text delivered so far covers: every token whose
+        bytes all lie in it. After a final update this is all of them, or, when a stop word cut the text, those up
+        to the one the cut falls in."""
+        for token in tokens[len(self._ends):]:
+            self._ends.append((self._ends[-1] if self._ends else 0) + self.codec.text_bytes(token))
+        if self.final and not self.stopped:
+            return len(tokens)
+        ends = self._ends[: len(tokens)]
+        sent_bytes = len(self.text[: self.sent].encode("utf-8"))
+        if self.final:  # cut by a stop word: the tokens that start before the cut
+            return next((i for i, end in enumerate([0, *ends[:-1]]) if end >= sent_bytes), len(tokens))
+        return next((i for i, end in enumerate(ends) if end > sent_bytes), len(tokens))
 
     def _safe_end(self, text: str) -> int:
         end = len(text.rstrip("\ufffd"))
