@@ -13,6 +13,7 @@ import sys
 
 
 def add_limits(parser: argparse.ArgumentParser) -> None:
+    from dlm.contract import DEFAULT_TOP_K
     from export.torch_export import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT
 
     parser.add_argument("--checkpoint", required=True, help="HuggingFace-format checkpoint directory")
@@ -26,6 +27,12 @@ def add_limits(parser: argparse.ArgumentParser) -> None:
                              f"(default min(max_position_embeddings, {DEFAULT_MAX_CONTEXT}))")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="most new tokens in one pass, i.e. the longest prompt prefill (default --max-context)")
+    parser.add_argument("--max-block", type=int, default=None,
+                        help="longest block a request may use, i.e. most positions one pass predicts from "
+                             "(default twice the checkpoint's block_size)")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                        help=f"candidates the graph returns per predicted position, at least 20 "
+                             f"(default {DEFAULT_TOP_K}); sampling draws among them")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
 
             export_onnx(args.checkpoint, args.out, precision=args.precision, opset=args.opset,
                         max_batch=args.max_batch, max_context=args.max_context, max_tokens=args.max_tokens,
-                        tolerance=args.tolerance, torch_export=args.torch_export)
+                        max_block=args.max_block, top_k=args.top_k, tolerance=args.tolerance,
+                        torch_export=args.torch_export)
         elif args.command == "torch-export":
             from export.torch_export import export_torch
 
             path = export_torch(args.checkpoint, args.out, precision=args.precision, max_batch=args.max_batch,
-                                max_context=args.max_context, max_tokens=args.max_tokens)
+                                max_context=args.max_context, max_tokens=args.max_tokens,
+                                max_block=args.max_block, top_k=args.top_k)
             print(f"wrote {path}")
         elif args.command == "quantize":
             from export.quantize import quantize_onnx

@@ -1,8 +1,11 @@
 """The denoiser: the Ministral-3 decoder of the Nemotron-Labs Diffusion family, both attention modes in one forward.
 
-`forward` is the engine contract (DESIGN §4): it reads a KV cache `past_key_values [B, L, 2, KV, P, D]`, runs the
-`T` new tokens causally or bidirectionally (chosen per row by `causal`), and returns float32 logits and the keys
-(after RoPE) and values of the new tokens only; the caller owns the cache and writes them into it.
+`forward` is the engine contract, version 2 (DESIGN §4): it reads a KV cache `past_key_values [B, L, 2, KV, P, D]`,
+runs the `T` new tokens causally or bidirectionally (chosen per row by `causal`), and returns, at the `N` positions
+`logit_positions` names, the `top_k` best candidates (ids and float32 logits, the mask id excluded) and the
+log-sum-exp over the whole vocabulary, plus the keys (after RoPE) and values of the new tokens only; the caller owns
+the cache and writes them into it. No full-vocabulary tensor leaves the graph. `forward_with_mask` returns the full
+logits, for training and for comparisons with transformers.
 Parameter names follow the checkpoint (`encoder.*`, `diffusion_head`), so a real state dict loads unchanged.
 """
 
@@ -18,6 +21,9 @@ from export.config import ModelConfig
 
 # Additive mask value for disallowed keys: large enough to zero a softmax, small enough for fp16 (max 65504).
 MASK_FILL = -3.0e4
+# The mask id's logit in the selection (float32): never among the candidates, exp() of it is exactly 0.
+EXCLUDED_LOGIT = -1.0e30
+DEFAULT_TOP_K = 64
 
 
 class RMSNorm(nn.Module):
@@ -147,9 +153,10 @@ class DiffusionLM(nn.Module):
 
     inv_freq: torch.Tensor  # a buffer (see __init__)
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, top_k: int = DEFAULT_TOP_K):
         super().__init__()
         self.config = config
+        self.top_k = top_k  # candidates per position that `forward` returns
         self.encoder = Encoder(config)
         self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         inv_freq, attention_factor = yarn_inverse_frequencies(config)
@@ -179,7 +186,9 @@ class DiffusionLM(nn.Module):
         attention_mask: torch.Tensor,
         past_key_values: torch.Tensor,
         causal: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logit_positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The engine contract: (top_tokens [B, N, K], top_logits [B, N, K], logsumexp [B, N], present)."""
         t = input_ids.shape[1]
         p = past_key_values.shape[4]
         idx = torch.arange(t, device=input_ids.device)
@@ -189,7 +198,22 @@ class DiffusionLM(nn.Module):
         new = new.expand(input_ids.shape[0], t, t)
         cached = torch.ones(input_ids.shape[0], t, p, dtype=torch.bool, device=input_ids.device)
         allowed = torch.cat((cached, new), dim=-1) & attention_mask.bool()[:, None, :]
-        return self.forward_with_mask(input_ids, position_ids, allowed, past_key_values)
+        hidden, present = self.hidden_states(input_ids, position_ids, allowed, past_key_values)
+        # only the requested positions reach the head: [B, N, H], then [B, N, V] logits that never leave the graph
+        index = logit_positions[:, :, None].expand(-1, -1, hidden.shape[-1])
+        logits = self.head(torch.gather(hidden, 1, index))
+        logits = logits + self.excluded_bias(logits)
+        top_logits, top_tokens = torch.topk(logits, self.top_k, dim=-1)
+        return top_tokens, top_logits, torch.logsumexp(logits, dim=-1), present
+
+    def excluded_bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """[V] float32: 0 everywhere but the mask id, which is pushed below every real logit."""
+        vocab = torch.arange(logits.shape[-1], device=logits.device)
+        return (vocab == self.config.mask_token_id).to(torch.float32) * EXCLUDED_LOGIT
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and the diffusion head, float32 logits."""
+        return self.diffusion_head(self.encoder.norm(hidden)).float()
 
     def forward_with_mask(
         self,
@@ -198,7 +222,19 @@ class DiffusionLM(nn.Module):
         allowed: torch.Tensor,
         past_key_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward with an explicit `allowed [B, T, P+T]` key mask (training uses the block-causal one)."""
+        """Full logits [B, T, V] and present with an explicit `allowed [B, T, P+T]` key mask (training uses the
+        block-causal one)."""
+        hidden, present = self.hidden_states(input_ids, position_ids, allowed, past_key_values)
+        return self.head(hidden), present
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        allowed: torch.Tensor,
+        past_key_values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's last hidden states [B, T, H] (before the final norm) and the new keys and values."""
         if past_key_values is None:
             past_key_values = self.empty_cache(input_ids.shape[0]).to(input_ids.device)
         dtype = self.dtype
@@ -230,8 +266,7 @@ class DiffusionLM(nn.Module):
             x = x + attn
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             presents.append(torch.stack((k, v), dim=1))  # [B, 2, KV, T, D]
-        logits = self.diffusion_head(self.encoder.norm(x)).float()
-        return logits, torch.stack(presents, dim=1)
+        return x, torch.stack(presents, dim=1)
 
 
 def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dlm.contract import BATCH, PAST, PAST_PLUS_TOKENS, TOKENS, EngineContract, Profile
+from dlm.contract import BATCH, DEFAULT_TOP_K, MIN_TOP_K, PAST, PAST_PLUS_TOKENS, POSITIONS, TOKENS, EngineContract, Profile
 from export.checkpoint import load_checkpoint
 from export.config import ModelConfig
 from export.manifest import checkpoint_sha256, write_entry
 from export.model import DiffusionLM
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # export precision -> cache / weight dtype
-AXIS_MIN = {BATCH: 1, TOKENS: 1, PAST: 0, PAST_PLUS_TOKENS: 1}
+AXIS_MIN = {BATCH: 1, TOKENS: 1, PAST: 0, PAST_PLUS_TOKENS: 1, POSITIONS: 1}
 TORCH_EXPORT_FILE = "model.pt2"
 # serving limits when the command line gives none: enough for the miniature's tasks
 DEFAULT_MAX_BATCH = 8
@@ -28,7 +28,8 @@ DEFAULT_MAX_CONTEXT = 1024
 
 
 def profile_for(
-    config: ModelConfig, max_batch: int = DEFAULT_MAX_BATCH, max_context: int | None = None, max_tokens: int | None = None
+    config: ModelConfig, max_batch: int = DEFAULT_MAX_BATCH, max_context: int | None = None,
+    max_tokens: int | None = None, max_block: int | None = None,
 ) -> Profile:
     """Profile ranges from the model's limits (block size, max_position_embeddings) and the serving limits."""
     max_context = max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
@@ -36,17 +37,22 @@ def profile_for(
         raise ValueError(
             f"max_context {max_context} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
         )
-    return Profile.from_limits(config.block_size, max_batch, max_context, max_tokens)
+    return Profile.from_limits(config.block_size, max_batch, max_context, max_tokens, max_block)
 
 
-def limits_options(profile: Profile) -> str:
-    """The command-line options that rebuild `profile`."""
-    return f"--max-batch {profile.batch[2]} --max-context {profile.max_context} --max-tokens {profile.tokens[2]}"
+def limits_options(profile: Profile, top_k: int) -> str:
+    """The command-line options that rebuild `profile` and the candidate count."""
+    return (f"--max-batch {profile.batch[2]} --max-context {profile.max_context} --max-tokens {profile.tokens[2]} "
+            f"--max-block {profile.max_block} --top-k {top_k}")
 
 
-def sample_inputs(contract: EngineContract, batch: int, tokens: int, past: int, seed: int = 0) -> dict[str, np.ndarray]:
+def sample_inputs(
+    contract: EngineContract, batch: int, tokens: int, past: int, seed: int = 0, positions: int | None = None
+) -> dict[str, np.ndarray]:
     """A valid feed of the given shape: real token ids and positions, left padding on the second row, a random
-    cache, causal and bidirectional rows mixed."""
+    cache, causal and bidirectional rows mixed, and `positions` (default: all of `tokens`, within the profile's
+    N) positions to predict from, in a shuffled order."""
+    n = min(tokens, contract.profile.max_block) if positions is None else positions
     rng = np.random.default_rng(seed)
     positions = past + np.arange(tokens, dtype=np.int64)
     mask = np.ones((batch, past + tokens), dtype=np.int64)
@@ -59,6 +65,8 @@ def sample_inputs(contract: EngineContract, batch: int, tokens: int, past: int, 
         "attention_mask": mask,
         "past_key_values": rng.standard_normal(cache_shape).astype(contract.cache_dtype),
         "causal": np.arange(batch) % 2 == 0,
+        "logit_positions": np.stack([rng.permutation(tokens)[:n] if n <= tokens else rng.integers(0, tokens, n)
+                                     for _ in range(batch)]).astype(np.int64),
     }
 
 
@@ -69,7 +77,7 @@ def trace(model: DiffusionLM, contract: EngineContract) -> torch.export.Exported
     dynamic_shapes = {
         spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in contract.inputs
     }
-    example = sample_inputs(contract, batch=2, tokens=3, past=5)
+    example = sample_inputs(contract, batch=2, tokens=3, past=5, positions=2)
     args = tuple(torch.from_numpy(example[name]) for name in contract.input_names)
     with torch.no_grad():
         return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
@@ -77,13 +85,20 @@ def trace(model: DiffusionLM, contract: EngineContract) -> torch.export.Exported
 
 def contract_for(model: DiffusionLM, precision: str, profile: Profile) -> EngineContract:
     config = model.config.to_dict()
-    return EngineContract.from_config(config, PRECISIONS[precision], profile)
+    return EngineContract.from_config(config, PRECISIONS[precision], profile, model.top_k)
 
 
-def load_for_export(checkpoint: str | Path, precision: str) -> DiffusionLM:
+def load_for_export(checkpoint: str | Path, precision: str, top_k: int = DEFAULT_TOP_K) -> DiffusionLM:
     if precision not in PRECISIONS:
         raise ValueError(f"precision '{precision}' cannot be exported: expected one of {', '.join(PRECISIONS)}")
-    return load_checkpoint(checkpoint, dtype=PRECISIONS[precision])
+    model = load_checkpoint(checkpoint, dtype=PRECISIONS[precision])
+    if not MIN_TOP_K <= top_k < model.config.vocab_size:
+        raise ValueError(
+            f"--top-k must be in [{MIN_TOP_K}, {model.config.vocab_size - 1}] (at least 20 for OpenAI's "
+            f"top_logprobs, below the vocabulary of {model.config.vocab_size}), got {top_k}"
+        )
+    model.top_k = top_k
+    return model
 
 
 def save_torch_export(
@@ -119,13 +134,15 @@ def export_torch(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_context: int | None = None,
     max_tokens: int | None = None,
+    max_block: int | None = None,
+    top_k: int = DEFAULT_TOP_K,
 ) -> Path:
     """Checkpoint → `model.pt2` and its manifest entry."""
     checkpoint, out = Path(checkpoint), Path(out)
-    model = load_for_export(checkpoint, precision)
-    contract = contract_for(model, precision, profile_for(model.config, max_batch, max_context, max_tokens))
+    model = load_for_export(checkpoint, precision, top_k)
+    contract = contract_for(model, precision, profile_for(model.config, max_batch, max_context, max_tokens, max_block))
     command = (
         f"python -m export torch-export --checkpoint {checkpoint} --out {out} --precision {precision} "
-        + limits_options(contract.profile)
+        + limits_options(contract.profile, contract.top_k)
     )
     return save_torch_export(trace(model, contract), out, checkpoint, precision, contract, command)

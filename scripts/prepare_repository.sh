@@ -6,7 +6,10 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
 version_dir="$ROOT/model_repository/dlm/1"
-if [ ! -f "$version_dir/engine/manifest.json" ]; then
+# an artifact this code cannot serve (none yet, or one built for an older engine contract) is rebuilt
+if ! python -c "import sys; from dlm.artifact import load_artifact; load_artifact(sys.argv[1], 'onnx', verify_files=False)" \
+    "$version_dir/engine" 2>/dev/null; then
+  rm -rf "$version_dir/engine"
   echo "prepare_repository.sh: exporting the miniature to $version_dir/engine (once, about 30 s)" >&2
   python -m export onnx --checkpoint export/miniature --out "$version_dir/engine" --max-batch 16 >&2
 fi

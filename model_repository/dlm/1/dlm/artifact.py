@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dlm.contract import EngineContract
+from dlm.contract import EngineContract, OldContract
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -108,6 +108,10 @@ def load_artifact(
             f"{directory / MANIFEST} has no entry for {name}, so nothing says what it was built from; "
             f"rebuild it with `{rebuild_command(directory, kind)}`"
         )
+    try:
+        EngineContract.from_dict(entry["contract"])
+    except OldContract as e:
+        raise ArtifactError(f"{path} cannot be served: {e}. Rebuild it with `{rebuild_command(directory, kind, entry)}`") from e
     differences = []
     if verify_files:
         for file, recorded in entry["files"].items():

@@ -1,10 +1,11 @@
 """The three generation modes as step functions over a batch (DESIGN §1).
 
 Each live request is a `Sequence`; its mode is a small strategy object with two methods:
-`plan(seq)` says which tokens the next engine pass runs for that row (and whether causally), and
-`update(seq, logits)` reads that row's logits, commits tokens, and returns how many of the pass's new key/value
-columns the row keeps in its KV cache. `step` runs one engine pass over any mix of sequences and modes, so the
-same loop serves `generate` here and the continuous-batching scheduler in Triton.
+`plan(seq)` says which tokens the next engine pass runs for that row (and whether causally) and which of them it
+predicts from, and `update(seq, picks)` reads the tokens chosen at those positions (`dlm.candidates`: from the
+engine's K candidates, never full-vocabulary logits), commits tokens, and returns how many of the pass's new
+key/value columns the row keeps in its KV cache. `step` runs one engine pass over any mix of sequences and modes,
+so the same loop serves `generate` here and the continuous-batching scheduler in Triton.
 
 Every pass a row takes part in counts as one forward for it; the prompt's prefill is the first. Block layout: the
 causal pass (the prefill, or the pass that writes a finished block into the cache) predicts the block's first token,
@@ -19,9 +20,11 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
+from dlm.candidates import Picks, Score, pick
 from dlm.runtime import Runtime
 
 MODES = ("ar", "diffusion", "speculative")
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,10 @@ class GenerationParams:
     threshold: float | None = 0.9  # None: commit an even share of the block in `steps` passes
     steps: int = 8
     temperature: float = 0.0
-    seed: int = 0
+    seed: int | None = None  # None: a fresh random seed for this request
+    top_k: int | None = None  # None: all K candidates of the engine
+    top_p: float | None = None  # None: 1.0
+    logprobs: int | None = None  # None: none recorded; n >= 0: the chosen token's log prob and n alternatives
 
     def validate(self) -> None:
         """Raise ValueError naming the field and its allowed range."""
@@ -68,15 +74,23 @@ class GenerationParams:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:  # NaN fails too
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
 
 @dataclass
 class Pass:
-    """What one row runs in the next engine pass."""
+    """What one row runs in the next engine pass, and which of its tokens it predicts from (indices into
+    `tokens`; a causal pass's prediction at i is for position i + 1)."""
 
     tokens: np.ndarray
     positions: np.ndarray
     causal: bool
+    predict: np.ndarray
 
 
 @dataclass
@@ -97,13 +111,25 @@ class Sequence:
     block_start: int = 0
     block_steps: int = 0
     phase: str = "prefill"
+    # aligned with `tokens` when `params.logprobs` is set: log prob of each token and its best alternatives
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    block_scores: list[Score | None] = field(default_factory=list)  # per block position, once committed
 
     def __post_init__(self) -> None:
         self.params.validate()
         if not self.prompt:
             raise ValueError("the prompt is empty: at least one token is needed")
-        self.rng = np.random.default_rng(self.params.seed)
+        self.rng = np.random.default_rng(self.params.seed)  # None: fresh entropy from the OS
         self.strategy = STRATEGIES[self.params.mode]
+
+    @property
+    def scored(self) -> bool:
+        return self.params.logprobs is not None
+
+    def score(self, picks: Picks, j: int) -> Score | None:
+        """The score of the choice at `j` of `picks`, when this request records them."""
+        return picks.score(j, self.params.logprobs or 0) if self.params.logprobs is not None else None
 
     @property
     def block_length(self) -> int:
@@ -119,10 +145,16 @@ class Sequence:
         """Generated tokens, cut before the first end token."""
         return self.tokens[:-1] if self.finish_reason == "eos" else list(self.tokens)
 
-    def finish_with(self, new_tokens: Iterable[int]) -> bool:
-        """Append committed tokens, stopping at the first end token or at `max_tokens`; True when finished."""
+    def finish_with(self, new_tokens: Iterable[int], scores: Iterable[Score | None] = ()) -> bool:
+        """Append committed tokens (with their scores, when recorded), stopping at the first end token or at
+        `max_tokens`; True when finished."""
+        scores = iter(scores)
         for token in new_tokens:
             self.tokens.append(int(token))
+            score = next(scores, None)
+            if score is not None:
+                self.logprobs.append(score[0])
+                self.top_logprobs.append(score[1])
             if token in self.spec.eos_token_ids:
                 self.done, self.finish_reason = True, "eos"
                 return True
@@ -132,30 +164,16 @@ class Sequence:
         return False
 
 
-def choose(logits: np.ndarray, seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
-    """Token and confidence per row of `logits [n, V]`: argmax at temperature 0, Gumbel-max sampling (float64)
-    above it. Confidence is the softmax probability of the chosen token; the mask id is never chosen."""
-    x = logits.astype(np.float64)
-    x[:, seq.spec.mask_token_id] = -np.inf
-    probs = np.exp(x - x.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    t = seq.params.temperature
-    if t > 0:
-        gumbel = -np.log(-np.log(seq.rng.random(x.shape)))
-        tokens = np.argmax(x / t + gumbel, axis=1)
-    else:
-        tokens = np.argmax(x, axis=1)
-    return tokens, probs[np.arange(len(tokens)), tokens]
-
-
 def prefill_pass(seq: Sequence) -> Pass:
     n = len(seq.prompt)
-    return Pass(np.asarray(seq.prompt, dtype=np.int64), np.arange(n, dtype=np.int64), causal=True)
+    last = np.array([n - 1], dtype=np.int64)
+    return Pass(np.asarray(seq.prompt, dtype=np.int64), np.arange(n, dtype=np.int64), True, last)
 
 
-def block_pass(seq: Sequence, causal: bool) -> Pass:
+def block_pass(seq: Sequence, causal: bool, predict: np.ndarray) -> Pass:
     assert seq.block is not None
-    return Pass(seq.block.copy(), seq.block_start + np.arange(len(seq.block), dtype=np.int64), causal)
+    positions = seq.block_start + np.arange(len(seq.block), dtype=np.int64)
+    return Pass(seq.block.copy(), positions, causal, predict)
 
 
 def start_block(seq: Sequence, seed: int, start: int) -> None:
@@ -164,6 +182,7 @@ def start_block(seq: Sequence, seed: int, start: int) -> None:
     seq.block[0] = seed
     seq.block_start = start
     seq.block_steps = 0
+    seq.block_scores = [None] * seq.block_length
 
 
 class AutoRegressive:
@@ -173,14 +192,14 @@ class AutoRegressive:
     def plan(seq: Sequence) -> Pass:
         if seq.phase == "prefill":
             return prefill_pass(seq)
-        return Pass(np.asarray(seq.tokens[-1:], dtype=np.int64), np.array([seq.cache_length]), causal=True)
+        one = np.zeros(1, dtype=np.int64)
+        return Pass(np.asarray(seq.tokens[-1:], dtype=np.int64), np.array([seq.cache_length]), True, one)
 
     @staticmethod
-    def update(seq: Sequence, logits: np.ndarray) -> int:
+    def update(seq: Sequence, picks: Picks) -> int:
         keep = len(seq.prompt) if seq.phase == "prefill" else 1
         seq.phase = "decode"
-        token, _ = choose(logits[-1:], seq)
-        seq.finish_with(token)
+        seq.finish_with(picks.tokens[-1:], [seq.score(picks, 0)])
         return keep
 
 
@@ -192,35 +211,46 @@ class BlockDiffusion:
     def plan(seq: Sequence) -> Pass:
         if seq.phase == "prefill":
             return prefill_pass(seq)
-        return block_pass(seq, causal=seq.phase == "write")
+        assert seq.block is not None
+        if seq.phase == "write":  # its last token predicts the next block's seed
+            return block_pass(seq, True, np.array([len(seq.block) - 1], dtype=np.int64))
+        return block_pass(seq, False, BlockDiffusion._open_positions(seq))
 
     @staticmethod
-    def update(seq: Sequence, logits: np.ndarray) -> int:
+    def update(seq: Sequence, picks: Picks) -> int:
         if seq.phase in ("prefill", "write"):
-            keep = len(logits)
             if seq.phase == "write":
                 assert seq.block is not None
-                seq.finish_with(seq.block[1:])  # the seed was appended when the block opened
+                keep = len(seq.block)
+                # the seed was appended when the block opened
+                seq.finish_with(seq.block[1:], seq.block_scores[1:])
+            else:
+                keep = len(seq.prompt)
             if not seq.done:
-                BlockDiffusion._open(seq, int(choose(logits[-1:], seq)[0][0]), keep)
+                BlockDiffusion._open(seq, int(picks.tokens[-1]), keep, seq.score(picks, len(picks.tokens) - 1))
             return keep
-        BlockDiffusion._denoise(seq, logits)
+        BlockDiffusion._denoise(seq, picks)
         return 0
 
     @staticmethod
-    def _open(seq: Sequence, seed: int, written: int) -> None:
+    def _open(seq: Sequence, seed: int, written: int, score: Score | None) -> None:
         start_block(seq, seed, seq.cache_length + written)
         seq.phase = "denoise"
-        if seq.finish_with([seed]):
+        if seq.finish_with([seed], [score]):
             return
         BlockDiffusion._finish_if_settled(seq)
 
     @staticmethod
-    def _denoise(seq: Sequence, logits: np.ndarray) -> None:
+    def _open_positions(seq: Sequence) -> np.ndarray:
+        """The masked positions of the block that may still be generated: what a denoising pass predicts."""
         assert seq.block is not None
-        mask = seq.spec.mask_token_id
-        open_positions = np.flatnonzero(seq.block[: BlockDiffusion._limit(seq)] == mask)
-        tokens, confidence = choose(logits[open_positions], seq)
+        return np.flatnonzero(seq.block[: BlockDiffusion._limit(seq)] == seq.spec.mask_token_id)
+
+    @staticmethod
+    def _denoise(seq: Sequence, picks: Picks) -> None:
+        assert seq.block is not None
+        open_positions = BlockDiffusion._open_positions(seq)
+        tokens, confidence = picks.tokens, picks.confidence
         p = seq.params
         if p.threshold is not None:
             chosen = confidence >= p.threshold
@@ -230,6 +260,9 @@ class BlockDiffusion:
             chosen = np.zeros(len(open_positions), dtype=bool)
             chosen[np.argsort(-confidence, kind="stable")[:share]] = True
         seq.block[open_positions[chosen]] = tokens[chosen]
+        if seq.scored:
+            for j in np.flatnonzero(chosen).tolist():
+                seq.block_scores[int(open_positions[j])] = seq.score(picks, j)
         seq.block_steps += 1
         BlockDiffusion._finish_if_settled(seq)
 
@@ -248,7 +281,7 @@ class BlockDiffusion:
         settled = seq.block[1:first_open]
         reaches_max_tokens = limit == seq.params.max_tokens - len(seq.tokens) + 1
         if any(int(t) in seq.spec.eos_token_ids for t in settled) or (first_open == limit and reaches_max_tokens):
-            seq.finish_with(settled)  # stops at the end token or at max_tokens
+            seq.finish_with(settled, seq.block_scores[1:first_open])  # stops at the end token or at max_tokens
         elif first_open == limit:
             seq.phase = "write"
 
@@ -262,42 +295,38 @@ class SelfSpeculative:
     def plan(seq: Sequence) -> Pass:
         if seq.phase == "prefill":
             return prefill_pass(seq)
-        return block_pass(seq, causal=seq.phase == "verify")
+        assert seq.block is not None
+        if seq.phase == "verify":  # every position: prediction i checks draft i + 1, the last gives the bonus
+            return block_pass(seq, True, np.arange(len(seq.block), dtype=np.int64))
+        return block_pass(seq, False, np.arange(1, len(seq.block), dtype=np.int64))
 
     @staticmethod
-    def update(seq: Sequence, logits: np.ndarray) -> int:
+    def update(seq: Sequence, picks: Picks) -> int:
         if seq.phase == "prefill":
             keep = len(seq.prompt)
-            SelfSpeculative._open(seq, int(choose(logits[-1:], seq)[0][0]), keep)
+            SelfSpeculative._open(seq, int(picks.tokens[-1]), keep, seq.score(picks, 0))
             return keep
         assert seq.block is not None
         if seq.phase == "draft":
-            draft_positions = np.arange(1, len(seq.block))
-            seq.block[1:] = np.argmax(SelfSpeculative._without_mask(logits[draft_positions], seq), axis=1)
+            seq.block[1:] = picks.greedy  # the draft is the bidirectional pass's best guess
             seq.phase = "verify"
             return 0
-        predicted, _ = choose(logits, seq)  # predicted[i] is the causal model's token for position i + 1
+        predicted = picks.tokens  # predicted[i] is the causal model's token for position i + 1
         drafts = seq.block[1:]
-        accepted = 0
-        while accepted < len(drafts) and drafts[accepted] == predicted[accepted]:
-            accepted += 1
+        agree = drafts == predicted[: len(drafts)]
+        accepted = int(np.argmin(agree)) if not agree.all() else len(drafts)
         keep = 1 + accepted  # the seed and the accepted drafts are now in the cache
         bonus = int(predicted[accepted])
-        if not seq.finish_with(drafts[:accepted]):
-            SelfSpeculative._open(seq, bonus, keep)
+        scores = [seq.score(picks, j) for j in range(accepted)] if seq.scored else []
+        if not seq.finish_with(drafts[:accepted], scores):
+            SelfSpeculative._open(seq, bonus, keep, seq.score(picks, accepted))
         return keep
 
     @staticmethod
-    def _without_mask(logits: np.ndarray, seq: Sequence) -> np.ndarray:
-        x = logits.copy()
-        x[:, seq.spec.mask_token_id] = -np.inf
-        return x
-
-    @staticmethod
-    def _open(seq: Sequence, seed: int, written: int) -> None:
+    def _open(seq: Sequence, seed: int, written: int, score: Score | None) -> None:
         start_block(seq, seed, seq.cache_length + written)
         seq.phase = "draft"
-        seq.finish_with([seed])
+        seq.finish_with([seed], [score])
 
 
 class Strategy(Protocol):
@@ -305,7 +334,7 @@ class Strategy(Protocol):
 
     def plan(self, seq: Sequence) -> Pass: ...
 
-    def update(self, seq: Sequence, logits: np.ndarray) -> int: ...
+    def update(self, seq: Sequence, picks: Picks) -> int: ...
 
 
 STRATEGIES: dict[str, Strategy] = {"ar": AutoRegressive, "diffusion": BlockDiffusion, "speculative": SelfSpeculative}
@@ -315,20 +344,24 @@ def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0) -> None:
     """One engine pass over every sequence in `seqs` (any mix of modes); commits their tokens and KV columns."""
     plans = [seq.strategy.plan(seq) for seq in seqs]
     b, t = len(plans), max(len(p.tokens) for p in plans)
+    n = max(len(p.predict) for p in plans)
     input_ids = np.full((b, t), pad_token_id, dtype=np.int64)
     position_ids = np.zeros((b, t), dtype=np.int64)
     new_mask = np.zeros((b, t), dtype=np.int64)
+    logit_positions = np.empty((b, n), dtype=np.int64)
     for i, p in enumerate(plans):
-        n = len(p.tokens)
-        input_ids[i, :n], position_ids[i, :n], new_mask[i, :n] = p.tokens, p.positions, 1
+        k, m = len(p.tokens), len(p.predict)
+        input_ids[i, :k], position_ids[i, :k], new_mask[i, :k] = p.tokens, p.positions, 1
+        logit_positions[i, :m], logit_positions[i, m:] = p.predict, p.predict[-1]  # padding repeats a real one
     slots = np.array([s.slot for s in seqs], dtype=np.int64)
     starts = np.array([s.cache_length for s in seqs], dtype=np.int64)
     causal = np.array([p.causal for p in plans])
-    logits = runtime.forward(slots, input_ids, position_ids, new_mask, starts, causal)
+    candidates = runtime.forward(slots, input_ids, position_ids, new_mask, starts, causal, logit_positions)
+    picks = pick(candidates, seqs, [len(p.predict) for p in plans])
     counts = np.zeros(b, dtype=np.int64)
-    for i, (seq, p) in enumerate(zip(seqs, plans)):
+    for i, seq in enumerate(seqs):
         seq.forwards += 1
-        counts[i] = seq.strategy.update(seq, logits[i, : len(p.tokens)])
+        counts[i] = seq.strategy.update(seq, picks[i])
         seq.cache_length += int(counts[i])
     runtime.commit(slots, starts, counts)
 

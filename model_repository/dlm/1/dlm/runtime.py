@@ -1,11 +1,15 @@
-"""Runtimes: one interface over the engine contract of DESIGN §4, whatever executes the denoiser.
+"""Runtimes: one interface over the engine contract of DESIGN §4 (version 2), whatever executes the denoiser.
 
 A runtime owns the KV cache: `allocate` reserves one slot of `context` positions per live sequence, once.
-`forward` gathers each row's cache (its first `cache_lengths[i]` positions), runs the pass and returns float32
-logits; the keys and values of the pass stay inside the runtime until `commit` appends the first `counts[i]` new
-columns of row i to its slot (speculative decoding keeps only the accepted prefix, a bidirectional pass nothing).
+`forward` gathers each row's cache (its first `cache_lengths[i]` positions), runs the pass and returns the
+candidates at the positions each row asked for (`dlm.candidates.Candidates`: [B, N, K] ids and logits, [B, N]
+logsumexp; never full-vocabulary logits); the keys and values of the pass stay inside the runtime until `commit`
+appends the first `counts[i]` new columns of row i to its slot (speculative decoding keeps only the accepted
+prefix, a bidirectional pass nothing).
 
-Implementations: `TorchRuntime` (an nn.Module, for tests and tools), and over built artifacts, each checked against
+`EngineRuntime` holds what every runtime shares (the profile check, the host inputs of a pass, the staging
+buffers, the cache bookkeeping of `dlm.kv_cache`, the reading of the outputs); each implementation keeps only its
+engine call: `TorchRuntime` (an nn.Module, for tests and tools), and over built artifacts, each checked against
 its manifest at load (`dlm.artifact`): `TensorRTRuntime` (model.plan), `OnnxRuntime` (model.onnx) and
 `TorchExportRuntime` (model.pt2). `load_runtime` picks one by name or `auto`. torch, onnxruntime and tensorrt are
 imported only by the runtime that needs them, so the serving environment installs just the one it runs.
@@ -23,9 +27,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from dlm.artifact import FILES, ArtifactError, load_artifact, rebuild_command
-from dlm.contract import EngineContract
+from dlm.candidates import Candidates
+from dlm.contract import EngineContract, Profile
+from dlm.kv_cache import KVCache
 
 RUNTIMES = ("tensorrt", "onnxruntime", "torch")
+OUTPUTS = ("top_tokens", "top_logits", "logsumexp")  # what a pass hands back to the loop
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,14 @@ class CacheLayout:
     def from_config(cls, config: dict[str, Any]) -> "CacheLayout":
         """From a checkpoint's config.json content."""
         return cls(config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"])
+
+    def cache_shape(self, slots: int, context: int) -> tuple[int, ...]:
+        return (slots, self.num_layers, 2, self.num_kv_heads, context, self.head_dim)
+
+    @property
+    def per_position(self) -> int:
+        """Elements one position of one row takes in the cache."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
 
 
 class Runtime(Protocol):
@@ -55,7 +70,8 @@ class Runtime(Protocol):
         new_mask: np.ndarray,
         cache_lengths: np.ndarray,
         causal: np.ndarray,
-    ) -> np.ndarray: ...
+        logit_positions: np.ndarray,
+    ) -> Candidates: ...
 
     def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None: ...
 
@@ -67,27 +83,53 @@ def attention_mask(cache_lengths: np.ndarray, new_mask: np.ndarray) -> np.ndarra
     return np.concatenate([cached, new_mask.astype(bool)], axis=1).astype(np.int64)
 
 
-class TorchRuntime:
-    """Runs a PyTorch module with the engine contract (`forward(input_ids, position_ids, attention_mask,
-    past_key_values, causal) -> (logits, present_key_values)`) on CPU or CUDA; the cache stays on that device."""
+def check_context(profile: Profile | None, context: int) -> None:
+    """Refuse a cache longer than the artifact's profile allows."""
+    if profile is not None and context > profile.max_context:
+        raise ValueError(
+            f"a cache of {context} positions exceeds the {profile.max_context} this artifact was built for; "
+            f"rebuild it with a larger --max-context"
+        )
 
-    def __init__(self, module: Any, layout: CacheLayout, device: str = "cpu", dtype: Any = None):
-        import torch  # lazily: the serving environment may run another runtime without torch
 
-        self._torch = torch
-        self.module = module
-        self.layout = layout
-        self.device = torch.device(device)
-        self.dtype = dtype or next(module.parameters()).dtype
+def layout_of(contract: EngineContract) -> CacheLayout:
+    return CacheLayout(contract.num_layers, contract.num_kv_heads, contract.head_dim)
+
+
+class EngineRuntime:
+    """The shared part of every runtime. A subclass provides `_zeros`/`_empty` (cache and staging memory on its
+    device) and `_run` (the engine call); everything else, the cache bookkeeping included, lives here once."""
+
+    layout: CacheLayout
+    profile: Profile | None = None  # None: no artifact profile to respect (a plain module in tests)
+    max_block: int | None = None  # positions a pass may predict from (the profile's N), None: unbounded
+
+    def __init__(self) -> None:
         self.slots = 0
         self.context = 0
-        self._cache: Any = None
+        self.cache: KVCache | None = None
         self._present: Any = None
 
+    # --- what a subclass provides ----------------------------------------------------------------------------
+    def _zeros(self, shape: tuple[int, ...]) -> Any:
+        raise NotImplementedError
+
+    def _empty(self, size: int) -> Any:
+        """A flat staging buffer of the cache dtype, viewed with each pass's shape."""
+        raise NotImplementedError
+
+    def _run(self, feeds: dict[str, np.ndarray], past: Any, shape: tuple[int, int, int, int]) -> tuple[dict[str, Any], Any]:
+        """Run one pass: host `feeds` (every input but the cache), the gathered `past`, and (B, T, P, N); return
+        the three candidate outputs (arrays the loop reads on the host) and `present_key_values` (left on the
+        device until `commit`)."""
+        raise NotImplementedError
+
+    # --- shared ----------------------------------------------------------------------------------------------
     def allocate(self, slots: int, context: int) -> None:
-        lay = self.layout
-        shape = (slots, lay.num_layers, 2, lay.num_kv_heads, context, lay.head_dim)
-        self._cache = self._torch.zeros(shape, dtype=self.dtype, device=self.device)
+        check_context(self.profile, context)
+        rows = min(slots, self.profile.batch[2]) if self.profile else slots
+        self.cache = KVCache(self._zeros(self.layout.cache_shape(slots, context)))
+        self._past = self._empty(rows * context * self.layout.per_position)  # the largest past a pass can read
         self.slots, self.context = slots, context
 
     def forward(
@@ -98,37 +140,63 @@ class TorchRuntime:
         new_mask: np.ndarray,
         cache_lengths: np.ndarray,
         causal: np.ndarray,
-    ) -> np.ndarray:
-        torch = self._torch
+        logit_positions: np.ndarray,
+    ) -> Candidates:
+        assert self.cache is not None, "allocate the cache before the first pass"
+        b, t = input_ids.shape
         p = int(cache_lengths.max(initial=0))
-        index = torch.as_tensor(slots, device=self.device)
-        with torch.inference_mode():
-            logits, self._present = self.module(
-                torch.as_tensor(input_ids, dtype=torch.int64, device=self.device),
-                torch.as_tensor(position_ids, dtype=torch.int64, device=self.device),
-                torch.as_tensor(attention_mask(cache_lengths, new_mask), device=self.device),
-                self._cache[index, :, :, :, :p],
-                torch.as_tensor(causal, dtype=torch.bool, device=self.device),
-            )
-        return logits.float().cpu().numpy()
+        n = int(logit_positions.shape[1])
+        if self.profile is not None:
+            self.profile.check(b, t, p, n)
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+            "attention_mask": attention_mask(cache_lengths, new_mask),
+            "causal": np.ascontiguousarray(causal, dtype=bool).reshape(b),
+            "logit_positions": np.ascontiguousarray(logit_positions, dtype=np.int64),
+        }
+        past = self._past[: b * p * self.layout.per_position].reshape(self.layout.cache_shape(b, p))
+        self.cache.gather(slots, p, past)
+        outputs, self._present = self._run(feeds, past, (b, t, p, n))
+        return Candidates.from_outputs(outputs)
 
     def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
-        for row, (slot, start, count) in enumerate(zip(slots.tolist(), starts.tolist(), counts.tolist())):
-            if count:
-                self._cache[slot, :, :, :, start : start + count] = self._present[row, :, :, :, :count]
+        assert self.cache is not None
+        self.cache.commit(slots, starts, counts, self._present)
 
 
-def check_context(contract: EngineContract, context: int) -> None:
-    """Refuse a cache longer than the artifact's profile allows."""
-    if context > contract.profile.max_context:
-        raise ValueError(
-            f"a cache of {context} positions exceeds the {contract.profile.max_context} this artifact was built for; "
-            f"rebuild it with a larger --max-context"
-        )
+class TorchRuntime(EngineRuntime):
+    """Runs a PyTorch module with the engine contract (`forward(input_ids, position_ids, attention_mask,
+    past_key_values, causal, logit_positions) -> (top_tokens, top_logits, logsumexp, present_key_values)`) on CPU
+    or CUDA; the cache stays on that device."""
 
+    def __init__(self, module: Any, layout: CacheLayout, device: str = "cpu", dtype: Any = None):
+        import torch  # lazily: the serving environment may run another runtime without torch
 
-def layout_of(contract: EngineContract) -> CacheLayout:
-    return CacheLayout(contract.num_layers, contract.num_kv_heads, contract.head_dim)
+        super().__init__()
+        self._torch = torch
+        self.module = module
+        self.layout = layout
+        self.device = torch.device(device)
+        self.dtype = dtype or next(module.parameters()).dtype
+
+    def _zeros(self, shape: tuple[int, ...]) -> Any:
+        return self._torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _empty(self, size: int) -> Any:
+        return self._torch.empty(size, dtype=self.dtype, device=self.device)
+
+    def _run(self, feeds: dict[str, np.ndarray], past: Any, shape: tuple[int, int, int, int]) -> tuple[dict[str, Any], Any]:
+        torch = self._torch
+        inputs = {name: torch.as_tensor(array, device=self.device) for name, array in feeds.items()}
+        with torch.inference_mode():
+            tokens, logits, lse, present = self.module(
+                inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], past, inputs["causal"],
+                inputs["logit_positions"],
+            )
+        outputs = {"top_tokens": tokens.cpu().numpy(), "top_logits": logits.float().cpu().numpy(),
+                   "logsumexp": lse.float().cpu().numpy()}
+        return outputs, present
 
 
 class TorchExportRuntime(TorchRuntime):
@@ -146,29 +214,23 @@ class TorchExportRuntime(TorchRuntime):
 
             program = move_to_device_pass(program, device)
         super().__init__(program.module(), layout_of(self.contract), device, getattr(torch, self.contract.cache_dtype))
-
-    def allocate(self, slots: int, context: int) -> None:
-        check_context(self.contract, context)
-        super().allocate(slots, context)
-
-    def forward(self, slots, input_ids, position_ids, new_mask, cache_lengths, causal) -> np.ndarray:
-        b, t = input_ids.shape
-        self.contract.profile.check(b, t, int(cache_lengths.max(initial=0)))
-        return super().forward(slots, input_ids, position_ids, new_mask, cache_lengths, causal)
+        self.profile = self.contract.profile
 
 
-class OnnxRuntime:
-    """Runs `model.onnx` with ONNX Runtime through IO binding. The cache, the gathered past of a pass and both
-    outputs live in numpy buffers allocated once by `allocate`; each pass binds views of them, so no step
-    allocates cache-sized memory. The returned logits are a view, valid until the next `forward`."""
+class OnnxRuntime(EngineRuntime):
+    """Runs `model.onnx` with ONNX Runtime through IO binding. The cache, the gathered past of a pass and every
+    output live in numpy buffers allocated once by `allocate`; each pass binds views of them, so no step
+    allocates cache-sized memory. The returned candidates are views, valid until the next `forward`."""
 
     def __init__(self, artifact_dir: str | Path, config: dict[str, Any] | None = None,
                  providers: list[str] | None = None, threads: int | None = None, verify_files: bool = True,
                  spin: bool = True):
         import onnxruntime as ort
 
+        super().__init__()
         self.artifact = load_artifact(artifact_dir, "onnx", config=config, verify_files=verify_files)
         self.contract = self.artifact.contract
+        self.profile = self.contract.profile
         self.layout = layout_of(self.contract)
         self.dtype = np.dtype(self.contract.cache_dtype)
         options = ort.SessionOptions()
@@ -180,54 +242,39 @@ class OnnxRuntime:
             str(self.artifact.path), options, providers=providers or ["CPUExecutionProvider"]
         )
         self._binding = self.session.io_binding()
-        self.slots = 0
-        self.context = 0
+
+    def _zeros(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, self.dtype)
+
+    def _empty(self, size: int) -> Any:
+        return np.empty(size, self.dtype)
 
     def allocate(self, slots: int, context: int) -> None:
-        check_context(self.contract, context)
-        lay, profile = self.layout, self.contract.profile
+        super().allocate(slots, context)
+        contract, profile = self.contract, self.contract.profile
         rows, tokens = min(slots, profile.batch[2]), min(context, profile.tokens[2])
-        per_position = lay.num_layers * 2 * lay.num_kv_heads * lay.head_dim
-        self._cache = np.zeros((slots, lay.num_layers, 2, lay.num_kv_heads, context, lay.head_dim), self.dtype)
-        # flat staging buffers, viewed with each pass's shape
-        self._past = np.empty(rows * context * per_position, self.dtype)
-        self._present_buffer = np.empty(rows * tokens * per_position, self.dtype)
-        self._logits = np.empty(rows * tokens * self.contract.vocab_size, np.float32)
-        self.slots, self.context = slots, context
-
-    def _view(self, buffer: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        return buffer[: math.prod(shape)].reshape(shape)
-
-    def forward(self, slots, input_ids, position_ids, new_mask, cache_lengths, causal) -> np.ndarray:
-        b, t = input_ids.shape
-        p = int(cache_lengths.max(initial=0))
-        self.contract.profile.check(b, t, p)
-        past = self._view(self._past, self.contract.shape_of("past_key_values", b, t, p))
-        for row, slot in enumerate(slots.tolist()):
-            past[row] = self._cache[slot, :, :, :, :p]  # gather each row's cache into the staging buffer
-        feeds = {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-            "attention_mask": attention_mask(cache_lengths, new_mask),
-            "past_key_values": past,
-            "causal": np.ascontiguousarray(causal, dtype=bool).reshape(b),
+        # one flat buffer per output, large enough for any pass this allocation allows
+        self._outputs = {
+            spec.name: np.empty(math.prod(contract.shape(spec, rows, tokens, 0, profile.max_block)),
+                                contract.dtype(spec))
+            for spec in contract.outputs
         }
-        logits = self._view(self._logits, self.contract.shape_of("logits", b, t, p))
-        self._present = self._view(self._present_buffer, self.contract.shape_of("present_key_values", b, t, p))
+
+    def _run(self, feeds: dict[str, np.ndarray], past: Any, shape: tuple[int, int, int, int]) -> tuple[dict[str, Any], Any]:
+        b, t, p, n = shape
         binding = self._binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        for name, array in feeds.items():
+        for name, array in (*feeds.items(), ("past_key_values", past)):
             binding.bind_cpu_input(name, array)
-        for name, array in (("logits", logits), ("present_key_values", self._present)):
-            binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        views = {}
+        for spec in self.contract.outputs:
+            dims = self.contract.shape(spec, b, t, p, n)
+            view = self._outputs[spec.name][: math.prod(dims)].reshape(dims)
+            binding.bind_output(spec.name, "cpu", 0, view.dtype, list(view.shape), view.ctypes.data)
+            views[spec.name] = view
         self.session.run_with_iobinding(binding)
-        return logits
-
-    def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
-        for row, (slot, start, count) in enumerate(zip(slots.tolist(), starts.tolist(), counts.tolist())):
-            if count:
-                self._cache[slot, :, :, :, start : start + count] = self._present[row, :, :, :, :count]
+        return views, views["present_key_values"]
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -256,10 +303,11 @@ def import_tensorrt() -> ModuleType:
     return tensorrt
 
 
-class TensorRTRuntime:
+class TensorRTRuntime(EngineRuntime):
     """Runs `model.plan` with the TensorRT 10 Python API. Device buffers (torch CUDA tensors) for the cache and
     every input and output are allocated once by `allocate` and bound with `set_tensor_address`; each pass sets
-    the input shapes and calls `execute_async_v3` on torch's current stream. The cache never leaves the GPU."""
+    the input shapes and calls `execute_async_v3` on torch's current stream. The cache never leaves the GPU; only
+    the candidates (B × N × K ids and logits, B × N logsumexp) come back to the host."""
 
     def __init__(self, artifact_dir: str | Path, config: dict[str, Any] | None = None, device: str = "cuda",
                  verify_files: bool = True):
@@ -269,6 +317,7 @@ class TensorRTRuntime:
 
         if not torch.cuda.is_available():
             raise RuntimeUnavailable("the TensorRT runtime needs a CUDA GPU, and torch sees none")
+        super().__init__()
         self._torch = torch
         self.device = torch.device(device)
         major, minor = torch.cuda.get_device_capability(self.device)
@@ -277,6 +326,7 @@ class TensorRTRuntime:
             compute_capability=f"{major}.{minor}", verify_files=verify_files,
         )
         self.contract = self.artifact.contract
+        self.profile = self.contract.profile
         self.layout = layout_of(self.contract)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._trt_runtime = trt.Runtime(self._logger)
@@ -296,65 +346,42 @@ class TensorRTRuntime:
         names = self.contract.input_names + self.contract.output_names
         self._dtypes = {name: types[self.engine.get_tensor_dtype(name)] for name in names}
         self.dtype = self._dtypes["past_key_values"]
-        self.slots = 0
-        self.context = 0
+
+    def _zeros(self, shape: tuple[int, ...]) -> Any:
+        return self._torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _empty(self, size: int) -> Any:
+        return self._torch.empty(size, dtype=self.dtype, device=self.device)
 
     def allocate(self, slots: int, context: int) -> None:
-        torch, lay, contract = self._torch, self.layout, self.contract
-        check_context(contract, context)
-        rows, tokens = min(slots, contract.profile.batch[2]), min(context, contract.profile.tokens[2])
-        self._cache = torch.zeros(
-            (slots, lay.num_layers, 2, lay.num_kv_heads, context, lay.head_dim), dtype=self.dtype, device=self.device
-        )
-        # each buffer is large enough for any pass this allocation allows; a pass uses a prefix of it
-        self._buffers = {}
-        for spec in (*contract.inputs, *contract.outputs):
-            size = math.prod(contract.shape(spec, rows, tokens, context))
-            self._buffers[spec.name] = torch.empty(size, dtype=self._dtypes[spec.name], device=self.device)
-            self._execution.set_tensor_address(spec.name, self._buffers[spec.name].data_ptr())
-        self.slots, self.context = slots, context
-
-    def forward(
-        self,
-        slots: np.ndarray,
-        input_ids: np.ndarray,
-        position_ids: np.ndarray,
-        new_mask: np.ndarray,
-        cache_lengths: np.ndarray,
-        causal: np.ndarray,
-    ) -> np.ndarray:
+        super().allocate(slots, context)  # the cache, and the staging buffer the gather writes the past into
         torch, contract = self._torch, self.contract
-        b, t = input_ids.shape
-        p = int(cache_lengths.max(initial=0))
-        contract.profile.check(b, t, p)
+        rows, tokens = min(slots, contract.profile.batch[2]), min(context, contract.profile.tokens[2])
+        # each buffer is large enough for any pass this allocation allows; a pass uses a prefix of it
+        self._buffers = {"past_key_values": self._past}
+        for spec in (*contract.inputs, *contract.outputs):
+            if spec.name != "past_key_values":
+                size = math.prod(contract.shape(spec, rows, tokens, context, contract.profile.max_block))
+                self._buffers[spec.name] = torch.empty(size, dtype=self._dtypes[spec.name], device=self.device)
+            self._execution.set_tensor_address(spec.name, self._buffers[spec.name].data_ptr())
+
+    def _run(self, feeds: dict[str, np.ndarray], past: Any, shape: tuple[int, int, int, int]) -> tuple[dict[str, Any], Any]:
+        torch, contract = self._torch, self.contract
+        b, t, p, n = shape
         views = {
-            spec.name: self._buffers[spec.name][: math.prod(shape)].view(shape)
+            spec.name: self._buffers[spec.name][: math.prod(dims)].view(dims)
             for spec in (*contract.inputs, *contract.outputs)
-            for shape in [contract.shape(spec, b, t, p)]
+            for dims in [contract.shape(spec, b, t, p, n)]
         }
-        host = {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "attention_mask": attention_mask(cache_lengths, new_mask),
-            "causal": np.asarray(causal, dtype=bool).reshape(b),
-        }
-        for name, array in host.items():
-            views[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
-        past = views["past_key_values"]
-        for row, slot in enumerate(slots.tolist()):
-            past[row].copy_(self._cache[slot, :, :, :, :p])
+        for name, array in feeds.items():
+            views[name].copy_(torch.from_numpy(array))
         for spec in contract.inputs:
             self._execution.set_input_shape(spec.name, tuple(views[spec.name].shape))
         # torch's current stream, so the copies above and the commits after stay ordered with the engine
         if not self._execution.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise RuntimeError(f"TensorRT failed to run a pass of batch {b}, tokens {t}, cache {p}")
-        self._present = views["present_key_values"]
-        return views["logits"].float().cpu().numpy()
-
-    def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
-        for row, (slot, start, count) in enumerate(zip(slots.tolist(), starts.tolist(), counts.tolist())):
-            if count:
-                self._cache[slot, :, :, :, start : start + count] = self._present[row, :, :, :, :count]
+            raise RuntimeError(f"TensorRT failed to run a pass of batch {b}, tokens {t}, cache {p}, positions {n}")
+        outputs = {name: views[name].cpu().numpy() for name in OUTPUTS}  # small: [B, N, K] and [B, N]
+        return outputs, views["present_key_values"]
 
 
 def tensorrt_usable() -> bool:

@@ -1,0 +1,102 @@
+"""Token choice from the engine's candidates (engine contract v2, DESIGN §4).
+
+A pass returns, at each position a row asked for, the K best token ids with their logits and the log-sum-exp over
+the whole vocabulary (the mask id excluded inside the graph). From these, greedy choice and every confidence are
+exact: p(token) = exp(logit - logsumexp). Sampling at temperature > 0 draws among the K candidates (a top-K
+truncation), further cut by a request's `top_k` and `top_p`, with Gumbel noise in float64 from the request's own
+seeded generator. Everything here works on [B, N, K] arrays; nothing scales with the vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+# (log prob of the chosen token, its best alternatives as (token id, log prob), best first)
+Score = tuple[float, list[tuple[int, float]]]
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """One pass's outputs besides the cache columns."""
+
+    tokens: np.ndarray  # [B, N, K] int64, best first
+    logits: np.ndarray  # [B, N, K] float32
+    logsumexp: np.ndarray  # [B, N] float32
+
+    @classmethod
+    def from_outputs(cls, outputs: dict[str, np.ndarray]) -> "Candidates":
+        """From the graph's outputs by their contract names."""
+        return cls(
+            np.asarray(outputs["top_tokens"], dtype=np.int64),
+            np.asarray(outputs["top_logits"], dtype=np.float32),
+            np.asarray(outputs["logsumexp"], dtype=np.float32),
+        )
+
+    @property
+    def k(self) -> int:
+        return int(self.tokens.shape[-1])
+
+
+class SamplingParams(Protocol):
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+
+@dataclass(frozen=True)
+class Picks:
+    """The tokens chosen at the positions one row asked for, in the order it asked."""
+
+    tokens: np.ndarray  # [n] int64: the choice (greedy at temperature 0, else a sample)
+    log_probs: np.ndarray  # [n] float64: log p of each chosen token under the model (temperature 1)
+    greedy: np.ndarray  # [n] int64: the best candidate, whatever the temperature
+    candidate_tokens: np.ndarray  # [n, K]
+    candidate_log_probs: np.ndarray  # [n, K]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return np.exp(self.log_probs)
+
+    def score(self, j: int, alternatives: int) -> Score:
+        """The log prob of the choice at `j` and the `alternatives` best candidates there."""
+        ids = self.candidate_tokens[j, :alternatives].tolist()
+        values = self.candidate_log_probs[j, :alternatives].tolist()
+        return float(self.log_probs[j]), list(zip(ids, values))
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+    """Index of the sampled candidate at each of `logits [n, K]` (sorted best first): Gumbel-max over the
+    candidates at the request's temperature, after its `top_k` and `top_p` cuts (top_p over the candidates'
+    renormalised probabilities). The noise has the full [n, K] shape whatever the cuts, so a seed draws the same
+    numbers under any setting."""
+    x = logits.astype(np.float64) / params.temperature
+    k = x.shape[1]
+    if params.top_k is not None and params.top_k < k:
+        x[:, params.top_k :] = -np.inf
+    if params.top_p is not None and params.top_p < 1.0:
+        probs = np.exp(x - x[:, :1])
+        probs /= probs.sum(axis=1, keepdims=True)
+        before = np.cumsum(probs, axis=1) - probs  # mass of the better candidates; the best always stays
+        x[before >= params.top_p] = -np.inf
+    gumbel = -np.log(-np.log(rng.random(x.shape)))
+    return np.argmax(x + gumbel, axis=1)
+
+
+def pick(candidates: Candidates, rows: list[Any], counts: list[int]) -> list[Picks]:
+    """The choice at the first `counts[i]` positions of each row i. `rows[i]` has `params` (temperature, top_k,
+    top_p) and `rng`; only rows at temperature > 0 draw noise, each from its own generator."""
+    log_probs = candidates.logits.astype(np.float64) - candidates.logsumexp.astype(np.float64)[..., None]
+    chosen = np.zeros(candidates.tokens.shape[:2], dtype=np.int64)
+    for i, (row, n) in enumerate(zip(rows, counts)):
+        if row.params.temperature > 0:
+            chosen[i, :n] = sample(candidates.logits[i, :n], row.params, row.rng)
+    tokens = np.take_along_axis(candidates.tokens, chosen[..., None], axis=-1)[..., 0]
+    chosen_log_probs = np.take_along_axis(log_probs, chosen[..., None], axis=-1)[..., 0]
+    greedy = candidates.tokens[:, :, 0]
+    return [
+        Picks(tokens[i, :n], chosen_log_probs[i, :n], greedy[i, :n], candidates.tokens[i, :n], log_probs[i, :n])
+        for i, n in enumerate(counts)
+    ]
