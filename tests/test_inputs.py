@@ -9,7 +9,7 @@ import pytest
 
 from dlm.inputs import Defaults, InvalidInput, Limits, parse_request
 
-LIMITS = Limits(context=256, max_block_length=128)
+LIMITS = Limits(context=256, max_block_length=128, top_k=64)
 
 
 def parse(defaults=Defaults(), **inputs):
@@ -30,6 +30,7 @@ def test_defaults_apply_to_left_out_inputs():
     p = r.params
     assert (p.mode, p.max_tokens, p.threshold, p.steps, p.temperature, p.block_length) == (
         "diffusion", 64, 0.9, 8, 0.0, None)
+    assert (p.seed, p.top_k, p.top_p, p.logprobs) == (None, None, None, None)  # no seed: a fresh one per request
 
 
 def test_steps_without_threshold_means_fixed_steps():
@@ -46,6 +47,27 @@ def test_every_input_is_read():
     assert r.stream and r.stop_words == ["X", "YZ"]
     assert (r.params.mode, r.params.max_tokens, r.params.temperature, r.params.seed, r.params.block_length) == (
         "speculative", 10, 0.5, 3, 16)
+
+
+def test_sampling_controls_and_log_probs_are_read():
+    p = parse(text_input="a", top_k=np.array([5], dtype=np.int32), top_p=np.array([0.5], dtype=np.float32)).params
+    assert (p.top_k, p.top_p, p.logprobs) == (5, 0.5, None)
+    assert parse(text_input="a", top_k=64, top_p=1.0).params.top_k == 64
+    assert parse(text_input="a", return_log_probs=True).params.logprobs == 0
+    assert parse(text_input="a", return_log_probs=False).params.logprobs is None
+    assert parse(text_input="a", return_log_probs=True, top_logprobs=3).params.logprobs == 3
+    assert parse(text_input="a", top_logprobs=20).params.logprobs == 20  # alternatives imply log probs
+    assert parse(text_input="a", top_logprobs=0).params.logprobs is None
+
+
+def test_top_logprobs_is_bounded_by_a_smaller_engine_k():
+    small = Limits(context=256, max_block_length=128, top_k=8)
+    with pytest.raises(InvalidInput, match=r"^top_logprobs must be in \[0, 8\], got 9$"):
+        parse_request({"text_input": np.array([b"a"], dtype=np.object_), "top_logprobs": np.array([9])}.get,
+                      Defaults(), small, block_size=32)
+    with pytest.raises(InvalidInput, match=r"^top_k must be in \[1, 8\], got 9$"):
+        parse_request({"text_input": np.array([b"a"], dtype=np.object_), "top_k": np.array([9])}.get,
+                      Defaults(), small, block_size=32)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +92,17 @@ def test_every_input_is_read():
         ({"text_input": "a", "stop_words": np.array([b"x" * 257], dtype=np.object_)}, "of at most 256 bytes"),
         ({"text_input": "a", "temperature": -1.0}, "temperature must be a finite number >= 0"),
         ({"text_input": "a", "temperature": math.inf}, "temperature must be a finite number >= 0, got inf"),
+        ({"text_input": "a", "top_k": 0}, r"^top_k must be in \[1, 64\], got 0$"),
+        ({"text_input": "a", "top_k": 65}, r"^top_k must be in \[1, 64\], got 65$"),
+        ({"text_input": "a", "top_k": -(2**31)}, r"^top_k must be in \[1, 64\], got -2147483648$"),
+        ({"text_input": "a", "top_p": 0.0}, r"^top_p must be in \(0, 1\], got 0.0$"),
+        ({"text_input": "a", "top_p": 1.5}, r"^top_p must be in \(0, 1\], got 1.5$"),
+        ({"text_input": "a", "top_p": -0.1}, r"^top_p must be in \(0, 1\]"),
+        ({"text_input": "a", "top_p": math.nan}, r"^top_p must be in \(0, 1\], got nan$"),
+        ({"text_input": "a", "top_p": math.inf}, r"^top_p must be in \(0, 1\], got inf$"),
+        ({"text_input": "a", "top_logprobs": 21}, r"^top_logprobs must be in \[0, 20\], got 21$"),
+        ({"text_input": "a", "top_logprobs": -1}, r"^top_logprobs must be in \[0, 20\], got -1$"),
+        ({"text_input": "a", "top_k": np.array([1, 2])}, r"^input 'top_k' must hold exactly one value"),
     ],
 )
 def test_invalid_inputs_are_named_with_their_range(inputs, message):

@@ -24,7 +24,7 @@ from dlm.scheduler import Cancelled, Job, QueueFull, Scheduler, ShuttingDown  # 
 from dlm.text import TextCodec, TextStream  # noqa: E402
 
 INPUTS = ("text_input", "max_tokens", "stream", "temperature", "seed", "stop_words", "mode", "block_length",
-          "threshold", "steps")
+          "threshold", "steps", "top_k", "top_p", "return_log_probs", "top_logprobs")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -103,15 +103,39 @@ class Metrics:
         self.request(params.mode, "rejected")
 
 
-class Responder:
-    """One request's responses (the scheduler's consumer): deltas when streaming, else the whole text at the end."""
+def log_prob_tensors(codec: TextCodec, seq: Any, start: int, end: int, alternatives: int) -> list[Any]:
+    """`output_log_probs` and `output_tokens` (raw bytes) for the committed tokens [start, end), and with
+    `alternatives` > 0 their best alternatives: `output_top_log_probs` and `output_top_tokens` [n, alternatives]."""
+    tokens = seq.tokens[start:end]
+    out = [
+        pb_utils.Tensor("output_log_probs", np.array(seq.logprobs[start:end], dtype=np.float32).reshape(-1)),
+        pb_utils.Tensor("output_tokens", np.array([codec.token_bytes(t) for t in tokens], dtype=np.object_)),
+    ]
+    if alternatives > 0:
+        top_log_probs = np.zeros((len(tokens), alternatives), dtype=np.float32)
+        top_tokens = np.full((len(tokens), alternatives), b"", dtype=np.object_)
+        for i, row in enumerate(seq.top_logprobs[start:end]):
+            for j, (token, log_prob) in enumerate(row[:alternatives]):
+                top_log_probs[i, j], top_tokens[i, j] = log_prob, codec.token_bytes(token)
+        out += [pb_utils.Tensor("output_top_log_probs", top_log_probs),
+                pb_utils.Tensor("output_top_tokens", top_tokens)]
+    return out
 
-    def __init__(self, sender: Any, codec: TextCodec, stream: bool, stop_words: list[str], later: DelayedCalls):
+
+class Responder:
+    """One request's responses (the scheduler's consumer): deltas when streaming, else the whole text at the end.
+    With `logprobs` set, each response also carries the log probs of the tokens its text delivered."""
+
+    def __init__(self, sender: Any, codec: TextCodec, stream: bool, stop_words: list[str], later: DelayedCalls,
+                 logprobs: int | None = None):
         self.sender = sender
         self.later = later
         self.stream = stream
+        self.codec = codec
         self.text = TextStream(codec, stop_words)
         self.unsent = ""  # text decoded but not yet sent
+        self.logprobs = logprobs  # alternatives per token, or None for no log probs
+        self.tokens_sent = 0  # tokens whose log probs have been sent
 
     def cancelled(self) -> bool:
         return self.sender.is_cancelled()
@@ -132,6 +156,10 @@ class Responder:
                 pb_utils.Tensor("num_forwards", np.array([seq.forwards], dtype=np.int32)),
                 pb_utils.Tensor("num_tokens", np.array([len(seq.tokens)], dtype=np.int32)),
             ]
+            if self.logprobs is not None:
+                start, end = self.tokens_sent, max(self.tokens_sent, self.text.delivered_tokens(seq.output))
+                self.tokens_sent = end
+                outputs += log_prob_tensors(self.codec, seq, start, end, self.logprobs)
             if job.finished:
                 reason = "length" if job.outcome == "length" else "stop"  # OpenAI's words, as vLLM's backend uses
                 outputs.append(pb_utils.Tensor("finish_reason", np.array([reason.encode()], dtype=np.object_)))
@@ -178,7 +206,8 @@ class TritonPythonModel:
                 f"for; lower max_live or rebuild the artifact with --max-batch {max_live}"
             )
         self.drain_seconds = float(parameters.get("drain_seconds") or 0)
-        self.limits = Limits(context=context, max_block_length=min(profile.tokens[2], context - 2))
+        self.limits = Limits(context=context, max_block_length=min(profile.max_block, context - 2),
+                             top_k=runtime.contract.top_k)
         self.metrics = Metrics()
         # The last response of a cancelled request waits `cancelled_final_delay` seconds (its slot is free at once).
         # Triton's gRPC frontend before the fix of triton-inference-server/server#8078 (2.51 included) frees a
@@ -212,7 +241,8 @@ class TritonPythonModel:
 
             parsed = parse_request(get, self.defaults, self.limits, self.spec.block_size)
             mode = parsed.params.mode
-            responder = Responder(sender, self.codec, parsed.stream, parsed.stop_words, self.cancelled_finals)
+            responder = Responder(sender, self.codec, parsed.stream, parsed.stop_words, self.cancelled_finals,
+                                  parsed.params.logprobs)
             try:
                 self.scheduler.submit(self.codec.encode(parsed.text), parsed.params, responder)
             except ValueError as e:  # the prompt does not fit the context

@@ -15,6 +15,7 @@ from dlm.refine import MODES, GenerationParams
 INT32_MAX = 2**31 - 1
 BYTES_PER_POSITION = 64  # no tokenizer packs more text into one token: a longer prompt cannot fit the context
 MAX_STOP_WORDS, MAX_STOP_WORD_BYTES = 16, 256
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
 class InvalidInput(ValueError):
@@ -27,6 +28,11 @@ class Limits:
 
     context: int  # positions one request may use: prompt + max_tokens + one block
     max_block_length: int  # the longest block a pass may carry (the artifact's token axis)
+    top_k: int = 64  # K: the candidates the engine returns per position (the artifact's contract)
+
+    @property
+    def max_top_logprobs(self) -> int:
+        return min(MAX_TOP_LOGPROBS, self.top_k)
 
     @property
     def max_text_bytes(self) -> int:
@@ -159,10 +165,23 @@ def parse_request(
     if not (math.isfinite(temperature) and temperature >= 0.0):
         raise InvalidInput(f"temperature must be a finite number >= 0, got {temperature}")
 
+    top_k = value("top_k")
+    top_k = None if top_k is None else _integer("top_k", top_k, 1, limits.top_k)
+    top_p = value("top_p")
+    if top_p is not None:
+        top_p = float(top_p)
+        if not 0.0 < top_p <= 1.0:  # NaN fails this too
+            raise InvalidInput(f"top_p must be in (0, 1], got {top_p}")
+
+    return_log_probs, top_logprobs = value("return_log_probs"), value("top_logprobs")
+    top_logprobs = 0 if top_logprobs is None else _integer("top_logprobs", top_logprobs, 0, limits.max_top_logprobs)
+    logprobs = top_logprobs if top_logprobs > 0 or (return_log_probs is not None and bool(return_log_probs)) else None
+
     seed, stream, stop = value("seed"), value("stream"), get("stop_words")
     params = GenerationParams(
         mode=mode, max_tokens=max_tokens, block_length=block_length, threshold=threshold, steps=steps,
-        temperature=temperature, seed=0 if seed is None else int(seed),
+        temperature=temperature, seed=None if seed is None else int(seed), top_k=top_k, top_p=top_p,
+        logprobs=logprobs,
     )
     stop_words = [] if stop is None else [_text("stop_words", w) for w in stop.reshape(-1)]
     if len(stop_words) > MAX_STOP_WORDS or any(len(w.encode()) > MAX_STOP_WORD_BYTES for w in stop_words):
