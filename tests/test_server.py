@@ -14,7 +14,8 @@ import tritonclient.grpc as grpcclient
 
 from conftest import MINIATURE, ROOT
 from export.tasks import held_out_set
-from triton_server import ENDLESS_PROMPT, ENDLESS_TOKENS, grpc_generate, grpc_inputs, http_post
+from triton_server import (ENDLESS_PROMPT, ENDLESS_TOKENS, LOG_PROB_OUTPUTS, engine_top_k, grpc_generate,
+                           grpc_inputs, http_post)
 
 MODES = ["ar", "diffusion", "speculative"]
 ENGINE = ROOT / "model_repository" / "dlm" / "1" / "engine"
@@ -110,6 +111,13 @@ INVALID = [
     ({"max_tokens": 5000}, "max_tokens must be in [1, 991]"),
     ({"text": "1" * 1200}, "input 'text_input': the prompt ("),
     ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+    ({"top_k": 0}, "top_k must be in [1, 64], got 0"),
+    ({"top_k": 65}, "top_k must be in [1, 64], got 65"),
+    ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+    ({"top_p": float("nan")}, "top_p must be in (0, 1], got nan"),
+    ({"top_logprobs": 21}, "top_logprobs must be in [0, 20], got 21"),
+    ({"top_logprobs": -1}, "top_logprobs must be in [0, 20], got -1"),
 ]
 
 
@@ -150,3 +158,77 @@ def test_metrics_count_requests_tokens_passes_and_latency(triton):
     assert m['dlm_tokens_per_forward_count{mode="diffusion"}'] >= 1
     assert m["dlm_step_latency_seconds_count"] == m["dlm_engine_passes_total"]
     assert m["dlm_live_slots"] == 0 and m["dlm_queue_depth"] == 0
+
+
+# --- sampling controls and log probs ------------------------------------------------------------------------------
+def test_the_engine_k_is_the_one_the_bounds_name():
+    assert engine_top_k() == 64  # the bounds in INVALID above
+
+
+def log_prob_tokens(responses: list[dict]) -> list[bytes]:
+    return [t for r in responses for t in r["output_tokens"].tolist()]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_log_probs_cover_the_delivered_text_unary_and_streamed(triton, mode):
+    unary = grpc_generate(triton.grpc_url, LONG, mode=mode, max_tokens=48, top_logprobs=3)
+    (response,) = unary
+    text, tokens = response["text"], response["output_tokens"]
+    log_probs, top, top_tokens = (response[k] for k in ("output_log_probs", "output_top_log_probs",
+                                                        "output_top_tokens"))
+    assert b"".join(tokens.tolist()).decode() == text  # the end token is left out, as text_output leaves it out
+    assert len(tokens) == response["num_tokens"] - 1 and log_probs.dtype == np.float32
+    assert top.shape == top_tokens.shape == (len(tokens), 3)
+    assert np.all(log_probs <= 0) and np.all(np.diff(top, axis=1) <= 0)  # alternatives best first
+    # at temperature 0 the chosen token is the best candidate
+    assert top_tokens[:, 0].tolist() == tokens.tolist() and np.allclose(top[:, 0], log_probs)
+    streamed = grpc_generate(triton.grpc_url, LONG, mode=mode, max_tokens=48, stream=True, top_logprobs=3)
+    assert len(streamed) >= 2
+    for r in streamed:  # each response carries the tokens of its own text
+        assert b"".join(r["output_tokens"].tolist()).decode() == r["text"]
+        assert r["output_top_log_probs"].shape == (len(r["output_tokens"]), 3)
+    assert log_prob_tokens(streamed) == tokens.tolist()
+    assert np.allclose(np.concatenate([r["output_log_probs"] for r in streamed]), log_probs, atol=1e-5)
+
+
+def test_log_probs_only_when_asked_and_alternatives_only_when_asked(triton):
+    plain = grpc_generate(triton.grpc_url, SHORT, mode="ar", max_tokens=8)[0]
+    assert not set(LOG_PROB_OUTPUTS) & set(plain)
+    only = grpc_generate(triton.grpc_url, SHORT, mode="ar", max_tokens=8, return_log_probs=True)[0]
+    assert set(LOG_PROB_OUTPUTS) & set(only) == {"output_log_probs", "output_tokens"}
+    off = grpc_generate(triton.grpc_url, SHORT, mode="ar", max_tokens=8, return_log_probs=False)[0]
+    assert off.keys() == plain.keys()
+    status, body = http_post(triton.http_url, "generate", {"text_input": SHORT, "mode": "ar", "max_tokens": 8,
+                                                           "top_logprobs": 2})
+    answer = json.loads(body)
+    assert status == 200 and len(answer["output_top_log_probs"]) == 2 * len(answer["output_tokens"])
+
+
+def test_log_probs_stop_with_the_text_at_a_stop_word(triton):
+    full = grpc_generate(triton.grpc_url, LONG, mode="diffusion", max_tokens=48)[0]["text"]
+    stop = full[10:13]
+    for stream in (False, True):
+        out = grpc_generate(triton.grpc_url, LONG, mode="diffusion", max_tokens=48, stop_words=[stop], stream=stream,
+                            return_log_probs=True)
+        assert b"".join(log_prob_tokens(out)).decode() == "".join(r["text"] for r in out) == full[: full.index(stop)]
+
+
+def test_no_seed_draws_a_fresh_one_and_a_seed_reproduces(triton):
+    sample = {"mode": "ar", "max_tokens": 16, "temperature": 1.5}
+    unseeded = {grpc_generate(triton.grpc_url, ENDLESS_PROMPT, **sample)[0]["text"] for _ in range(3)}
+    assert len(unseeded) > 1  # 16 draws at temperature 1.5 from a spread-out distribution
+    for mode in MODES:
+        seeded = [grpc_generate(triton.grpc_url, ENDLESS_PROMPT, **{**sample, "mode": mode}, seed=11)[0]["text"]
+                  for _ in range(2)]
+        assert seeded[0] == seeded[1]
+
+
+def test_top_k_and_top_p_cut_the_candidates_sampled(triton):
+    greedy = grpc_generate(triton.grpc_url, ENDLESS_PROMPT, mode="ar", max_tokens=16)[0]["text"]
+    hot = {"mode": "ar", "max_tokens": 16, "temperature": 1.5}
+    assert grpc_generate(triton.grpc_url, ENDLESS_PROMPT, **hot, top_k=1)[0]["text"] == greedy
+    assert grpc_generate(triton.grpc_url, ENDLESS_PROMPT, **hot, top_p=1e-6)[0]["text"] == greedy
+    for seed in range(3):
+        r = grpc_generate(triton.grpc_url, ENDLESS_PROMPT, **hot, top_k=2, seed=seed, top_logprobs=2)[0]
+        best_two = r["output_top_tokens"].tolist()
+        assert all(t in pair for t, pair in zip(r["output_tokens"].tolist(), best_two))

@@ -26,6 +26,14 @@ REPOSITORY = ROOT / "model_repository"
 # A request the miniature never ends early: "1+" in ar runs all 200 passes, so a test that cancels it after its
 # first response cannot lose the race to the request finishing by itself.
 ENDLESS_PROMPT, ENDLESS_TOKENS = "1+", 200
+LOG_PROB_OUTPUTS = ("output_log_probs", "output_tokens", "output_top_log_probs", "output_top_tokens")
+
+
+def engine_top_k() -> int:
+    """K, the candidates per position of the repository's artifact (its manifest's contract)."""
+    prepare_repository()
+    manifest = json.loads((REPOSITORY / "dlm" / "1" / "engine" / "manifest.json").read_text())
+    return int(next(iter(manifest["artifacts"].values()))["contract"]["top_k"])
 
 
 def free_port() -> int:
@@ -193,7 +201,9 @@ class Gateway:
 def grpc_inputs(text: str, **values) -> list:
     kinds = {"max_tokens": ("INT32", np.int32), "stream": ("BOOL", bool), "temperature": ("FP32", np.float32),
              "seed": ("UINT64", np.uint64), "mode": ("BYTES", np.object_), "block_length": ("INT32", np.int32),
-             "threshold": ("FP32", np.float32), "steps": ("INT32", np.int32), "stop_words": ("BYTES", np.object_)}
+             "threshold": ("FP32", np.float32), "steps": ("INT32", np.int32), "stop_words": ("BYTES", np.object_),
+             "top_k": ("INT32", np.int32), "top_p": ("FP32", np.float32), "return_log_probs": ("BOOL", bool),
+             "top_logprobs": ("INT32", np.int32)}
     arrays = {"text_input": np.array([text.encode()], dtype=np.object_)}
     for name, value in values.items():
         values_list = value if isinstance(value, list) else [value]
@@ -211,8 +221,9 @@ def grpc_inputs(text: str, **values) -> list:
 def grpc_generate(url: str, text: str, inputs: list | None = None, cancel_after: int | None = None,
                   timeout: float = 120, **values) -> list[dict]:
     """Responses of one request over a gRPC stream, each {'text', 'num_forwards', 'num_tokens', 'finish_reason'}
-    (the last only in the final response); raises the server's error. With `cancel_after`, closes the stream
-    (cancelling the request) after that many responses."""
+    (the last only in the final response), and the log prob outputs present in it ('output_log_probs',
+    'output_tokens', 'output_top_log_probs', 'output_top_tokens': numpy arrays); raises the server's error. With
+    `cancel_after`, closes the stream (cancelling the request) after that many responses."""
     client = grpcclient.InferenceServerClient(url)
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -229,12 +240,16 @@ def grpc_generate(url: str, text: str, inputs: list | None = None, cancel_after:
             ended = final
             if result.as_numpy("text_output") is not None:
                 reason = result.as_numpy("finish_reason")
-                responses.append({
+                response = {
                     "text": result.as_numpy("text_output")[0].decode(),
                     "num_forwards": int(result.as_numpy("num_forwards")[0]),
                     "num_tokens": int(result.as_numpy("num_tokens")[0]),
                     "finish_reason": None if reason is None else reason[0].decode(),
-                })
+                }
+                for name in LOG_PROB_OUTPUTS:
+                    if result.as_numpy(name) is not None:
+                        response[name] = result.as_numpy(name)
+                responses.append(response)
             if final or (cancel_after is not None and len(responses) >= cancel_after):
                 return responses
     finally:
