@@ -189,6 +189,34 @@ class DiffusionLM(nn.Module):
         logit_positions: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The engine contract: (top_tokens [B, N, K], top_logits [B, N, K], logsumexp [B, N], present)."""
+        allowed = self.key_mask(input_ids, attention_mask, past_key_values, causal)
+        hidden, present = self.hidden_states(input_ids, position_ids, allowed, past_key_values)
+        # only the requested positions reach the head: [B, N, H], then [B, N, V] logits that never leave the graph
+        index = logit_positions[:, :, None].expand(-1, -1, hidden.shape[-1])
+        logits = self.head(torch.gather(hidden, 1, index))
+        logits = logits + self.excluded_bias(logits)
+        top_logits, top_tokens = torch.topk(logits, self.top_k, dim=-1)
+        return top_tokens, top_logits, torch.logsumexp(logits, dim=-1), present
+
+    def full_logits(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: torch.Tensor,
+        causal: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The contract's inputs (without `logit_positions`), but float32 logits [B, T, V] at every position and
+        the mask id included: for tests and tools that compare with other implementations, never exported."""
+        allowed = self.key_mask(input_ids, attention_mask, past_key_values, causal)
+        hidden, present = self.hidden_states(input_ids, position_ids, allowed, past_key_values)
+        return self.head(hidden), present
+
+    @staticmethod
+    def key_mask(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values: torch.Tensor, causal: torch.Tensor
+    ) -> torch.Tensor:
+        """`allowed [B, T, P+T]`: every real cached key, and the new keys causally or all of them per row."""
         t = input_ids.shape[1]
         p = past_key_values.shape[4]
         idx = torch.arange(t, device=input_ids.device)
@@ -197,14 +225,7 @@ class DiffusionLM(nn.Module):
         new = lower | ~causal.reshape(-1, 1, 1)  # [B or 1, T, T]
         new = new.expand(input_ids.shape[0], t, t)
         cached = torch.ones(input_ids.shape[0], t, p, dtype=torch.bool, device=input_ids.device)
-        allowed = torch.cat((cached, new), dim=-1) & attention_mask.bool()[:, None, :]
-        hidden, present = self.hidden_states(input_ids, position_ids, allowed, past_key_values)
-        # only the requested positions reach the head: [B, N, H], then [B, N, V] logits that never leave the graph
-        index = logit_positions[:, :, None].expand(-1, -1, hidden.shape[-1])
-        logits = self.head(torch.gather(hidden, 1, index))
-        logits = logits + self.excluded_bias(logits)
-        top_logits, top_tokens = torch.topk(logits, self.top_k, dim=-1)
-        return top_tokens, top_logits, torch.logsumexp(logits, dim=-1), present
+        return torch.cat((cached, new), dim=-1) & attention_mask.bool()[:, None, :]
 
     def excluded_bias(self, logits: torch.Tensor) -> torch.Tensor:
         """[V] float32: 0 everywhere but the mask id, which is pushed below every real logit."""

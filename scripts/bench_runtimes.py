@@ -71,6 +71,7 @@ def pass_inputs(batch: int, block: int, cache: int, vocab: int, seed: int = 0) -
         np.ones((batch, block), dtype=np.int64),
         np.full(batch, cache),
         np.zeros(batch, dtype=bool),
+        np.broadcast_to(np.arange(block), (batch, block)).copy(),  # a denoising pass predicts from its whole block
     )
 
 

@@ -169,7 +169,7 @@ def weight_bytes(model: Any) -> int:
 
 def forward_latency(torch: Any, device: Any, runtime: Any, config: dict[str, Any], weights: int, bandwidth: float,
                     cache: int, quick: bool) -> dict[str, Any]:
-    """Batch-1 latency of `runtime.forward` (host inputs in, float32 logits back on the host, as serving runs it):
+    """Batch-1 latency of `runtime.forward` (host inputs in, the candidates back on the host, as serving runs it):
     one causal token after `cache` positions (ar decoding, speculative verification) and one bidirectional block
     (a diffusion step)."""
     import numpy as np
@@ -181,8 +181,9 @@ def forward_latency(torch: Any, device: Any, runtime: Any, config: dict[str, Any
     rng = np.random.default_rng(0)
     for name, tokens, causal in (("causal_1_token", 1, True), (f"bidirectional_{block}_tokens", block, False)):
         ids = rng.integers(5, int(config["vocab_size"]), (1, tokens))
+        predict = np.array([[tokens - 1]]) if causal else np.arange(tokens)[None]
         args = (np.array([0]), ids, cache + np.arange(tokens)[None], np.ones((1, tokens), dtype=np.int64),
-                np.array([cache]), np.array([causal]))
+                np.array([cache]), np.array([causal]), predict)
         times = timed(torch, device, lambda: runtime.forward(*args), 3, 10 if quick else 50)
         median = statistics.median(times)
         result[name] = {"median_s": median, "p10_s": sorted(times)[len(times) // 10], "times_floor": median / floor}

@@ -41,16 +41,22 @@ def test_inputs_outputs_dtypes_and_axes_are_the_engine_contract(exported):
     c = TINY_CONFIG
     layers, kv, d, vocab = c["num_hidden_layers"], c["num_key_value_heads"], c["head_dim"], c["vocab_size"]
     i64, f32, boolean = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT, onnx.TensorProto.BOOL
-    # DESIGN §4, written out: names in order, dtypes, and the dynamic axes B, T, P and P+T
+    k = 64  # the default --top-k
+    # DESIGN §4, written out: names in order, dtypes, and the dynamic axes B, T, P, P+T and N; no output of the
+    # vocabulary's size
     assert graph_signature(out / "model.onnx") == {
         "input_ids": (i64, ("batch", "tokens")),
         "position_ids": (i64, ("batch", "tokens")),
         "attention_mask": (i64, ("batch", "past_plus_tokens")),
         "past_key_values": (f32, ("batch", layers, 2, kv, "past", d)),
         "causal": (boolean, ("batch",)),
-        "logits": (f32, ("batch", "tokens", vocab)),
+        "logit_positions": (i64, ("batch", "positions")),
+        "top_tokens": (i64, ("batch", "positions", k)),
+        "top_logits": (f32, ("batch", "positions", k)),
+        "logsumexp": (f32, ("batch", "positions")),
         "present_key_values": (f32, ("batch", layers, 2, kv, "tokens", d)),
     }
+    assert vocab not in {dim for _, dims in graph_signature(out / "model.onnx").values() for dim in dims}
     model = onnx.load(str(out / "model.onnx"))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [18]
     onnx.checker.check_model(model, full_check=True)
@@ -68,6 +74,9 @@ def test_manifest_records_what_the_graph_was_built_from_and_for(exported):
     assert profile.tokens == (1, block, MAX_TOKENS)
     assert profile.past == (0, MAX_CONTEXT // 2, MAX_CONTEXT - 1)
     assert profile.past_plus_tokens == (1, MAX_CONTEXT // 2 + block, MAX_CONTEXT)
+    assert profile.positions == (1, block, 2 * block)
+    assert entry["contract"]["top_k"] == 64 and entry["contract"]["version"] == 2
+    assert "--max-block 16 --top-k 64" in entry["command"]
     assert entry["command"].startswith(f"python -m export onnx --checkpoint {checkpoint} --out {out}")
 
 
@@ -83,21 +92,26 @@ def test_profile_corners_run_in_onnxruntime_and_match_pytorch(exported, session,
     checkpoint, _, entry = exported
     contract = EngineContract.from_dict(entry["contract"])
     p = contract.profile
-    batch, tokens, past = {
-        "min": (p.batch[0], p.tokens[0], p.past[0]),
-        "opt": (p.batch[1], p.tokens[1], p.past[1]),
-        "max-tokens": (p.batch[2], p.tokens[2], p.past_plus_tokens[2] - p.tokens[2]),
-        "max-cache": (p.batch[2], p.tokens[0], p.past[2]),
+    batch, tokens, past, positions = {
+        "min": (p.batch[0], p.tokens[0], p.past[0], p.positions[0]),
+        "opt": (p.batch[1], p.tokens[1], p.past[1], p.positions[1]),
+        "max-tokens": (p.batch[2], p.tokens[2], p.past_plus_tokens[2] - p.tokens[2], p.positions[2]),
+        "max-cache": (p.batch[2], p.tokens[0], p.past[2], p.positions[0]),
     }[corner]
-    p.check(batch, tokens, past)  # each corner is inside the profile
-    feed = sample_inputs(contract, batch, tokens, past)
-    logits, present = session.run(None, feed)
-    assert logits.shape == (batch, tokens, contract.vocab_size) and logits.dtype == np.float32
+    p.check(batch, tokens, past, positions)  # each corner is inside the profile
+    feed = sample_inputs(contract, batch, tokens, past, positions=positions)
+    tokens_out, logits, lse, present = session.run(None, feed)
+    k = contract.top_k
+    assert tokens_out.shape == logits.shape == (batch, positions, k) and lse.shape == (batch, positions)
+    assert tokens_out.dtype == np.int64 and logits.dtype == lse.dtype == np.float32
     assert present.shape == (batch, contract.num_layers, 2, contract.num_kv_heads, tokens, contract.head_dim)
     with torch.no_grad():
-        want_logits, want_present = load_checkpoint(checkpoint, "float32")(*(torch.from_numpy(feed[n]) for n in feed))
-    np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-4)
-    np.testing.assert_allclose(present, want_present.numpy(), atol=1e-4)
+        want = load_checkpoint(checkpoint, "float32")(*(torch.from_numpy(feed[n]) for n in feed))
+    want_tokens, want_logits, want_lse, want_present = (w.numpy() for w in want)
+    np.testing.assert_array_equal(tokens_out[..., 0], want_tokens[..., 0])
+    np.testing.assert_allclose(logits, want_logits, atol=1e-4)
+    np.testing.assert_allclose(lse, want_lse, atol=1e-4)
+    np.testing.assert_allclose(present, want_present, atol=1e-4)
 
 
 def test_validation_covers_an_empty_cache_and_stays_within_tolerance(exported):

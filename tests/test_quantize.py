@@ -4,6 +4,7 @@ Skipped, saying why, where NVIDIA ModelOpt is not installed (the `modelopt` extr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -16,6 +17,7 @@ from conftest import MINIATURE, random_tiny_model, replay_polygraphy
 from dlm.runtime import OnnxRuntime, tensorrt_usable
 from export.__main__ import main
 from export.checkpoint import load_tokenizer, save_checkpoint
+from export.onnx_export import candidate_logit_difference
 from export.manifest import check
 from export.tasks import TASKS, held_out_set
 
@@ -79,6 +81,12 @@ def test_graph_has_qdq_pairs_of_its_type_and_keeps_the_contract(exported, quanti
     check_graph(path, check(exported[1] / "fp32", "onnx").contract)  # same inputs, outputs, dtypes, axes
 
 
+def copied(candidates):
+    """The candidates of a pass outlive the next one only as copies (ONNX Runtime writes into its buffers)."""
+    return dataclasses.replace(candidates, tokens=candidates.tokens.copy(), logits=candidates.logits.copy(),
+                               logsumexp=candidates.logsumexp.copy())
+
+
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_onnxruntime_runs_it_close_to_fp32(exported, quantized, precision):
     """Held-out prompts through the serving runtime: a prefill, then a denoising pass over one block."""
@@ -88,7 +96,7 @@ def test_onnxruntime_runs_it_close_to_fp32(exported, quantized, precision):
     prompts = [p for task in TASKS for p in held_out_set(task, 4)]
     block = config["block_size"]
     slot = np.array([0])
-    logits, seeds = {}, []
+    passes, seeds = {}, []
     for name, directory in (("fp32", root / "fp32"), (precision, quantized[precision])):
         runtime = OnnxRuntime(directory, config, threads=1)
         runtime.allocate(1, MAX_CONTEXT)
@@ -96,24 +104,30 @@ def test_onnxruntime_runs_it_close_to_fp32(exported, quantized, precision):
         for i, problem in enumerate(prompts):
             ids = np.asarray([tokenizer.encode(problem.prompt).ids])
             n = ids.shape[1]
-            rows.append(runtime.forward(slot, ids, np.arange(n)[None], np.ones_like(ids), np.array([0]),
-                                        np.array([True]))[0].copy())
+            every = np.arange(min(n, runtime.contract.profile.max_block))[None]
+            rows.append(copied(runtime.forward(slot, ids, np.arange(n)[None], np.ones_like(ids), np.array([0]),
+                                               np.array([True]), every)))
             runtime.commit(slot, np.array([0]), np.array([n]))
             if name == "fp32":
-                seeds.append(int(rows[-1][-1].argmax()))
+                seeds.append(int(rows[-1].tokens[0, -1, 0]))
             block_ids = np.full((1, block), config["mask_token_id"])
             block_ids[0, 0] = seeds[i]  # both graphs denoise the same block
-            rows.append(runtime.forward(slot, block_ids, n + np.arange(block)[None], np.ones_like(block_ids),
-                                        np.array([n]), np.array([False]))[0].copy())
-        logits[name] = rows
-    q, f = np.concatenate(logits[precision]), np.concatenate(logits["fp32"])
-    diff, scale = float(np.abs(q - f).max()), float(np.abs(f).max())
-    relative = float(np.linalg.norm(q - f) / np.linalg.norm(f - f.mean(-1, keepdims=True)))
-    agree = float(np.mean(q.argmax(-1) == f.argmax(-1)))
-    print(f"{precision}: max |Δlogits| {diff:.3g} (largest |logit| {scale:.3g}), relative RMS error {relative:.3f}, "
-          f"argmax agreement {agree:.3f}")
+            rows.append(copied(runtime.forward(slot, block_ids, n + np.arange(block)[None], np.ones_like(block_ids),
+                                               np.array([n]), np.array([False]), np.arange(block)[None])))
+        passes[name] = rows
+    diff, scale, agree, positions = 0.0, 0.0, 0, 0
+    for q, f in zip(passes[precision], passes["fp32"]):
+        outputs = {"top_tokens": q.tokens, "top_logits": q.logits}
+        diff = max(diff, candidate_logit_difference(outputs, f.tokens, f.logits),
+                   float(np.abs(q.logsumexp - f.logsumexp).max()))
+        scale = max(scale, float(np.abs(f.logits).max()))
+        agree += int((q.tokens[..., 0] == f.tokens[..., 0]).sum())
+        positions += f.logsumexp.size
+    agreement = agree / positions
+    print(f"{precision}: max |Δlogits| {diff:.3g} (largest |logit| {scale:.3g}), best-candidate agreement "
+          f"{agreement:.3f} over {positions} positions")
     # a random tiny model has flat, structureless logits, the hard case for quantization: loose bounds
-    assert diff < 0.3 * scale and relative < 0.2 and agree >= 0.75
+    assert diff < 0.3 * scale and agreement >= 0.75
     report = entry_of(quantized[precision])["validation"]  # what the command measured and recorded
     assert report["argmax_agreement"] >= 0.75 and report["max_abs_logit_diff"] < 0.3 * scale
 

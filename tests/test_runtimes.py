@@ -102,13 +102,61 @@ def test_same_tokens_as_pytorch_at_temperature_0(runtimes, spec, reference, name
 def test_onnxruntime_allocates_the_cache_once(built, config, spec):
     runtime = OnnxRuntime(built[1], config, threads=1)
     runtime.allocate(MAX_BATCH, MAX_CONTEXT)
-    buffers = [runtime._cache, runtime._past, runtime._present_buffer, runtime._logits]
-    addresses = [b.ctypes.data for b in buffers]
+    def buffers():
+        assert runtime.cache is not None
+        return [runtime.cache.cache, runtime._past, *runtime._outputs.values()]
+
+    before = buffers()
+    addresses = [b.ctypes.data for b in before]
     for setting in ("speculative", "diffusion-threshold"):
         generate(runtime, PROMPTS, SETTINGS[setting], spec)
-    now = [runtime._cache, runtime._past, runtime._present_buffer, runtime._logits]
-    assert all(a is b for a, b in zip(buffers, now)) and [b.ctypes.data for b in now] == addresses
-    assert np.shares_memory(runtime._present, runtime._present_buffer)  # outputs were written in place
+    now = buffers()
+    assert all(a is b for a, b in zip(before, now)) and [b.ctypes.data for b in now] == addresses
+    assert np.shares_memory(runtime._present, runtime._outputs["present_key_values"])  # written in place
+
+
+def test_onnxruntime_output_buffers_do_not_scale_with_the_vocabulary(built, config):
+    """What the engine returns is sized by positions × K, never by tokens × vocabulary."""
+    runtime = OnnxRuntime(built[1], config, threads=1)
+    runtime.allocate(MAX_BATCH, MAX_CONTEXT)
+    contract = runtime.contract
+    k, n = contract.top_k, contract.profile.max_block
+    assert runtime._outputs["top_tokens"].size == runtime._outputs["top_logits"].size == MAX_BATCH * n * k
+    assert runtime._outputs["logsumexp"].size == MAX_BATCH * n
+    candidates = sum(runtime._outputs[name].size for name in ("top_tokens", "top_logits", "logsumexp"))
+    assert candidates < MAX_BATCH * contract.profile.tokens[2] * contract.vocab_size / 2  # v1's logits buffer
+
+
+def test_candidates_equal_the_full_logits_selection(built, config, reference):
+    """ONNX Runtime's candidates at the requested positions against the PyTorch model's full logits."""
+    runtime = OnnxRuntime(built[1], config, threads=1)
+    runtime.allocate(2, 32)
+    reference.allocate(2, 32)
+    b, t = 2, 6
+    ids = np.arange(5, 5 + b * t, dtype=np.int64).reshape(b, t)
+    pos = np.tile(np.arange(t, dtype=np.int64), (b, 1))
+    predict = np.array([[5, 0, 2], [1, 1, 4]])
+    args = (np.arange(b), ids, pos, np.ones((b, t), np.int64), np.zeros(b, np.int64), np.array([True, False]),
+            predict)
+    got = runtime.forward(*args)
+    want = reference.forward(*args)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-4)
+    np.testing.assert_allclose(got.logsumexp, want.logsumexp, atol=1e-4)
+    model = reference.module
+    with torch.no_grad():
+        full, _ = model.full_logits(torch.from_numpy(ids), torch.from_numpy(pos), torch.ones(b, t, dtype=torch.long),
+                                    model.empty_cache(b), torch.tensor([True, False]))
+    full = full.numpy()
+    mask = config["mask_token_id"]
+    for row in range(b):
+        for j, position in enumerate(predict[row]):
+            logits = np.delete(full[row, position], mask)
+            ids_without_mask = np.delete(np.arange(full.shape[-1]), mask)
+            best = ids_without_mask[np.argsort(-logits, kind="stable")[: got.k]]
+            assert got.tokens[row, j, 0] == best[0] and mask not in got.tokens[row, j]
+            np.testing.assert_allclose(got.logsumexp[row, j], np.log(np.exp(logits.astype(np.float64)).sum()),
+                                       atol=1e-4)
 
 
 def test_profile_is_enforced(built, config):
@@ -119,7 +167,26 @@ def test_profile_is_enforced(built, config):
     b = MAX_BATCH + 1
     with pytest.raises(ValueError, match=rf"batch = {b} is outside the range \[1, {MAX_BATCH}\].*--max-batch"):
         runtime.forward(np.arange(b), np.ones((b, 2), np.int64), np.zeros((b, 2), np.int64),
-                        np.ones((b, 2), np.int64), np.zeros(b, np.int64), np.ones(b, bool))
+                        np.ones((b, 2), np.int64), np.zeros(b, np.int64), np.ones(b, bool), np.zeros((b, 1), np.int64))
+    n = runtime.contract.profile.max_block + 1
+    with pytest.raises(ValueError, match=rf"positions = {n} is outside the range \[1, {n - 1}\].*--max-block"):
+        runtime.forward(np.arange(1), np.ones((1, n), np.int64), np.zeros((1, n), np.int64),
+                        np.ones((1, n), np.int64), np.zeros(1, np.int64), np.zeros(1, bool),
+                        np.arange(n, dtype=np.int64)[None])
+
+
+def test_artifact_of_the_old_contract_is_refused_with_the_rebuild_command(built, tmp_path):
+    for name in ("model.onnx", "manifest.json"):
+        shutil.copy(built[1] / name, tmp_path / name)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    contract = manifest["artifacts"]["model.onnx"]["contract"]
+    del contract["version"], contract["top_k"], contract["profile"]["positions"]  # what version 1 wrote
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError) as error:
+        load_runtime("onnxruntime", tmp_path, verify_files=False)
+    message = str(error.value)
+    assert "built for engine contract version 1, this code runs version 2" in message
+    assert f"Rebuild it with `python -m export onnx --checkpoint {built[0]}" in message
 
 
 def test_auto_picks_onnxruntime_then_torch_export(built, tmp_path):
@@ -280,11 +347,13 @@ def test_tensorrt_fp16_plan_matches_pytorch(built, config, spec, reference, tmp_
     b, t = 2, 5
     ids = np.arange(1, 1 + b * t, dtype=np.int64).reshape(b, t)
     pos = np.tile(np.arange(t, dtype=np.int64), (b, 1))
-    args = (np.arange(b), ids, pos, np.ones((b, t), np.int64), np.zeros(b, np.int64), np.array([True, False]))
+    args = (np.arange(b), ids, pos, np.ones((b, t), np.int64), np.zeros(b, np.int64), np.array([True, False]),
+            np.tile(np.arange(t, dtype=np.int64), (b, 1)))
     reference.allocate(MAX_BATCH, MAX_CONTEXT)
     want = reference.forward(*args)
     got = runtime.forward(*args)
-    assert np.abs(got - want).max() < 0.1
+    assert np.abs(got.logsumexp - want.logsumexp).max() < 0.1
+    assert np.mean(got.tokens[..., 0] == want.tokens[..., 0]) > 0.9
     # decoding end to end: greedy AR tokens agree with PyTorch on most positions at fp16
     got_ar = generate(runtime, PROMPTS, SETTINGS["ar"], spec)
     want_ar = generate(reference, PROMPTS, SETTINGS["ar"], spec)

@@ -201,12 +201,12 @@ def test_request_beyond_the_context_is_refused_with_the_largest_max_tokens(runti
 
 def test_slots_are_allocated_once(runtime, spec):
     scheduler = Scheduler(runtime, spec, max_live=2, max_queue=4, context=64)
-    cache = runtime._cache
+    cache = runtime.cache
     recorders = [Recorder() for _ in range(4)]
     for r, prompt in zip(recorders, PROMPTS):
         scheduler.submit(prompt, PARAMS[0], r)
     wait_all(recorders)
-    assert runtime._cache is cache and runtime.slots == 2
+    assert runtime.cache is cache and runtime.slots == 2
     assert np.all([not r.errors for r in recorders])
     scheduler.stop()
 
