@@ -4,9 +4,11 @@ exceptions. `python -m client` is the command line; `python -m client.gateway` t
 from client.grpc_client import AsyncBlockStream, AsyncGrpcClient, BlockStream, GrpcClient
 from client.http_client import HttpClient
 from client.request import MODES, Options
-from client.result import Block, Cancelled, DLMError, InvalidRequest, Result, ServerUnavailable, Timeout
+from client.result import (Alternative, Block, Cancelled, DLMError, InvalidRequest, Result, ServerUnavailable,
+                           Timeout, Token)
 
 __all__ = [
-    "AsyncBlockStream", "AsyncGrpcClient", "Block", "BlockStream", "Cancelled", "DLMError", "GrpcClient",
-    "HttpClient", "InvalidRequest", "MODES", "Options", "Result", "ServerUnavailable", "Timeout",
+    "Alternative", "AsyncBlockStream", "AsyncGrpcClient", "Block", "BlockStream", "Cancelled", "DLMError",
+    "GrpcClient", "HttpClient", "InvalidRequest", "MODES", "Options", "Result", "ServerUnavailable", "Timeout",
+    "Token",
 ]

@@ -4,9 +4,13 @@
     python -m client "upper:abcdefghijklmnopqrstuvwxyzabcdefghij=" --mode speculative --json
     printf '12+30=\\n7+8=\\n' | python -m client --protocol http      # one request per line of stdin
 
-The text goes to stdout (block by block with --stream), then one line of statistics to stderr. With --json, stdout
-gets one JSON object per request instead (text, counts, tokens per forward, latency, time to first block). A failed
-request prints the server's message (or a JSON object with "error") and the exit status is 1.
+    python -m client "57+8=" --temperature 0.8 --top-k 5 --top-p 0.9 --logprobs 3
+
+The text goes to stdout (block by block with --stream), then one line of statistics to stderr; with --logprobs N,
+each generated token's log prob and its N best alternatives go to stderr before that line. With --json, stdout gets one
+JSON object per request instead (text, counts, tokens per forward, latency, time to first block, and with
+--logprobs the tokens). A failed request prints the server's message (or a JSON object with "error") and the exit
+status is 1.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 from client.grpc_client import GrpcClient
 from client.http_client import HttpClient
 from client.request import MODES
-from client.result import DLMError, Result
+from client.result import DLMError, Result, Token
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
@@ -38,7 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-length", type=int, help="positions per block")
     parser.add_argument("--max-tokens", type=int, help="most tokens to generate")
     parser.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)")
-    parser.add_argument("--seed", type=int, help="sampling seed")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, help="sample among the most likely tokens that reach probability p")
+    parser.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per request)")
+    parser.add_argument("--logprobs", type=int, metavar="N",
+                        help="report each token's log prob and its N best alternatives (0: the token's only)")
     parser.add_argument("--stop", action="append", metavar="WORD", help="stop word (repeatable)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--url", help="server address (default localhost:8001 for grpc, localhost:8000 for http)")
@@ -50,10 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
     values = {
-        "mode": args.mode, "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
-        "stop_words": args.stop, "block_length": args.block_length, "threshold": args.threshold,
-        "steps": args.steps,
+        "mode": args.mode, "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "seed": args.seed, "stop_words": args.stop, "block_length": args.block_length,
+        "threshold": args.threshold, "steps": args.steps,
     }
+    if args.logprobs is not None:
+        values.update(return_log_probs=True, top_logprobs=args.logprobs)
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -74,6 +84,15 @@ def statistics(result: Result) -> str:
         f"latency {result.latency * 1000:.1f} ms, first block {result.time_to_first_block * 1000:.1f} ms, "
         f"{rate:.1f} tokens/s]"
     )
+
+
+def log_prob_lines(tokens: list[Token]) -> str:
+    """One line per token: its text, log prob, and alternatives."""
+    lines = []
+    for token in tokens:
+        alternatives = ", ".join(f"{a.text!r} {a.logprob:.4f}" for a in token.top_logprobs)
+        lines.append(f"{token.text!r}\t{token.logprob:.4f}" + (f"\t[{alternatives}]" if alternatives else ""))
+    return "\n".join(lines)
 
 
 def run_one(client: GrpcClient | HttpClient, prompt: str, args: argparse.Namespace) -> Result:
@@ -110,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"prompt": prompt, **options(args), **result.to_dict()}), flush=True)
             else:
                 print("" if args.stream else result.text, flush=True)
+                if result.tokens is not None:
+                    print(log_prob_lines(result.tokens), file=sys.stderr, flush=True)
                 print(statistics(result), file=sys.stderr, flush=True)
     return 1 if failed else 0
 

@@ -27,11 +27,13 @@ import tritonclient.grpc.aio as aiogrpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from client.request import Options, tensors
-from client.result import Accumulator, Block, DLMError, Result, Timeout, from_grpc
+from client.result import Accumulator, Block, DLMError, Result, Timeout, Token, from_grpc, tokens_from
 
-OUTPUTS = ("text_output", "num_forwards", "num_tokens", "finish_reason")
-# text delta, engine passes so far, tokens so far, final, finish reason ("stop" or "length"; "" before the end)
-Response = tuple[str, int, int, bool, str]
+OUTPUTS = ("text_output", "num_forwards", "num_tokens", "finish_reason", "output_log_probs", "output_tokens",
+           "output_top_log_probs", "output_top_tokens")
+# text delta, engine passes so far, tokens so far, final, finish reason ("stop" or "length"; "" before the end),
+# and the delta's tokens with their log probs (None when the response has none)
+Response = tuple[str, int, int, bool, str, tuple[Token, ...] | None]
 
 
 def grpc_target(url: str) -> str:
@@ -49,17 +51,21 @@ def infer_inputs(prompt: str, options: Options, stream: bool) -> list[grpcclient
 
 
 def parse_response(result: Any) -> Response:
-    """(text, num_forwards, num_tokens, final, finish_reason) of one `InferResult`."""
+    """(text, num_forwards, num_tokens, final, finish_reason, tokens) of one `InferResult`."""
     text = result.as_numpy("text_output")
     forwards, tokens = result.as_numpy("num_forwards"), result.as_numpy("num_tokens")
     parameters = result.get_response().parameters
     final = "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
     if text is None:  # an empty final response (flags only)
-        return "", 0, 0, final, ""
+        return "", 0, 0, final, "", None
     reason = result.as_numpy("finish_reason")
+    log_probs = result.as_numpy("output_log_probs")
     return (
         as_text(text), int(forwards.reshape(-1)[0]), int(tokens.reshape(-1)[0]), final,
         "" if reason is None else as_text(reason),
+        None if log_probs is None else tokens_from(log_probs, result.as_numpy("output_tokens"),
+                                                   result.as_numpy("output_top_log_probs"),
+                                                   result.as_numpy("output_top_tokens")),
     )
 
 
@@ -160,8 +166,8 @@ class GrpcClient:
     """Blocking client; safe to share between threads (each request borrows its own stream's connection).
 
     `timeout` (seconds, per request) bounds a request end to end; when it passes, the call is cancelled and
-    `Timeout` is raised. Options are the model's inputs: mode, max_tokens, temperature, seed, stop_words,
-    block_length, threshold, steps."""
+    `Timeout` is raised. Options are the model's inputs: mode, max_tokens, temperature, top_k, top_p, seed,
+    stop_words, block_length, threshold, steps, return_log_probs, top_logprobs."""
 
     def __init__(self, url: str = "localhost:8001", model: str = "dlm", timeout: float | None = None):
         self.url, self.model, self.timeout = grpc_target(url), model, timeout

@@ -2,6 +2,10 @@
 and `/generate_stream` (server-sent events, one per committed block). Plain `/infer` refuses decoupled models,
 and `tritonclient.http` has no generate helper, so this is httpx with httpx-sse.
 
+Triton writes a BYTES output into its JSON as the raw bytes (only JSON's own escapes applied), so a token that is
+half a UTF-8 character arrives as invalid UTF-8: the body is decoded with surrogate escapes to keep those bytes
+exact (`output_tokens`), where a plain UTF-8 decoding would replace them.
+
     from client import HttpClient
     with HttpClient("localhost:8000") as dlm:
         print(dlm.generate("4821+377=", mode="ar").text)
@@ -20,7 +24,7 @@ from httpx_sse import SSEError, connect_sse
 
 from client.grpc_client import BlockStream, Response
 from client.request import Options, json_body
-from client.result import Accumulator, DLMError, Result, ServerUnavailable, Timeout, from_http
+from client.result import Accumulator, DLMError, Result, ServerUnavailable, Timeout, from_http, tokens_from
 
 
 def http_base(url: str) -> str:
@@ -48,9 +52,18 @@ def transport_errors() -> Iterator[None]:
         raise ServerUnavailable(f"cannot reach the server: {error}") from None
 
 
+def exact_json(body: bytes) -> Any:
+    """A JSON body whose strings may hold raw non-UTF-8 bytes: those become surrogate escapes."""
+    return json.loads(body.decode("utf-8", "surrogateescape"))
+
+
 def parse_event(data: dict[str, Any], final: bool) -> Response:
+    tokens = None
+    if "output_log_probs" in data:
+        tokens = tokens_from(data["output_log_probs"], data.get("output_tokens"), data.get("output_top_log_probs"),
+                             data.get("output_top_tokens"))
     return (str(data.get("text_output", "")), int(data.get("num_forwards", 0)), int(data.get("num_tokens", 0)), final,
-            str(data.get("finish_reason", "")))
+            str(data.get("finish_reason", "")), tokens)
 
 
 class HttpClient:
@@ -72,7 +85,7 @@ class HttpClient:
             response = self._http.post(self._url("generate"), json=body, **self._timeout(timeout or self.timeout))
         if response.status_code != 200:
             raise from_http(error_message(response.text), response.status_code)
-        accumulator.add(*parse_event(response.json(), final=True))
+        accumulator.add(*parse_event(exact_json(response.content), final=True))
         return accumulator.result()
 
     def generate_stream(self, prompt: str, *, timeout: float | None = None, **options: Any) -> BlockStream:
@@ -90,11 +103,12 @@ class HttpClient:
                 status = source.response.status_code
                 if "text/event-stream" not in source.response.headers.get("content-type", ""):
                     raise from_http(error_message(source.response.read().decode()), status)
+                source.response.encoding = "latin-1"  # one character per byte: the events' bytes stay exact
                 last = None
                 deadline = None if timeout is None else time.monotonic() + timeout
                 try:
                     for event in source.iter_sse():
-                        data = event.json()
+                        data = exact_json(event.data.encode("latin-1"))
                         if "error" in data:
                             raise from_http(str(data["error"]), status)
                         if deadline is not None and time.monotonic() > deadline:  # leaving closes the connection
@@ -106,7 +120,7 @@ class HttpClient:
                 if last is None:
                     raise DLMError("the server closed the stream without a response")
                 # the stream ends after the request's final response: repeat its counts, marked final
-                yield "", last[1], last[2], True, last[4]
+                yield "", last[1], last[2], True, last[4], None
 
     def is_ready(self) -> bool:
         try:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from client.result import InvalidRequest
+
 MODES = ("diffusion", "ar", "speculative")
 
 # input name -> numpy dtype of its tensor (config.pbtxt's TYPE_STRING is BYTES: numpy object arrays of bytes)
@@ -19,12 +21,16 @@ INPUT_DTYPES: dict[str, Any] = {
     "max_tokens": np.int32,
     "stream": np.bool_,
     "temperature": np.float32,
+    "top_k": np.int32,
+    "top_p": np.float32,
     "seed": np.uint64,
     "stop_words": np.object_,
     "mode": np.object_,
     "block_length": np.int32,
     "threshold": np.float32,
     "steps": np.int32,
+    "return_log_probs": np.bool_,
+    "top_logprobs": np.int32,
 }
 
 
@@ -35,11 +41,15 @@ class Options:
     mode: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
-    seed: int | None = None
+    top_k: int | None = None  # sample among the k best of the engine's candidates
+    top_p: float | None = None  # sample among the fewest best candidates whose probability reaches top_p
+    seed: int | None = None  # None: the server draws a fresh seed for this request
     stop_words: tuple[str, ...] | list[str] | None = None
     block_length: int | None = None
     threshold: float | None = None
     steps: int | None = None
+    return_log_probs: bool | None = None  # each generated token's log prob and raw bytes (`Result.tokens`)
+    top_logprobs: int | None = None  # and its n best alternatives (n > 0 implies return_log_probs)
 
     @classmethod
     def of(cls, **options: Any) -> "Options":
@@ -61,7 +71,8 @@ class Options:
 
 
 def tensors(prompt: str, options: Options, stream: bool) -> dict[str, np.ndarray]:
-    """The request's input tensors by name (shape [1], stop_words [n])."""
+    """The request's input tensors by name (shape [1], stop_words [n]). An integer its input's dtype cannot hold
+    raises `InvalidRequest` (numpy would wrap it around, sending another value)."""
     values = {"text_input": prompt, **options.values(), "stream": stream}
     out = {}
     for name, value in values.items():
@@ -69,6 +80,12 @@ def tensors(prompt: str, options: Options, stream: bool) -> dict[str, np.ndarray
         items = value if isinstance(value, list) else [value]
         if dtype is np.object_:
             items = [str(v).encode("utf-8") for v in items]
+        elif np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            for v in items:
+                if not info.min <= v <= info.max:
+                    raise InvalidRequest(f"{name} must be in [{info.min}, {info.max}] ({np.dtype(dtype).name}), "
+                                         f"got {v}")
         out[name] = np.array(items, dtype=dtype)
     return out
 

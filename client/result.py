@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 class DLMError(Exception):
@@ -40,6 +41,65 @@ class Timeout(DLMError):
 
 
 @dataclass(frozen=True)
+class Alternative:
+    """A token the model gave a log prob: its raw bytes (exact, even when they are part of a UTF-8 character)."""
+
+    token: bytes
+    logprob: float
+
+    @property
+    def text(self) -> str:
+        """The bytes as text; an incomplete character shows as U+FFFD."""
+        return self.token.decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token": self.text, "bytes": list(self.token), "logprob": self.logprob}
+
+
+@dataclass(frozen=True)
+class Token(Alternative):
+    """A generated token, its log prob, and (when asked for) its best alternatives, best first."""
+
+    top_logprobs: tuple[Alternative, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "top_logprobs": [a.to_dict() for a in self.top_logprobs]}
+
+
+def _flat(value: Any) -> list[Any]:
+    """A tensor's values in order: from a numpy array, or from Triton's generate JSON, which writes a one-element
+    tensor as a scalar and a [n, k] one as a flat list."""
+    if value is None:
+        return []
+    if hasattr(value, "reshape"):
+        return list(value.reshape(-1).tolist())
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _raw(value: Any) -> bytes:
+    """A BYTES element: bytes over gRPC; over HTTP a string whose undecodable bytes are surrogate escapes."""
+    return bytes(value) if isinstance(value, (bytes, bytearray)) else str(value).encode("utf-8", "surrogateescape")
+
+
+def tokens_from(log_probs: Any, tokens: Any, top_log_probs: Any = None, top_tokens: Any = None) -> tuple[Token, ...]:
+    """The `Token`s of one response's `output_log_probs`, `output_tokens`, `output_top_log_probs` and
+    `output_top_tokens`."""
+    pieces, values = [_raw(t) for t in _flat(tokens)], [float(v) for v in _flat(log_probs)]
+    if len(pieces) != len(values):
+        raise DLMError(f"the response has {len(pieces)} output_tokens but {len(values)} output_log_probs")
+    top_pieces, top_values = [_raw(t) for t in _flat(top_tokens)], [float(v) for v in _flat(top_log_probs)]
+    k = len(top_values) // len(pieces) if pieces else 0
+    if len(top_pieces) != len(top_values) or k * len(pieces) != len(top_values):
+        raise DLMError(f"the response's output_top_tokens ({len(top_pieces)}) and output_top_log_probs "
+                       f"({len(top_values)}) do not hold the same number of alternatives for each of its "
+                       f"{len(pieces)} tokens")
+    return tuple(
+        Token(piece, value, tuple(Alternative(top_pieces[j], top_values[j]) for j in range(i * k, (i + 1) * k)))
+        for i, (piece, value) in enumerate(zip(pieces, values))
+    )
+
+
+@dataclass(frozen=True)
 class Block:
     """The text one streamed response committed (a delta) and the request's counts so far."""
 
@@ -47,6 +107,7 @@ class Block:
     num_tokens: int  # committed tokens so far (the end token included)
     num_forwards: int  # engine passes so far (the prefill included)
     seconds: float  # since the request was sent
+    tokens: tuple[Token, ...] = ()  # the delta's tokens with their log probs, when the request asked for them
 
 
 @dataclass
@@ -60,6 +121,8 @@ class Result:
     time_to_first_block: float  # seconds to the first response that carried text (the latency if none did)
     blocks: int = 0  # responses that carried text
     finish_reason: str = ""  # "stop" (an end token or a stop word) or "length" (max_tokens reached)
+    # the text's tokens with their log probs (the end token excluded); None unless the request asked for them
+    tokens: list[Token] | None = None
 
     @property
     def tokens_per_forward(self) -> float:
@@ -67,7 +130,12 @@ class Result:
         return self.num_tokens / max(self.num_forwards - 1, 1)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_forward": self.tokens_per_forward}
+        out = {**asdict(self), "tokens_per_forward": self.tokens_per_forward}
+        if self.tokens is None:
+            del out["tokens"]
+        else:
+            out["tokens"] = [t.to_dict() for t in self.tokens]
+        return out
 
 
 @dataclass
@@ -81,20 +149,26 @@ class Accumulator:
     first: float | None = None
     end: float | None = None
     finish_reason: str = ""
+    tokens: list[Token] | None = None  # None until a response carries log probs
 
-    def add(self, text: str, num_forwards: int, num_tokens: int, final: bool, finish_reason: str = "") -> Block | None:
+    def add(self, text: str, num_forwards: int, num_tokens: int, final: bool, finish_reason: str = "",
+            tokens: tuple[Token, ...] | None = None) -> Block | None:
+        """One response; its `Block`, or None when it carried neither text nor tokens."""
         now = time.perf_counter() - self.start
         if num_forwards:  # an empty final response carries no counts
             self.num_forwards, self.num_tokens = num_forwards, num_tokens
         self.finish_reason = finish_reason or self.finish_reason
         if final:
             self.end = now
-        if not text:
+        if tokens is not None:
+            self.tokens = (self.tokens or []) + list(tokens)
+        if not text and not tokens:
             return None
-        if self.first is None:
+        if text and self.first is None:
             self.first = now
-        self.parts.append(text)
-        return Block(text, num_tokens, num_forwards, now)
+        if text:
+            self.parts.append(text)
+        return Block(text, num_tokens, num_forwards, now, tokens or ())
 
     @property
     def finished(self) -> bool:
@@ -105,7 +179,7 @@ class Accumulator:
             raise DLMError("the request has not finished: read its stream to the end first")
         first = self.end if self.first is None else self.first
         return Result("".join(self.parts), self.num_tokens, self.num_forwards, self.end, first, len(self.parts),
-                      self.finish_reason)
+                      self.finish_reason, self.tokens)
 
 
 # Wording of the refusals the model (dlm/inputs.py, dlm/scheduler.py) and Triton's request checks send on a

@@ -60,3 +60,25 @@ def test_a_refused_request_prints_the_server_message_and_exits_1(triton):
     assert run.returncode == 1
     assert json.loads(run.stdout) == {"prompt": "4821+377=", "error": "steps must be in [1, 32], got 0",
                                       "type": "InvalidRequest"}
+
+
+def test_sampling_and_logprobs_options(triton):
+    problem = PROBLEMS[0]
+    run = cli(problem.prompt, "--url", triton.grpc_url, "--mode", "ar", "--max-tokens", "6", "--logprobs", "2",
+              "--top-k", "1", "--top-p", "0.5", "--temperature", "1.5")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == problem.answer[:6] + "\n"  # top_k 1: the greedy text at any temperature
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 7 and STATISTICS.match(lines[-1])
+    for char, line in zip(problem.answer, lines[:6]):  # token, log prob, [alternatives]
+        token, logprob, alternatives = line.split("\t")
+        assert token == repr(char) and float(logprob) <= 0 and alternatives.startswith(f"[{char!r} ")
+    run = cli(problem.prompt, "--protocol", "http", "--url", triton.http_url, "--mode", "ar", "--max-tokens", "6",
+              "--logprobs", "0", "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert (result["return_log_probs"], result["top_logprobs"]) == (True, 0)
+    assert "".join(t["token"] for t in result["tokens"]) == result["text"] == problem.answer[:6]
+    assert all(t["top_logprobs"] == [] and t["logprob"] <= 0 for t in result["tokens"])
+    run = cli(problem.prompt, "--url", triton.grpc_url, "--top-k", "0")
+    assert run.returncode == 1 and run.stderr.strip() == "error (InvalidRequest): top_k must be in [1, 64], got 0"

@@ -9,9 +9,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from client import AsyncGrpcClient, Block, GrpcClient, HttpClient, InvalidRequest, ServerUnavailable, Timeout
+from client import AsyncGrpcClient, Block, GrpcClient, HttpClient, InvalidRequest, ServerUnavailable, Timeout, Token
+from client.http_client import exact_json, parse_event
 from client.request import Options, json_body, tensors
-from client.result import Cancelled, DLMError, from_grpc, from_http
+from client.result import Alternative, Cancelled, DLMError, from_grpc, from_http, tokens_from
 from export.tasks import held_out_set
 from test_server import wait_for_metric
 from triton_server import ENDLESS_PROMPT, ENDLESS_TOKENS, free_port
@@ -166,7 +167,13 @@ def test_options_become_the_model_inputs():
         "stream": False,
     }
     with pytest.raises(TypeError, match="unknown option"):
-        Options.of(top_k=3)
+        Options.of(top_n=3)
+    sampling = tensors("1+1=", Options.of(top_k=3, top_p=0.5, return_log_probs=True, top_logprobs=2), stream=False)
+    assert {name: a.dtype for name, a in sampling.items() if name not in ("text_input", "stream")} == {
+        "top_k": np.int32, "top_p": np.float32, "return_log_probs": np.bool_, "top_logprobs": np.int32}
+    out_of_int32 = r"^top_k must be in \[-2147483648, 2147483647\] \(int32\), got 4294967297$"
+    with pytest.raises(InvalidRequest, match=out_of_int32):
+        tensors("1+1=", Options.of(top_k=2**32 + 1), stream=False)  # numpy would send it as 1
 
 
 @pytest.mark.parametrize("message, kind", [
@@ -183,3 +190,57 @@ def test_stream_errors_are_classified_by_their_wording(message, kind):
     assert type(error) is kind and str(error) == message
     assert type(from_grpc(message, "StatusCode.DEADLINE_EXCEEDED")) is Timeout
     assert type(from_http(message, 400)) is InvalidRequest and type(from_http(message, 503)) is ServerUnavailable
+
+
+# --- log probs ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_log_probs_come_with_the_text(clients, protocol, stream):
+    client = clients[protocol]
+    options = dict(mode="diffusion", max_tokens=48, top_logprobs=2)
+    if stream:
+        with client.generate_stream(LONG, **options) as blocks_stream:
+            blocks = list(blocks_stream)
+        result = blocks_stream.result
+        assert len(blocks) >= 2 and all("".join(t.text for t in b.tokens) == b.text for b in blocks)
+    else:
+        result = client.generate(LONG, **options)
+    assert result.text == ANSWER and result.tokens is not None
+    assert b"".join(t.token for t in result.tokens) == ANSWER.encode()
+    assert all(isinstance(t, Token) and t.logprob <= 0 and len(t.top_logprobs) == 2 for t in result.tokens)
+    assert all(t.top_logprobs[0].token == t.token for t in result.tokens)  # greedy: the best candidate
+    assert client.generate(LONG, mode="ar", max_tokens=4).tokens is None  # not asked for
+    only = client.generate(LONG, mode="ar", max_tokens=4, return_log_probs=True)
+    assert only.tokens is not None and [t.top_logprobs for t in only.tokens] == [()] * 4
+    assert result.to_dict()["tokens"][0] == {"token": ANSWER[0], "bytes": [ord(ANSWER[0])],
+                                             "logprob": result.tokens[0].logprob,
+                                             "top_logprobs": [a.to_dict() for a in result.tokens[0].top_logprobs]}
+
+
+def test_both_protocols_give_the_same_log_probs(clients):
+    grpc, http = (clients[p].generate(LONG, mode="speculative", max_tokens=48, top_logprobs=3)
+                  for p in ("grpc", "http"))
+    assert grpc.tokens == http.tokens
+
+
+def test_generate_json_forms_of_log_probs_are_read():
+    """Triton's generate JSON writes a one-element tensor as a scalar, a [n, k] one flat, and BYTES as the raw bytes
+    (seen from Triton 2.51), so half a UTF-8 character arrives as invalid UTF-8 and must come through exact."""
+    body = (b'{"text_output":"\xe6\x97\xa5","num_forwards":2,"num_tokens":2,"output_log_probs":[-0.5,-0.25],'
+            b'"output_tokens":["\xe6\x97","\xa5"],"output_top_log_probs":[-0.5,-1.0,-0.25,-2.0],'
+            b'"output_top_tokens":["\xe6\x97","x\\"y","\xa5","\\n"]}')
+    text, forwards, num_tokens, final, reason, tokens = parse_event(exact_json(body), final=True)
+    assert text == "日" and (forwards, num_tokens, final, reason) == (2, 2, True, "")
+    assert tokens == (
+        Token(b"\xe6\x97", -0.5, (Alternative(b"\xe6\x97", -0.5), Alternative(b'x"y', -1.0))),
+        Token(b"\xa5", -0.25, (Alternative(b"\xa5", -0.25), Alternative(b"\n", -2.0))),
+    )
+    assert tokens[0].text == "\ufffd"
+    one = tokens_from(-0.5, "a", [-0.5, -1.0], ["a", "b"])  # one token: scalars
+    assert one == (Token(b"a", -0.5, (Alternative(b"a", -0.5), Alternative(b"b", -1.0))),)
+    assert tokens_from([], []) == () and tokens_from(-0.5, "a") == (Token(b"a", -0.5),)
+    grpc_shaped = tokens_from(np.array([-0.5, -0.25], dtype=np.float32), np.array([b"a", b"b"], dtype=np.object_),
+                              np.zeros((2, 1), dtype=np.float32), np.array([[b"a"], [b"c"]], dtype=np.object_))
+    assert [t.top_logprobs[0].token for t in grpc_shaped] == [b"a", b"c"]
+    with pytest.raises(DLMError, match="2 output_tokens but 1 output_log_probs"):
+        tokens_from([-0.5], ["a", "b"])

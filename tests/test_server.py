@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -214,7 +215,7 @@ def test_log_probs_stop_with_the_text_at_a_stop_word(triton):
 
 
 def test_no_seed_draws_a_fresh_one_and_a_seed_reproduces(triton):
-    sample = {"mode": "ar", "max_tokens": 16, "temperature": 1.5}
+    sample: dict[str, Any] = {"mode": "ar", "max_tokens": 16, "temperature": 1.5}
     unseeded = {grpc_generate(triton.grpc_url, ENDLESS_PROMPT, **sample)[0]["text"] for _ in range(3)}
     assert len(unseeded) > 1  # 16 draws at temperature 1.5 from a spread-out distribution
     for mode in MODES:
@@ -225,7 +226,7 @@ def test_no_seed_draws_a_fresh_one_and_a_seed_reproduces(triton):
 
 def test_top_k_and_top_p_cut_the_candidates_sampled(triton):
     greedy = grpc_generate(triton.grpc_url, ENDLESS_PROMPT, mode="ar", max_tokens=16)[0]["text"]
-    hot = {"mode": "ar", "max_tokens": 16, "temperature": 1.5}
+    hot: dict[str, Any] = {"mode": "ar", "max_tokens": 16, "temperature": 1.5}
     assert grpc_generate(triton.grpc_url, ENDLESS_PROMPT, **hot, top_k=1)[0]["text"] == greedy
     assert grpc_generate(triton.grpc_url, ENDLESS_PROMPT, **hot, top_p=1e-6)[0]["text"] == greedy
     for seed in range(3):
