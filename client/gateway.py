@@ -5,8 +5,12 @@
 - `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`; `stream: true` answers with server-sent
   events in OpenAI's chunk format, ending with `data: [DONE]`; `stream_options.include_usage` adds a usage chunk.
 - The DLM controls ride along as extra body fields: `mode`, `threshold`, `steps`, `block_length` (with the `openai`
-  package: `extra_body={"mode": "speculative"}`). `max_tokens`, `temperature`, `seed` and `stop` map to the model's
-  inputs; left out, the server's defaults apply.
+  package: `extra_body={"mode": "speculative"}`). `max_tokens`, `temperature`, `top_p`, `seed` and `stop` map to the
+  model's inputs, and so does `top_k`, an extra field as in vLLM (0 or below: not set); left out, the server's
+  defaults apply (no `seed`: a fresh one per request).
+- Log probs: completions `logprobs: n` and chat `logprobs: true` with `top_logprobs: n` (n in [0, 20]), unary and
+  streamed (each chunk carries its own tokens'), in OpenAI's formats (`client/openai_logprobs.py`). An n beyond the
+  engine's candidates is refused by the server, with its message.
 - Each request is one gRPC stream to Triton; a client that disconnects (streaming or not) cancels its request there.
 - Chat messages become a prompt through the checkpoint's chat template (`--tokenizer`, default the model
   repository's tokenizer folder); `usage.prompt_tokens` counts the prompt with that tokenizer.
@@ -38,7 +42,8 @@ from starlette.exceptions import HTTPException
 
 from client.chat_template import ChatTemplate, TemplateError
 from client.grpc_client import AsyncBlockStream, AsyncGrpcClient
-from client.result import DLMError, InvalidRequest, Result, ServerUnavailable, Timeout
+from client.openai_logprobs import MAX_LOGPROBS, CompletionLogprobs, chat_logprobs
+from client.result import Block, DLMError, InvalidRequest, Result, ServerUnavailable, Timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = ROOT / "model_repository" / "dlm" / "1" / "tokenizer"
@@ -51,19 +56,20 @@ class StreamOptions(BaseModel):
 
 class GenerationFields(BaseModel):
     """What both endpoints accept; fields OpenAI defines that do not apply here are accepted and ignored
-    (`top_p`, penalties, `user`, ...), except those whose meaning cannot be honoured, which are refused."""
+    (penalties, `user`, ...), except those whose meaning cannot be honoured, which are refused."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = None  # the server checks (0, 1]
+    top_k: int | None = None  # vLLM's extra field; 0 or below (vLLM's -1): not set
     seed: int | None = Field(default=None, ge=0)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    logprobs: Any = None
     # the DLM controls
     mode: str | None = None
     threshold: float | None = None
@@ -73,17 +79,29 @@ class GenerationFields(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         if self.n != 1:
             return "n", "only n = 1 is supported"
-        if self.logprobs not in (None, False, 0):
-            return "logprobs", "logprobs are not supported"
+        return None
+
+    def alternatives(self) -> int | None:
+        """Alternatives per token the request asks for, or None for no log probs."""
         return None
 
     def options(self, max_tokens: int | None = None) -> dict[str, Any]:
         values = {
             "mode": self.mode, "max_tokens": max_tokens or self.max_tokens, "temperature": self.temperature,
+            "top_p": self.top_p, "top_k": self.top_k if self.top_k is not None and self.top_k > 0 else None,
             "seed": self.seed, "stop_words": [self.stop] if isinstance(self.stop, str) else self.stop,
             "block_length": self.block_length, "threshold": self.threshold, "steps": self.steps,
         }
+        alternatives = self.alternatives()
+        if alternatives is not None:
+            values.update(return_log_probs=True, top_logprobs=alternatives)
         return {k: v for k, v in values.items() if v is not None}
+
+
+def out_of_range(name: str, value: int | None) -> tuple[str, str] | None:
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        return name, f"{name} must be in [0, {MAX_LOGPROBS}], got {value}"
+    return None
 
 
 class CompletionRequest(GenerationFields):
@@ -91,8 +109,14 @@ class CompletionRequest(GenerationFields):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    logprobs: int | None = None  # alternatives per token, 0 to 20
+
+    def alternatives(self) -> int | None:
+        return self.logprobs
 
     def unsupported(self) -> tuple[str, str] | None:
+        if problem := out_of_range("logprobs", self.logprobs):
+            return problem
         if self.echo:
             return "echo", "echo is not supported"
         if self.best_of not in (None, 1):
@@ -125,6 +149,18 @@ class Message(BaseModel):
 class ChatRequest(GenerationFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # alternatives per token, 0 to 20; needs logprobs
+
+    def alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if problem := out_of_range("top_logprobs", self.top_logprobs):
+            return problem
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        return super().unsupported()
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
@@ -302,7 +338,8 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
         results = await unless_disconnected(
             request, asyncio.gather(*(reply.generate(p) for p in prompts)))
         choices = [
-            {"index": i, "text": r.text, "logprobs": None, "finish_reason": reply.finish_reason(r)}
+            {"index": i, "text": r.text, "logprobs": reply.logprobs(r.tokens),
+             "finish_reason": reply.finish_reason(r)}
             for i, r in enumerate(results)
         ]
         return reply.answer(choices, prompts, results)
@@ -320,7 +357,8 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
             return await reply.stream(prompt, request)
         result = await unless_disconnected(request, reply.generate(prompt))
         message = {"role": "assistant", "content": result.text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish_reason(result)}
+        choice = {"index": 0, "message": message, "logprobs": reply.logprobs(result.tokens),
+                  "finish_reason": reply.finish_reason(result)}
         return reply.answer([choice], [prompt], [result])
 
     return app
@@ -360,6 +398,7 @@ class Reply:
         self.chunk_kind = "chat.completion.chunk" if self.chat else "text_completion"
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.completion_logprobs = CompletionLogprobs()  # a streamed completion's text offsets run across chunks
 
     async def generate(self, prompt: str) -> Result:
         return await self.gateway.client.generate(prompt, **self.body.options(self.max_tokens))
@@ -367,6 +406,13 @@ class Reply:
     @staticmethod
     def finish_reason(result: Result) -> str:
         return result.finish_reason or "stop"
+
+    def logprobs(self, tokens: Any) -> dict[str, Any] | None:
+        """The `logprobs` of a choice (or chunk) with these tokens; None when the request asked for none."""
+        if self.body.alternatives() is None:
+            return None
+        tokens = tokens or ()
+        return chat_logprobs(tokens) if self.chat else CompletionLogprobs().chunk(tokens)
 
     def usage(self, prompts: list[str], results: list[Result]) -> dict[str, int]:
         prompt_tokens = sum(self.gateway.prompt_tokens(p) for p in prompts)
@@ -383,20 +429,28 @@ class Reply:
                "latency": max(r.latency for r in results)}
         return {**self.envelope(self.kind), "choices": choices, "usage": self.usage(prompts, results), "dlm": dlm}
 
-    def chunk(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+    def chunk(self, block: Block | None, finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
+        text = block.text if block is not None else None
+        logprobs = None
+        if block is not None and self.body.alternatives() is not None:
+            logprobs = chat_logprobs(block.tokens) if self.chat else self.completion_logprobs.chunk(block.tokens)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self.envelope(self.chunk_kind), "choices": [choice]}
 
     async def stream(self, prompt: str, request: Request) -> Any:
         """Server-sent events; the first block is awaited before answering, so a refused request gets its HTTP
         error status rather than an error event."""
-        stream: AsyncBlockStream = self.gateway.client.generate_stream(prompt, **self.body.options(self.max_tokens))
+        try:
+            stream: AsyncBlockStream = self.gateway.client.generate_stream(prompt,
+                                                                            **self.body.options(self.max_tokens))
+        except DLMError as error:
+            raise api_error(error) from None
         try:
             first = await unless_disconnected(request, anext_or_none(stream))
         except BaseException:
@@ -407,11 +461,11 @@ class Reply:
         async def events() -> AsyncIterator[str]:
             try:
                 if self.chat:
-                    yield json.dumps(self.chunk(None, None, first=True))
+                    yield json.dumps(self.chunk(None, first=True))
                 if first is not None:
-                    yield json.dumps(self.chunk(first.text, None))
+                    yield json.dumps(self.chunk(first))
                     async for block in stream:
-                        yield json.dumps(self.chunk(block.text, None))
+                        yield json.dumps(self.chunk(block))
                 result = stream.result
                 yield json.dumps(self.chunk(None, self.finish_reason(result)))
                 if include_usage:

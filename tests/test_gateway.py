@@ -184,3 +184,87 @@ def test_a_body_beyond_the_limit_is_refused_with_413(gateway):
         assert response.json()["error"]["message"] == "the request body exceeds 1048576 bytes"
     ok = httpx.post(f"{gateway}/v1/completions", json={"model": "dlm", "prompt": "57+8=", "max_tokens": 4})
     assert ok.status_code == 200
+
+
+# --- sampling controls and log probs ------------------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_completions_logprobs(openai_client, grpc, stream):
+    expected = grpc.generate(PROBLEM.prompt, mode="diffusion", max_tokens=48, top_logprobs=2)
+    request = dict(model="dlm", prompt=PROBLEM.prompt, max_tokens=48, temperature=0, logprobs=2,
+                   extra_body={"mode": "diffusion"})
+    if stream:
+        chunks = [c.choices[0] for c in openai_client.completions.create(**request, stream=True) if c.choices]
+        with_tokens = [c for c in chunks if c.logprobs and c.logprobs.tokens]
+        assert len(with_tokens) >= 2 and all("".join(c.logprobs.tokens) == c.text for c in with_tokens)
+        text = "".join(c.text for c in chunks)
+        tokens = [t for c in with_tokens for t in c.logprobs.tokens]
+        token_logprobs = [lp for c in with_tokens for lp in c.logprobs.token_logprobs]
+        top = [d for c in with_tokens for d in c.logprobs.top_logprobs]
+        offsets = [o for c in with_tokens for o in c.logprobs.text_offset]
+    else:
+        choice = openai_client.completions.create(**request).choices[0]
+        text, logprobs = choice.text, choice.logprobs
+        tokens, token_logprobs, top, offsets = (logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs,
+                                                logprobs.text_offset)
+    assert expected.tokens is not None and text == expected.text == PROBLEM.answer
+    assert tokens == [t.text for t in expected.tokens] and "".join(tokens) == text
+    assert token_logprobs == pytest.approx([t.logprob for t in expected.tokens])
+    assert top == [{a.text: pytest.approx(a.logprob) for a in t.top_logprobs} for t in expected.tokens]
+    assert offsets == list(range(len(text)))  # one character per token in the miniature's tokenizer
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_chat_logprobs(openai_client, grpc, stream):
+    expected = grpc.generate(PROBLEM.prompt, mode="speculative", max_tokens=48, top_logprobs=3)
+    request = dict(model="dlm", messages=[{"role": "user", "content": PROBLEM.prompt}], max_tokens=48, temperature=0,
+                   logprobs=True, top_logprobs=3, extra_body={"mode": "speculative"})
+    if stream:
+        chunks = list(openai_client.chat.completions.create(**request, stream=True))
+        assert chunks[0].choices[0].logprobs is None  # the role chunk
+        with_tokens = [c.choices[0] for c in chunks if c.choices[0].logprobs]
+        assert all("".join(e.token for e in c.logprobs.content) == c.delta.content for c in with_tokens)
+        content = [e for c in with_tokens for e in c.logprobs.content]
+    else:
+        choice = openai_client.chat.completions.create(**request).choices[0]
+        assert choice.message.content == PROBLEM.answer
+        content = choice.logprobs.content
+    assert expected.tokens is not None
+    assert [(e.token, e.bytes) for e in content] == [(t.text, list(t.token)) for t in expected.tokens]
+    assert [e.logprob for e in content] == pytest.approx([t.logprob for t in expected.tokens])
+    for entry, token in zip(content, expected.tokens):
+        assert [(a.token, a.bytes) for a in entry.top_logprobs] == [(a.text, list(a.token)) for a in token.top_logprobs]
+    plain = openai_client.chat.completions.create(**{**request, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+    bare = openai_client.chat.completions.create(**{**request, "top_logprobs": None})
+    assert bare.choices[0].logprobs.content and all(e.top_logprobs == [] for e in bare.choices[0].logprobs.content)
+
+
+def test_top_p_and_top_k_are_honoured(openai_client, grpc):
+    greedy = grpc.generate(ENDLESS_PROMPT, mode="ar", max_tokens=16).text
+    request = dict(model="dlm", prompt=ENDLESS_PROMPT, max_tokens=16, temperature=1.5)
+    assert openai_client.completions.create(**request, top_p=1e-6, extra_body={"mode": "ar"}).choices[0].text == greedy
+    assert openai_client.completions.create(**request, extra_body={"mode": "ar", "top_k": 1}).choices[0].text == greedy
+    seeded = [openai_client.completions.create(**request, seed=3, extra_body={"mode": "ar", "top_k": -1})
+              .choices[0].text for _ in range(2)]  # vLLM's -1: not set
+    assert seeded[0] == seeded[1]
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("completions", {"prompt": "1+1=", "logprobs": 21}, r"^logprobs must be in \[0, 20\], got 21$"),
+    ("completions", {"prompt": "1+1=", "logprobs": -1}, r"^logprobs must be in \[0, 20\], got -1$"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "1+1="}], "logprobs": True, "top_logprobs": 21},
+     r"^top_logprobs must be in \[0, 20\], got 21$"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "1+1="}], "top_logprobs": 2},
+     r"^top_logprobs needs logprobs: true$"),
+    # refused by the server, its message passed through
+    ("completions", {"prompt": "1+1=", "top_k": 100}, r"^top_k must be in \[1, 64\], got 100$"),
+    ("completions", {"prompt": "1+1=", "top_k": 2**40, "stream": True}, r"^top_k must be in \[-2147483648, "),
+    ("completions", {"prompt": "1+1=", "top_p": 0}, r"^top_p must be in \(0, 1\], got 0.0$"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "1+1="}], "top_p": 1.5, "stream": True},
+     r"^top_p must be in \(0, 1\], got 1.5$"),
+])
+def test_out_of_range_sampling_and_logprobs_get_400_naming_them(gateway, path, body, message):
+    response = httpx.post(f"{gateway}/v1/{path}", json={"model": "dlm", **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and re.search(message, error["message"]), error
