@@ -125,3 +125,99 @@ def test_block_length_is_a_request_control(runtime, spec):
         r = generate(runtime, PROMPTS[:1], GenerationParams("diffusion", 20, block_length=block, threshold=None, steps=1), spec)[0]
         blocks = int(np.ceil(20 / block))
         assert r.num_forwards == 1 + blocks + (blocks - 1)
+
+
+# --- the loop on candidates: sampling controls and log probs ---------------------------------------------------
+@pytest.mark.parametrize("mode", ["ar", "speculative", "diffusion"])
+def test_top_k_one_and_a_tiny_top_p_sample_the_greedy_tokens(runtime, spec, mode):
+    greedy = [r.tokens for r in generate(runtime, PROMPTS, GenerationParams(mode, 16), spec)]
+    for cut in ({"top_k": 1}, {"top_p": 1e-9}):
+        params = GenerationParams(mode, 16, temperature=2.0, seed=5, **cut)
+        assert [r.tokens for r in generate(runtime, PROMPTS, params, spec)] == greedy, cut
+    assert [r.tokens for r in generate(runtime, PROMPTS, GenerationParams(mode, 16, temperature=2.0, seed=5), spec)
+            ] != greedy
+
+
+def test_unseeded_samples_differ_and_a_seed_reproduces(runtime, spec):
+    def run(seed):
+        params = GenerationParams("ar", 16, temperature=1.5, seed=seed)
+        return [r.tokens for r in generate(runtime, PROMPTS, params, spec)]
+
+    assert run(None) != run(None)
+    assert run(11) == run(11)
+
+
+def test_sampling_stays_inside_the_top_k_and_top_p_cuts():
+    from dlm.candidates import sample
+
+    logits = np.sort(np.random.default_rng(0).normal(0, 2, (64, 64)), axis=1)[:, ::-1].astype(np.float32)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        assert sample(logits, GenerationParams(temperature=1.0, top_k=3), rng).max() < 3
+    probs = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    nucleus = (np.cumsum(probs, axis=1) - probs < 0.5).sum(axis=1)  # the smallest prefix holding half the mass
+    for _ in range(20):
+        chosen = sample(logits, GenerationParams(temperature=1.0, top_p=0.5), rng)
+        assert (chosen < nucleus).all()
+    chosen = [sample(logits[:1], GenerationParams(temperature=1.0), rng)[0] for _ in range(400)]
+    assert len(set(chosen)) > 3  # without cuts it does spread over the candidates
+
+
+def test_ar_log_probs_are_exact_against_the_full_logits(runtime, spec, tiny_model):
+    import torch
+
+    prompt = PROMPTS[0]
+    r = generate(runtime, [prompt], GenerationParams("ar", 10, logprobs=3), spec)[0]
+    ids = torch.tensor([prompt + r.tokens])
+    n = ids.shape[1]
+    with torch.no_grad():
+        full, _ = tiny_model.full_logits(ids, torch.arange(n)[None], torch.ones(1, n, dtype=torch.long),
+                                         tiny_model.empty_cache(1), torch.tensor(True))
+    full[..., spec.mask_token_id] = float("-inf")
+    log_probs = torch.log_softmax(full[0].double(), dim=-1)
+    seq_logprobs = r.logprobs
+    assert len(seq_logprobs) == len(r.tokens) == 10
+    for i, token in enumerate(r.tokens):
+        want = log_probs[len(prompt) - 1 + i]
+        assert abs(seq_logprobs[i] - float(want[token])) < 1e-4
+        best = torch.topk(want, 3)
+        assert [t for t, _ in r.top_logprobs[i]] == best.indices.tolist()
+        np.testing.assert_allclose([v for _, v in r.top_logprobs[i]], best.values.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=IDS)
+def test_log_probs_follow_every_committed_token(runtime, spec, params):
+    out = generate(runtime, PROMPTS, dataclasses.replace(params, logprobs=2), spec)
+    for r in out:
+        assert len(r.logprobs) == len(r.top_logprobs) == len(r.tokens)
+        for token, value, alternatives in zip(r.tokens, r.logprobs, r.top_logprobs):
+            assert len(alternatives) == 2 and alternatives[0][1] >= alternatives[1][1]
+            assert value <= 0.0
+            # greedy: the committed token is the best candidate of the pass that chose it
+            assert alternatives[0] == (token, pytest.approx(value, abs=1e-9))
+    assert all(not r.logprobs for r in generate(runtime, PROMPTS, params, spec))  # only when asked
+
+
+def test_speculative_log_probs_equal_ar_log_probs(runtime, spec):
+    ar = generate(runtime, PROMPTS, GenerationParams("ar", 20, logprobs=0), spec)
+    sp = generate(runtime, PROMPTS, GenerationParams("speculative", 20, logprobs=0), spec)
+    for a, s in zip(ar, sp):
+        assert a.tokens == s.tokens
+        np.testing.assert_allclose(s.logprobs, a.logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("top_k", 0, "top_k must be at least 1"),
+        ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
+        ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+        ("top_p", float("nan"), r"top_p must be in \(0, 1\]"),
+        ("logprobs", 21, r"logprobs must be in \[0, 20\]"),
+        ("logprobs", -1, r"logprobs must be in \[0, 20\]"),
+    ],
+)
+def test_invalid_sampling_controls_name_the_field(runtime, spec, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        generate(runtime, PROMPTS[:1], dataclasses.replace(GenerationParams(), **{field: value}), spec)

@@ -372,6 +372,8 @@ class Generation:
     num_tokens: int  # committed tokens up to and including the first end token
     num_forwards: int  # engine passes this request took part in, the prefill included
     finish_reason: str
+    logprobs: list[float] = field(default_factory=list)  # per generated token, when asked for
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 def generate(
@@ -395,4 +397,8 @@ def generate(
     while live:
         step(runtime, live)
         live = [s for s in live if not s.done]
-    return [Generation(s.output, len(s.tokens), s.forwards, s.finish_reason or "length") for s in seqs]
+    return [
+        Generation(s.output, len(s.tokens), s.forwards, s.finish_reason or "length", s.logprobs[: len(s.output)],
+                   s.top_logprobs[: len(s.output)])
+        for s in seqs
+    ]

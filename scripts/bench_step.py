@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Per-pass cost of the decoding loop at the real vocabulary (131,072), per mode and batch.
+
+Writes a random-weight checkpoint with the real vocabulary, head size and KV heads (`export/random_checkpoint.py`;
+default 2 layers, hidden 1024, sharded bf16), exports it with `python -m export onnx` (fp32, what the CPU runs),
+and decodes batches of random prompts with the project's own loop (`dlm.refine.step`) over ONNX Runtime. For every
+engine pass after the prefill it records:
+
+- `engine_ms`: ONNX Runtime's own run (`run_with_iobinding`);
+- `runtime_host_ms`: the rest of `runtime.forward` and `runtime.commit` (host inputs, the cache gather into the
+  pass's past, reading the outputs, the cache commit);
+- `loop_ms`: everything outside the runtime: planning the pass, choosing tokens from the candidates, committing
+  them (`dlm.refine` and `dlm.candidates`);
+- `returned_bytes`: what the engine hands back to the loop (candidates and logsumexp; the new keys and values stay
+  with the runtime), against what contract version 1 returned for the same pass (float32 logits, T × V per row).
+
+Medians over the passes, side by side in one run; JSON to --out. Usage:
+    python scripts/bench_step.py [--layers 2] [--hidden 1024] [--batches 1,8,16] [--out docs/bench_step]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dlm.refine import GenerationParams, Sequence, TokenSpec, step  # noqa: E402
+from dlm.runtime import OnnxRuntime  # noqa: E402
+from export.onnx_export import export_onnx  # noqa: E402
+from export.random_checkpoint import real_scale_config, write_random_checkpoint  # noqa: E402
+
+MODES = {
+    "ar": GenerationParams("ar", 32),
+    "diffusion": GenerationParams("diffusion", 32, threshold=0.9),
+    "speculative": GenerationParams("speculative", 32),
+}
+
+
+class Timed:
+    """Accumulates the wall time of calls to one callable."""
+
+    def __init__(self, function: Any):
+        self.function, self.seconds = function, 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+class TimedSession:
+    """ONNX Runtime's session with its `run_with_iobinding` timed; everything else passes through."""
+
+    def __init__(self, session: Any):
+        self._session = session
+        self.run_with_iobinding = Timed(session.run_with_iobinding)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def measure(runtime: OnnxRuntime, spec: TokenSpec, params: GenerationParams, batch: int, prompt_length: int,
+            seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    first, last = 1000, runtime.contract.vocab_size  # byte tokens and fillers of the random tokenizer
+    seqs = [Sequence(rng.integers(first, last, prompt_length).tolist(), params, spec, slot=i) for i in range(batch)]
+    forward, commit = Timed(runtime.forward), Timed(runtime.commit)
+    session = TimedSession(runtime.session)
+    runtime.forward, runtime.commit, runtime.session = forward, commit, session  # type: ignore[method-assign]
+    passes: list[dict[str, float]] = []
+    contract = runtime.contract
+    try:
+        live = list(seqs)
+        while live:
+            plans = [s.strategy.plan(s) for s in live]
+            b, t, n = len(live), max(len(p.tokens) for p in plans), max(len(p.predict) for p in plans)
+            prefill = any(s.phase == "prefill" for s in live)
+            before = (forward.seconds, commit.seconds, session.run_with_iobinding.seconds)
+            start = time.perf_counter()
+            step(runtime, live)
+            total = time.perf_counter() - start
+            f, c, e = (now - then for now, then in zip(
+                (forward.seconds, commit.seconds, session.run_with_iobinding.seconds), before))
+            returned = contract.output_bytes(b, t, 0, n)
+            passes.append({
+                "prefill": prefill, "rows": b, "tokens": t, "positions": n,
+                "engine_ms": e * 1e3, "runtime_host_ms": (f + c - e) * 1e3, "loop_ms": (total - f - c) * 1e3,
+                "returned_bytes": returned["top_tokens"] + returned["top_logits"] + returned["logsumexp"],
+                "contract_v1_bytes": b * t * contract.vocab_size * 4,
+            })
+            live = [s for s in live if not s.done]
+    finally:
+        del runtime.forward, runtime.commit
+        runtime.session = session._session
+    decode = [p for p in passes if not p["prefill"]]
+
+    def median(key: str, rows: list[dict[str, Any]]) -> float:
+        return statistics.median(r[key] for r in rows) if rows else float("nan")
+
+    keys = ("engine_ms", "runtime_host_ms", "loop_ms", "returned_bytes", "contract_v1_bytes")
+    return {
+        "passes": len(passes),
+        "decode": {k: median(k, decode) for k in keys},
+        "prefill": {k: median(k, [p for p in passes if p["prefill"]]) for k in keys},
+        "tokens_per_row": statistics.mean(len(s.tokens) for s in seqs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=3072)
+    parser.add_argument("--batches", default="1,8,16")
+    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--work", type=Path, default=None, help="where the checkpoint and graph go (default: a "
+                        "temporary directory; an existing export there is reused)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_step")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work or Path(scratch)
+        checkpoint, artifact = work / "checkpoint", work / "onnx"
+        config = real_scale_config(args.layers, args.hidden, args.intermediate)
+        if not (artifact / "manifest.json").is_file():
+            start = time.perf_counter()
+            write_random_checkpoint(checkpoint, config)
+            export_onnx(checkpoint, artifact, max_batch=max(batches), max_context=512, log=lambda _: None)
+            print(f"checkpoint and export: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        config = json.loads((checkpoint / "config.json").read_text())
+        runtime = OnnxRuntime(artifact, config, threads=args.threads, verify_files=False)
+        runtime.allocate(max(batches), args.prompt_length + 32 + 64)
+        spec = TokenSpec.from_config(config)
+        results: dict[str, Any] = {}
+        for mode, params in MODES.items():
+            for batch in batches:
+                measure(runtime, spec, params, batch, args.prompt_length, seed=1)  # warm-up
+                r = measure(runtime, spec, params, batch, args.prompt_length, seed=2)
+                results[f"{mode}/{batch}"] = r
+                d = r["decode"]
+                print(f"{mode:11s} batch {batch:2d}: engine {d['engine_ms']:8.2f} ms  runtime host "
+                      f"{d['runtime_host_ms']:6.2f} ms  loop {d['loop_ms']:6.3f} ms  returned "
+                      f"{d['returned_bytes'] / 1e3:8.1f} kB (contract v1: {d['contract_v1_bytes'] / 1e6:7.1f} MB)")
+
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "threads": args.threads},
+        "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
+                  "vocab_size": config["vocab_size"], "head_dim": config["head_dim"],
+                  "kv_heads": config["num_key_value_heads"], "top_k": runtime.contract.top_k},
+        "prompt_length": args.prompt_length,
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out / 'bench_step.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
