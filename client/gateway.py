@@ -63,7 +63,7 @@ class GenerationFields(BaseModel):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0)
-    top_p: float | None = None  # the server checks (0, 1]
+    top_p: float | None = None  # in (0, 1]
     top_k: int | None = None  # vLLM's extra field; 0 or below (vLLM's -1): not set
     seed: int | None = Field(default=None, ge=0)
     stop: str | list[str] | None = None
@@ -79,6 +79,9 @@ class GenerationFields(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         if self.n != 1:
             return "n", "only n = 1 is supported"
+        # checked here too: sent as FP32, a value just above 1 would round to 1 and pass the server's check
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:  # NaN fails too
+            return "top_p", f"top_p must be in (0, 1], got {self.top_p}"
         return None
 
     def alternatives(self) -> int | None:

@@ -15,13 +15,14 @@ import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from triton_server import grpc_generate, http_post
+from triton_server import engine_top_k, grpc_generate, http_post
 
 EXAMPLES = 100  # per protocol: a fixed budget, so the suite's time stays bounded
 CASES = {"grpc": 0, "http": 0, "gateway": 0, "answered": 0, "refused": 0}
 SPEC = {  # the contract's dtypes (DESIGN §5)
     "text_input": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32", "seed": "UINT64",
     "stop_words": "BYTES", "mode": "BYTES", "block_length": "INT32", "threshold": "FP32", "steps": "INT32",
+    "top_k": "INT32", "top_p": "FP32", "return_log_probs": "BOOL", "top_logprobs": "INT32",
 }
 NUMPY: dict[str, Any] = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "FP32": np.float32,
          "FP64": np.float64, "UINT64": np.uint64}
@@ -50,6 +51,11 @@ values = {
     "block_length": mostly(st.integers(2, 64), int32),
     "threshold": mostly(st.floats(0.05, 1.0), floats),
     "steps": mostly(st.integers(1, 32), int32),
+    # out of range far more often in the dedicated property below: here mostly valid, so requests still get decoded
+    "top_k": st.one_of(*[st.integers(1, 64)] * 7, int32),
+    "top_p": st.one_of(*[st.floats(0.05, 1.0)] * 7, floats),
+    "return_log_probs": st.booleans(),
+    "top_logprobs": st.one_of(*[st.integers(0, 20)] * 7, int32),
 }
 
 
@@ -149,10 +155,13 @@ def test_http_any_input_gets_an_answer_or_a_clear_error(triton, request, endpoin
     if status == 200 and not errors:
         settle(body, None)
     else:
-        # the model's own refusals are 400; Triton's JSON-to-tensor parser answers a wrong JSON type with 500
+        # the model's own refusals are 400; Triton's JSON-to-tensor parser answers a wrong JSON type with 500;
+        # /generate answers a streamed request (several responses) with 200 and Triton's error saying so
         assert errors, (status, body)
         assert 400 <= status < 500 or (status == 500 and errors[0].startswith("Unable to parse")) or (
-            status == 200 and endpoint == "generate_stream"), (status, body)  # an error event in the stream
+            status == 200 and endpoint == "generate_stream") or (  # an error event in the stream
+            status == 200 and errors[0].startswith("generate expects model to produce exactly 1 response")), (
+            status, body)
         settle(None, errors[0])
     still_serving(triton)
 
@@ -172,6 +181,10 @@ openai_fields = {
     "threshold": mostly(st.floats(0.05, 1.0), json_values),
     "steps": mostly(st.integers(1, 32), json_values),
     "block_length": mostly(st.integers(2, 64), json_values),
+    "top_k": mostly(st.integers(-1, 64), json_values),
+    "top_p": mostly(st.floats(0.05, 1.0), json_values),
+    "logprobs": mostly(st.one_of(st.integers(0, 20), st.booleans()), json_values),
+    "top_logprobs": mostly(st.integers(0, 20), json_values),
     "stop": mostly(st.lists(st.text(max_size=3), max_size=2), json_values),
     "messages": mostly(st.just([{"role": "user", "content": "57+8="}]), json_values),
 }
@@ -204,6 +217,60 @@ def test_gateway_any_body_gets_an_answer_or_an_openai_error(gateway_process, bod
     valid = httpx.post(gateway_process.url + "/v1/completions", json={"model": "dlm", "prompt": "57+8=", "max_tokens": 4},
                        timeout=60)
     assert valid.status_code == 200, valid.text
+
+
+# --- out-of-range sampling controls and log probs: refused by name and range -------------------------------------
+K = engine_top_k()
+out_of_range = st.one_of(
+    st.tuples(st.just("top_k"), st.one_of(st.integers(-(2**31), 0), st.integers(K + 1, 2**31 - 1))),
+    st.tuples(st.just("top_p"), st.one_of(st.floats(max_value=0.0, width=32), st.floats(min_value=1.0, width=32,
+                                                                                        exclude_min=True),
+                                           st.just(math.nan))),
+    st.tuples(st.just("top_logprobs"), st.one_of(st.integers(-(2**31), -1), st.integers(min(20, K) + 1, 2**31 - 1))),
+)
+RANGES = {"top_k": rf"\[1, {K}\]", "top_p": r"\(0, 1\]", "top_logprobs": rf"\[0, {min(20, K)}\]"}
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(bad=out_of_range, stream=st.booleans(), mode=st.sampled_from(["ar", "diffusion", "speculative"]))
+def test_out_of_range_sampling_and_log_probs_are_refused_by_name_and_range(triton, bad, stream, mode):
+    CASES["grpc"] += 1
+    name, value = bad
+    with pytest.raises(Exception) as raised:
+        grpc_generate(triton.grpc_url, "57+8=", mode=mode, stream=stream, max_tokens=4, **{name: value})
+    assert re.search(rf"^{name} must be in {RANGES[name]}, got ", str(raised.value).split("] ", 1)[-1]), raised.value
+    CASES["refused"] += 1
+    still_serving(triton)
+
+
+gateway_out_of_range = st.one_of(
+    st.tuples(st.just("logprobs"), st.integers(21, 2**62)).map(lambda f: ("/v1/completions", *f)),
+    st.tuples(st.just("top_logprobs"), st.integers(21, 2**62)).map(lambda f: ("/v1/chat/completions", *f)),
+    st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions"]), st.just("top_k"),
+              st.integers(K + 1, 2**31 - 1)),
+    st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions"]), st.just("top_p"),
+              st.one_of(st.floats(max_value=0.0, allow_infinity=False), st.floats(min_value=1.0, exclude_min=True,
+                                                                                  allow_infinity=False))),
+)
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(bad=gateway_out_of_range, stream=st.booleans())
+def test_gateway_refuses_out_of_range_sampling_and_logprobs_with_400(gateway_process, bad, stream):
+    import httpx
+
+    CASES["gateway"] += 1
+    path, name, value = bad
+    body: dict[str, Any] = {"model": "dlm", "max_tokens": 4, "stream": stream, name: value}
+    body.update({"prompt": "57+8="} if path == "/v1/completions" else
+                {"messages": [{"role": "user", "content": "57+8="}], "logprobs": True})
+    response = httpx.post(gateway_process.url + path, json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    bounds = {"logprobs": r"\[0, 20\]", "top_logprobs": r"\[0, 20\]", **RANGES}
+    assert re.search(rf"^{name} must be in {bounds[name]}, got ", response.json()["error"]["message"]), response.text
+    CASES["refused"] += 1
 
 
 def test_report_the_cases_tried(tmp_path_factory):

@@ -256,12 +256,16 @@ def test_top_p_and_top_k_are_honoured(openai_client, grpc):
      r"^top_logprobs must be in \[0, 20\], got 21$"),
     ("chat/completions", {"messages": [{"role": "user", "content": "1+1="}], "top_logprobs": 2},
      r"^top_logprobs needs logprobs: true$"),
-    # refused by the server, its message passed through
-    ("completions", {"prompt": "1+1=", "top_k": 100}, r"^top_k must be in \[1, 64\], got 100$"),
-    ("completions", {"prompt": "1+1=", "top_k": 2**40, "stream": True}, r"^top_k must be in \[-2147483648, "),
     ("completions", {"prompt": "1+1=", "top_p": 0}, r"^top_p must be in \(0, 1\], got 0.0$"),
+    ("completions", {"prompt": "1+1=", "top_p": 1.0000000000000004}, r"^top_p must be in \(0, 1\], got 1.0000000"),
     ("chat/completions", {"messages": [{"role": "user", "content": "1+1="}], "top_p": 1.5, "stream": True},
      r"^top_p must be in \(0, 1\], got 1.5$"),
+    # beyond what an INT32 input holds: refused before it is sent
+    ("completions", {"prompt": "1+1=", "top_k": 2**40, "stream": True}, r"^top_k must be in \[-2147483648, "),
+    # beyond the engine's K: refused by the server, its message passed through
+    ("completions", {"prompt": "1+1=", "top_k": 100}, r"^top_k must be in \[1, 64\], got 100$"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "1+1="}], "top_k": 65, "stream": True},
+     r"^top_k must be in \[1, 64\], got 65$"),
 ])
 def test_out_of_range_sampling_and_logprobs_get_400_naming_them(gateway, path, body, message):
     response = httpx.post(f"{gateway}/v1/{path}", json={"model": "dlm", **body})
