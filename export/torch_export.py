@@ -54,14 +54,14 @@ def sample_inputs(
     N) positions to predict from, in a shuffled order."""
     n = min(tokens, contract.profile.max_block) if positions is None else positions
     rng = np.random.default_rng(seed)
-    positions = past + np.arange(tokens, dtype=np.int64)
+    position_ids = past + np.arange(tokens, dtype=np.int64)
     mask = np.ones((batch, past + tokens), dtype=np.int64)
     if batch > 1 and past > 1:
         mask[1, : past // 2] = 0  # a shorter cached prefix on row 1
     cache_shape = (batch, contract.num_layers, 2, contract.num_kv_heads, past, contract.head_dim)
     return {
         "input_ids": rng.integers(0, contract.vocab_size, (batch, tokens), dtype=np.int64),
-        "position_ids": np.broadcast_to(positions, (batch, tokens)).copy(),
+        "position_ids": np.broadcast_to(position_ids, (batch, tokens)).copy(),
         "attention_mask": mask,
         "past_key_values": rng.standard_normal(cache_shape).astype(contract.cache_dtype),
         "causal": np.arange(batch) % 2 == 0,

@@ -10,7 +10,10 @@ engine pass after the prefill it records:
 - `runtime_host_ms`: the rest of `runtime.forward` and `runtime.commit` (host inputs, the cache gather into the
   pass's past, reading the outputs, the cache commit);
 - `loop_ms`: everything outside the runtime: planning the pass, choosing tokens from the candidates, committing
-  them (`dlm.refine` and `dlm.candidates`);
+  them (`dlm.refine` and `dlm.candidates`), as measured in the run;
+- `loop_replayed_ms`: the same loop work measured again by replaying the run's recorded candidates through
+  `dlm.refine.step` with no engine in between, so the figure is not inflated by the engine's threads or by other
+  processes sharing the cores (the two agree where the machine is quiet);
 - `returned_bytes`: what the engine hands back to the loop (candidates and logsumexp; the new keys and values stay
   with the runtime), against what contract version 1 returned for the same pass (float32 logits, T × V per row).
 
@@ -21,6 +24,7 @@ Medians over the passes, side by side in one run; JSON to --out. Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,15 +40,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dlm.candidates import Candidates  # noqa: E402
 from dlm.refine import GenerationParams, Sequence, TokenSpec, step  # noqa: E402
 from dlm.runtime import OnnxRuntime  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from export.random_checkpoint import real_scale_config, write_random_checkpoint  # noqa: E402
 
 MODES = {
-    "ar": GenerationParams("ar", 32),
-    "diffusion": GenerationParams("diffusion", 32, threshold=0.9),
-    "speculative": GenerationParams("speculative", 32),
+    "ar": GenerationParams("ar"),
+    "diffusion": GenerationParams("diffusion", threshold=0.9),
+    "speculative": GenerationParams("speculative"),
 }
 
 
@@ -62,6 +67,27 @@ class Timed:
             self.seconds += time.perf_counter() - start
 
 
+class Recording(Timed):
+    """`runtime.forward`, timed, keeping its last answer."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.last = super().__call__(*args, **kwargs)
+        return self.last
+
+
+class Replay:
+    """Hands back the candidates a run recorded, pass by pass: the loop's own cost, without an engine."""
+
+    def __init__(self, recorded: list[Candidates]):
+        self.recorded = iter(recorded)
+
+    def forward(self, *args: Any) -> Candidates:
+        return next(self.recorded)
+
+    def commit(self, *args: Any) -> None:
+        pass
+
+
 class TimedSession:
     """ONNX Runtime's session with its `run_with_iobinding` timed; everything else passes through."""
 
@@ -73,15 +99,34 @@ class TimedSession:
         return getattr(self._session, name)
 
 
+def prompts(batch: int, prompt_length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)  # byte tokens and fillers of the random tokenizer
+    return [rng.integers(1000, vocab_size, prompt_length).tolist() for _ in range(batch)]
+
+
+def replay_loop(recorded: list[Candidates], spec: TokenSpec, params: GenerationParams, batch: int,
+                prompt_length: int, vocab: int, seed: int) -> list[float]:
+    """Seconds of each `step` when the engine's answers are the recorded ones (same prompts, same decisions)."""
+    replay = Replay(recorded)
+    live = [Sequence(p, params, spec, slot=i) for i, p in enumerate(prompts(batch, prompt_length, vocab, seed))]
+    times = []
+    while live:
+        start = time.perf_counter()
+        step(replay, live)  # type: ignore[arg-type]
+        times.append(time.perf_counter() - start)
+        live = [s for s in live if not s.done]
+    return times
+
+
 def measure(runtime: OnnxRuntime, spec: TokenSpec, params: GenerationParams, batch: int, prompt_length: int,
             seed: int) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    first, last = 1000, runtime.contract.vocab_size  # byte tokens and fillers of the random tokenizer
-    seqs = [Sequence(rng.integers(first, last, prompt_length).tolist(), params, spec, slot=i) for i in range(batch)]
-    forward, commit = Timed(runtime.forward), Timed(runtime.commit)
+    seqs = [Sequence(p, params, spec, slot=i)
+            for i, p in enumerate(prompts(batch, prompt_length, runtime.contract.vocab_size, seed))]
+    forward, commit = Recording(runtime.forward), Timed(runtime.commit)
     session = TimedSession(runtime.session)
     runtime.forward, runtime.commit, runtime.session = forward, commit, session  # type: ignore[method-assign]
     passes: list[dict[str, float]] = []
+    recorded: list[Candidates] = []
     contract = runtime.contract
     try:
         live = list(seqs)
@@ -93,6 +138,8 @@ def measure(runtime: OnnxRuntime, spec: TokenSpec, params: GenerationParams, bat
             start = time.perf_counter()
             step(runtime, live)
             total = time.perf_counter() - start
+            last = forward.last
+            recorded.append(Candidates(last.tokens.copy(), last.logits.copy(), last.logsumexp.copy()))
             f, c, e = (now - then for now, then in zip(
                 (forward.seconds, commit.seconds, session.run_with_iobinding.seconds), before))
             returned = contract.output_bytes(b, t, 0, n)
@@ -106,12 +153,14 @@ def measure(runtime: OnnxRuntime, spec: TokenSpec, params: GenerationParams, bat
     finally:
         del runtime.forward, runtime.commit
         runtime.session = session._session
+    for p, seconds in zip(passes, replay_loop(recorded, spec, params, batch, prompt_length, contract.vocab_size, seed)):
+        p["loop_replayed_ms"] = seconds * 1e3
     decode = [p for p in passes if not p["prefill"]]
 
     def median(key: str, rows: list[dict[str, Any]]) -> float:
         return statistics.median(r[key] for r in rows) if rows else float("nan")
 
-    keys = ("engine_ms", "runtime_host_ms", "loop_ms", "returned_bytes", "contract_v1_bytes")
+    keys = ("engine_ms", "runtime_host_ms", "loop_ms", "loop_replayed_ms", "returned_bytes", "contract_v1_bytes")
     return {
         "passes": len(passes),
         "decode": {k: median(k, decode) for k in keys},
@@ -127,6 +176,7 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=3072)
     parser.add_argument("--batches", default="1,8,16")
     parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=24, help="answer length per row (default 24)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--work", type=Path, default=None, help="where the checkpoint and graph go (default: a "
                         "temporary directory; an existing export there is reused)")
@@ -144,18 +194,23 @@ def main() -> None:
             export_onnx(checkpoint, artifact, max_batch=max(batches), max_context=512, log=lambda _: None)
             print(f"checkpoint and export: {time.perf_counter() - start:.0f} s", file=sys.stderr)
         config = json.loads((checkpoint / "config.json").read_text())
-        runtime = OnnxRuntime(artifact, config, threads=args.threads, verify_files=False)
-        runtime.allocate(max(batches), args.prompt_length + 32 + 64)
+        # ONNX Runtime's threads sleep after each run instead of spinning: spinning, they would compete with the
+        # loop for the same cores and inflate the host figures this measures
+        runtime = OnnxRuntime(artifact, config, threads=args.threads, verify_files=False, spin=False)
+        runtime.allocate(max(batches), args.prompt_length + args.max_tokens + 2 * config["block_size"])
         spec = TokenSpec.from_config(config)
         results: dict[str, Any] = {}
         for mode, params in MODES.items():
             for batch in batches:
-                measure(runtime, spec, params, batch, args.prompt_length, seed=1)  # warm-up
-                r = measure(runtime, spec, params, batch, args.prompt_length, seed=2)
+                warm_up = dataclasses.replace(params, max_tokens=2)
+                measure(runtime, spec, warm_up, batch, args.prompt_length, seed=1)
+                r = measure(runtime, spec, dataclasses.replace(params, max_tokens=args.max_tokens), batch,
+                            args.prompt_length, seed=2)
                 results[f"{mode}/{batch}"] = r
                 d = r["decode"]
                 print(f"{mode:11s} batch {batch:2d}: engine {d['engine_ms']:8.2f} ms  runtime host "
-                      f"{d['runtime_host_ms']:6.2f} ms  loop {d['loop_ms']:6.3f} ms  returned "
+                      f"{d['runtime_host_ms']:6.2f} ms  loop {d['loop_ms']:6.3f} ms (replayed "
+                      f"{d['loop_replayed_ms']:6.3f} ms)  returned "
                       f"{d['returned_bytes'] / 1e3:8.1f} kB (contract v1: {d['contract_v1_bytes'] / 1e6:7.1f} MB)")
 
     report = {
@@ -165,6 +220,8 @@ def main() -> None:
                   "vocab_size": config["vocab_size"], "head_dim": config["head_dim"],
                   "kv_heads": config["num_key_value_heads"], "top_k": runtime.contract.top_k},
         "prompt_length": args.prompt_length,
+        "max_tokens": args.max_tokens,
+        "onnxruntime_spinning": False,
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)

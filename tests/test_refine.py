@@ -160,8 +160,8 @@ def test_sampling_stays_inside_the_top_k_and_top_p_cuts():
     for _ in range(20):
         chosen = sample(logits, GenerationParams(temperature=1.0, top_p=0.5), rng)
         assert (chosen < nucleus).all()
-    chosen = [sample(logits[:1], GenerationParams(temperature=1.0), rng)[0] for _ in range(400)]
-    assert len(set(chosen)) > 3  # without cuts it does spread over the candidates
+    draws = [sample(logits[:1], GenerationParams(temperature=1.0), rng)[0] for _ in range(400)]
+    assert len(set(draws)) > 3  # without cuts it does spread over the candidates
 
 
 def test_ar_log_probs_are_exact_against_the_full_logits(runtime, spec, tiny_model):

@@ -41,9 +41,14 @@ class Candidates:
 
 
 class SamplingParams(Protocol):
-    temperature: float
-    top_k: int | None
-    top_p: float | None
+    @property
+    def temperature(self) -> float: ...
+
+    @property
+    def top_k(self) -> int | None: ...
+
+    @property
+    def top_p(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
