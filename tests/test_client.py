@@ -5,6 +5,8 @@ that carry Triton's message."""
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -244,3 +246,58 @@ def test_generate_json_forms_of_log_probs_are_read():
     assert [t.top_logprobs[0].token for t in grpc_shaped] == [b"a", b"c"]
     with pytest.raises(DLMError, match="2 output_tokens but 1 output_log_probs"):
         tokens_from([-0.5], ["a", "b"])
+
+
+# A byte-level tokenizer over the miniature's ids in which the upper-case letters the upper-casing task answers with
+# stand for bytes of multi-byte UTF-8 characters (A-M lead bytes 0xC3-0xCF, N-Z continuation bytes 0x80-0x8C):
+# the answer's tokens are then halves of characters, and invalid UTF-8 where two halves do not pair up.
+SPLIT_BYTES = {chr(ord("A") + i): 0xC3 + i for i in range(13)} | {chr(ord("N") + i): 0x80 + i for i in range(13)}
+
+
+@pytest.fixture(scope="module")
+def byte_level_server(tmp_path_factory):
+    """A server over the miniature with the byte-level tokenizer of SPLIT_BYTES."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    from conftest import MINIATURE
+    from dlm.text import byte_level_alphabet
+    from triton_server import repository_with, start_server
+
+    directory = tmp_path_factory.mktemp("byte_level")
+    miniature = json.loads((MINIATURE / "tokenizer.json").read_text())
+    char_of = {b: c for c, b in byte_level_alphabet().items()}  # byte -> the byte-level BPE's character for it
+    vocab, used = {}, set()
+    for piece, token_id in miniature["model"]["vocab"].items():
+        if len(piece) == 1:
+            byte = SPLIT_BYTES.get(piece, ord(piece))
+            vocab[char_of[byte]] = token_id
+            used.add(byte)
+    unused_ids = iter(sorted(set(range(128)) - set(vocab.values()) - {t["id"] for t in miniature["added_tokens"]}))
+    for byte in sorted(set(range(256)) - used):  # every byte has a token: unused ids, then ids beyond the model's
+        vocab[char_of[byte]] = next(unused_ids, len(vocab) + 1000)
+    tokenizer = Tokenizer(models.BPE(vocab={**vocab, **{t["content"]: t["id"] for t in miniature["added_tokens"]}},
+                                     merges=[]))
+    tokenizer.add_special_tokens([t["content"] for t in miniature["added_tokens"] if t["special"]])
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "config.json").write_text((MINIATURE / "config.json").read_text())
+    server = start_server(directory / "server.log", repository_with(directory / "repository", tokenizer=str(directory)))
+    yield server
+    server.stop()
+
+
+def test_token_bytes_stay_exact_over_grpc_and_http_when_they_split_a_character(byte_level_server):
+    answer = bytes(SPLIT_BYTES[c] for c in ANSWER)  # what the miniature answers, in this tokenizer's bytes
+    options: dict[str, Any] = dict(mode="diffusion", max_tokens=48, top_logprobs=2)
+    with GrpcClient(byte_level_server.grpc_url) as grpc, HttpClient(byte_level_server.http_url) as http:
+        results = [grpc.generate(LONG, **options), http.generate(LONG, **options),
+                   grpc.generate_stream(LONG, **options).drain(), http.generate_stream(LONG, **options).drain()]
+    tokens = [r.tokens or [] for r in results]
+    for result, its_tokens in zip(results, tokens):  # every path: the exact bytes, though most tokens are not UTF-8
+        assert b"".join(t.token for t in its_tokens) == answer
+        assert result.text == answer.decode("utf-8", errors="replace")
+        assert [[a.token for a in t.top_logprobs] for t in its_tokens] == [
+            [a.token for a in t.top_logprobs] for t in tokens[0]]  # alternatives too
+    assert [t.logprob for t in tokens[0]] == pytest.approx([t.logprob for t in tokens[1]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import MINIATURE
-from dlm.text import TextCodec, TextStream
+from dlm.text import TextCodec, TextStream, byte_level_alphabet
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_byte_level_token_bytes_are_exact_even_for_half_characters(byte_level):
 def test_other_tokenizers_give_the_decoded_piece(codec):
     tokens = codec.encode("AB+7=")
     assert [codec.token_bytes(t) for t in tokens[1:]] == [b"A", b"B", b"+", b"7", b"="]
-    assert codec.token_bytes(tokens[0]) == b"<s>" and codec.text_bytes(tokens[0]) == 0  # special: not in text
+    assert codec.token_bytes(tokens[0]) == b"<s>" and codec.text_bytes(tokens[0]) == b""  # special: not in text
 
 
 def test_delivered_tokens_follow_the_text_and_a_half_character_waits(byte_level):
@@ -125,3 +125,21 @@ def _is_utf8(data: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+def test_delivered_tokens_never_run_ahead_of_text_with_invalid_utf8(byte_level):
+    char_of = {b: c for c, b in byte_level_alphabet().items()}
+    pieces = [b"a", b"\x80", b"b", b"\xc3", b"\xa9", b"\xe6", b"\x97", b"c", b"\xff", b"\xe6\x97", b"\xa5", b"d"]
+    tokens = [byte_level.tokenizer.token_to_id("".join(char_of[b] for b in p)) for p in pieces]
+    assert None not in tokens and [byte_level.token_bytes(t) for t in tokens] == pieces
+    stream = TextStream(byte_level)
+    for end in range(1, len(tokens) + 1):
+        stream.update(tokens[:end], final=end == len(tokens))
+        delivered = stream.delivered_tokens(tokens[:end])
+        covered = b"".join(pieces[:delivered]).decode("utf-8", errors="replace")
+        assert stream.text[: stream.sent].startswith(covered), (end, delivered)
+        if end == 5:
+            assert delivered == 5  # "é" complete: every token so far
+        if end == 6:
+            assert delivered == 5  # 0xe6 opens a character that has not ended
+    assert delivered == len(tokens) and stream.text == b"".join(pieces).decode("utf-8", errors="replace")

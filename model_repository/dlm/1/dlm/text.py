@@ -3,12 +3,13 @@ text deltas that end at the first stop word.
 
 A delta never splits a character (a trailing U+FFFD from an incomplete UTF-8 sequence is held back) and never
 shows text that could still turn out to be the start of a stop word; both are released by the next delta or the
-final one. The tokens a stream has delivered follow its text: a token counts as delivered once all of its bytes are
-in the text sent so far (so one that is half a character waits for the other half).
+final one. The tokens a stream has delivered follow its text: a token counts as delivered once the text sent so far
+holds all of it (so one that ends in the middle of a character waits for the rest of that character).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -79,9 +80,9 @@ class TextCodec:
             return bytes([int(fallback.group(1), 16)])
         return self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
-    def text_bytes(self, token_id: int) -> int:
-        """How many bytes the token adds to decoded text (special tokens are left out of it)."""
-        return 0 if token_id in self.special_ids else len(self.token_bytes(token_id))
+    def text_bytes(self, token_id: int) -> bytes:
+        """The bytes the token adds to decoded text (special tokens are left out of it)."""
+        return b"" if token_id in self.special_ids else self.token_bytes(token_id)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -99,7 +100,10 @@ class TextStream:
         self.sent = 0  # characters delivered so far
         self.text = ""
         self.final = self.stopped = False
-        self._ends: list[int] = []  # byte offset in the text where each token seen so far ends
+        # per token seen so far: the characters of the text up to its end, or -1 when it ends mid-character
+        self._ends: list[int] = []
+        self._chars = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as the tokenizer decodes
 
     def update(self, tokens: list[int], final: bool) -> tuple[str, bool]:
         """The text to send now for the committed `tokens`, and whether a stop word ended the text."""
@@ -119,14 +123,22 @@ class TextStream:
         bytes all lie in it. After a final update this is all of them, or, when a stop word cut the text, those up
         to the one the cut falls in."""
         for token in tokens[len(self._ends):]:
-            self._ends.append((self._ends[-1] if self._ends else 0) + self.codec.text_bytes(token))
+            self._chars += len(self._decoder.decode(self.codec.text_bytes(token)))
+            self._ends.append(-1 if self._decoder.getstate()[0] else self._chars)
         if self.final and not self.stopped:
             return len(tokens)
-        ends = self._ends[: len(tokens)]
-        sent_bytes = len(self.text[: self.sent].encode("utf-8"))
-        if self.final:  # cut by a stop word: the tokens that start before the cut
-            return next((i for i, end in enumerate([0, *ends[:-1]]) if end >= sent_bytes), len(tokens))
-        return next((i for i, end in enumerate(ends) if end > sent_bytes), len(tokens))
+        delivered, start = 0, 0  # start: the characters before the token (where its first character begins)
+        for i, end in enumerate(self._ends[: len(tokens)]):
+            if self.final:  # cut by a stop word: the tokens that start before the cut
+                if start >= self.sent:
+                    break
+                delivered = i + 1
+            elif end > self.sent:
+                break
+            elif end >= 0:
+                delivered = i + 1
+            start = max(start, end)
+        return delivered
 
     def _safe_end(self, text: str) -> int:
         end = len(text.rstrip("\ufffd"))
