@@ -52,6 +52,12 @@ def transport_errors() -> Iterator[None]:
         raise ServerUnavailable(f"cannot reach the server: {error}") from None
 
 
+def encoded(body: dict[str, Any]) -> dict[str, Any]:
+    """The request body as httpx arguments. NaN and infinities are written as JSON's common extension (`NaN`),
+    which Triton's parser reads, so the server answers them with its own message (httpx's `json=` refuses them)."""
+    return {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
+
+
 def exact_json(body: bytes) -> Any:
     """A JSON body whose strings may hold raw non-UTF-8 bytes: those become surrogate escapes."""
     return json.loads(body.decode("utf-8", "surrogateescape"))
@@ -82,7 +88,7 @@ class HttpClient:
         accumulator = Accumulator()
         body = json_body(prompt, Options.of(**options), stream=False)
         with transport_errors():
-            response = self._http.post(self._url("generate"), json=body, **self._timeout(timeout or self.timeout))
+            response = self._http.post(self._url("generate"), **encoded(body), **self._timeout(timeout or self.timeout))
         if response.status_code != 200:
             raise from_http(error_message(response.text), response.status_code)
         accumulator.add(*parse_event(exact_json(response.content), final=True))
@@ -99,7 +105,7 @@ class HttpClient:
     def _events(self, body: dict[str, Any], timeout: float | None) -> Generator[Response, None, None]:
         with transport_errors():
             url = self._url("generate_stream")
-            with connect_sse(self._http, "POST", url, json=body, **self._timeout(timeout)) as source:
+            with connect_sse(self._http, "POST", url, **encoded(body), **self._timeout(timeout)) as source:
                 status = source.response.status_code
                 if "text/event-stream" not in source.response.headers.get("content-type", ""):
                     raise from_http(error_message(source.response.read().decode()), status)

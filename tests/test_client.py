@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -116,6 +117,8 @@ def test_an_invalid_input_raises_with_the_server_message(clients, protocol, stre
     assert str(raised.value) == "threshold must be in (0, 1], got 1.5"
     with pytest.raises(InvalidRequest, match=r"^mode 'fast' is unknown: expected one of ar, diffusion, speculative$"):
         client.generate(LONG, mode="fast")
+    with pytest.raises(InvalidRequest, match=r"^top_p must be in \(0, 1\], got nan$"):  # HTTP: JSON's NaN
+        list(client.generate_stream(LONG, top_p=float("nan"))) if stream else client.generate(LONG, top_p=math.nan)
     assert client.generate("4821+377=", mode="ar", max_tokens=8).text  # the server goes on serving
 
 
