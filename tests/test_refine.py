@@ -221,3 +221,96 @@ def test_speculative_log_probs_equal_ar_log_probs(runtime, spec):
 def test_invalid_sampling_controls_name_the_field(runtime, spec, field, value, message):
     with pytest.raises(ValueError, match=message):
         generate(runtime, PROMPTS[:1], dataclasses.replace(GenerationParams(), **{field: value}), spec)
+
+
+# --- end-token controls, the pass cap and re-masking ----------------------------------------------------------
+def early_eos(runtime, spec, params):
+    """An end id that the free run of PROMPTS[0] generates at index >= 3 (and not before)."""
+    first = generate(runtime, PROMPTS, params, spec)[0].tokens
+    return next(t for i, t in enumerate(first) if i >= 3 and t not in first[:i])
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=IDS)
+def test_min_tokens_and_ignore_eos_hold_back_the_end_token(runtime, spec, params):
+    eos = early_eos(runtime, spec, params)
+    ending = dataclasses.replace(spec, eos_token_ids=frozenset({eos}))
+    stopped = generate(runtime, PROMPTS[:1], params, ending)[0]
+    assert stopped.finish_reason == "eos" and len(stopped.tokens) < params.max_tokens
+    held = generate(runtime, PROMPTS[:1], dataclasses.replace(params, min_tokens=len(stopped.tokens) + 2), ending)[0]
+    assert eos not in held.tokens[: len(stopped.tokens) + 2 - 1] and len(held.tokens) >= len(stopped.tokens) + 1
+    ignored = generate(runtime, PROMPTS[:1], dataclasses.replace(params, ignore_eos=True), ending)[0]
+    assert ignored.finish_reason == "length" and len(ignored.tokens) == params.max_tokens and eos not in ignored.tokens
+
+
+def test_speculative_equals_ar_with_min_tokens(runtime, spec):
+    eos = early_eos(runtime, spec, GenerationParams("ar", 21))
+    ending = dataclasses.replace(spec, eos_token_ids=frozenset({eos}))
+    for min_tokens in (0, 5, 12):
+        ar = generate(runtime, PROMPTS, GenerationParams("ar", 21, min_tokens=min_tokens), ending)
+        sp = generate(runtime, PROMPTS, GenerationParams("speculative", 21, min_tokens=min_tokens), ending)
+        assert [r.tokens for r in ar] == [r.tokens for r in sp], min_tokens
+
+
+def denoising_passes_per_block(runtime, spec, params, prompt):
+    """The denoising passes each block of one request took, read from its sequence as the loop runs."""
+    from dlm.refine import Sequence, step
+
+    runtime.allocate(1, 256)
+    seq = Sequence(list(prompt), params, spec)
+    passes: list[int] = []
+    while not seq.done:
+        before = (seq.block_start, seq.block_steps)
+        step(runtime, [seq])
+        if seq.block is not None and seq.block_start != before[0] and before[0]:
+            passes.append(before[1])
+    passes.append(seq.block_steps)
+    return passes
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.999])
+@pytest.mark.parametrize("cap", [1, 2, 3, 8])
+def test_steps_cap_the_passes_of_every_block_under_a_threshold(runtime, spec, threshold, cap):
+    params = GenerationParams("diffusion", 24, threshold=threshold, max_block_passes=cap)
+    for prompt in PROMPTS[:2]:
+        passes = denoising_passes_per_block(runtime, spec, params, prompt)
+        assert passes and max(passes) <= cap, passes
+        assert len(generate(runtime, [prompt], params, spec)[0].tokens) == 24
+
+
+def test_remasking_re_predicts_low_confidence_tokens_and_every_block_finishes(runtime, spec):
+    plain = GenerationParams("diffusion", 24, threshold=0.5)
+    remasking = dataclasses.replace(plain, remask_threshold=0.6, max_remasks=4)
+    from dlm.refine import Sequence, step
+
+    a = generate(runtime, PROMPTS, plain, spec)
+    b = generate(runtime, PROMPTS, remasking, spec)
+    assert all(len(r.tokens) == 24 for r in b)
+    assert sum(r.num_forwards for r in b) > sum(r.num_forwards for r in a)  # checking and re-predicting cost passes
+    seq, remasked = Sequence(list(PROMPTS[0]), remasking, spec), 0
+    runtime.allocate(1, 256)
+    while not seq.done:
+        before = seq.block_remasks if seq.block is not None else 0
+        step(runtime, [seq])
+        remasked += max(0, seq.block_remasks - before)
+    assert remasked > 0  # on this random model, tokens do lose their confidence once their position is masked
+    for prompt in PROMPTS:  # the bound: at most block_length - 1 commits plus max_remasks passes per block
+        passes = denoising_passes_per_block(runtime, spec, remasking, prompt)
+        assert max(passes) <= spec.block_size - 1 + 4 + 1  # + the pass that checks the last commits
+    # and batch invariance holds with it
+    for prompt, together in zip(PROMPTS, b):
+        assert generate(runtime, [prompt], remasking, spec)[0].tokens == together.tokens
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("min_tokens", -1, "min_tokens must be at least 0"),
+        ("max_block_passes", 0, "max_block_passes must be at least 1"),
+        ("remask_threshold", 1.0, r"remask_threshold must be in \(0, 1\)"),
+        ("remask_threshold", float("nan"), r"remask_threshold must be in \(0, 1\)"),
+        ("max_remasks", -1, "max_remasks must be at least 0"),
+    ],
+)
+def test_invalid_end_and_remask_controls_name_the_field(runtime, spec, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        generate(runtime, PROMPTS[:1], dataclasses.replace(GenerationParams(), **{field: value}), spec)

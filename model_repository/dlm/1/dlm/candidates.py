@@ -65,6 +65,11 @@ class Picks:
     def confidence(self) -> np.ndarray:
         return np.exp(self.log_probs)
 
+    def subset(self, rows: np.ndarray) -> "Picks":
+        """The picks at some of the positions, in the order of `rows`."""
+        return Picks(self.tokens[rows], self.log_probs[rows], self.greedy[rows], self.candidate_tokens[rows],
+                     self.candidate_log_probs[rows])
+
     def score(self, j: int, alternatives: int) -> Score:
         """The log prob of the choice at `j` and the `alternatives` best candidates there."""
         ids = self.candidate_tokens[j, :alternatives].tolist()
@@ -77,12 +82,13 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     candidates at the request's temperature, after its `top_k` and `top_p` cuts (top_p over the candidates'
     renormalised probabilities). The noise has the full [n, K] shape whatever the cuts, so a seed draws the same
     numbers under any setting."""
-    x = logits.astype(np.float64) / params.temperature
+    x = logits.astype(np.float64) / params.temperature  # a candidate excluded by the caller is -inf
     k = x.shape[1]
     if params.top_k is not None and params.top_k < k:
-        x[:, params.top_k :] = -np.inf
+        rank = np.cumsum(np.isfinite(x), axis=1)  # among the candidates still allowed
+        x[rank > params.top_k] = -np.inf
     if params.top_p is not None and params.top_p < 1.0:
-        probs = np.exp(x - x[:, :1])
+        probs = np.exp(x - x.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         before = np.cumsum(probs, axis=1) - probs  # mass of the better candidates; the best always stays
         x[before >= params.top_p] = -np.inf
@@ -90,17 +96,26 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     return np.argmax(x + gumbel, axis=1)
 
 
-def pick(candidates: Candidates, rows: list[Any], counts: list[int]) -> list[Picks]:
+def pick(candidates: Candidates, rows: list[Any], counts: list[int], no_eos: np.ndarray | None = None,
+         eos_ids: np.ndarray | None = None) -> list[Picks]:
     """The choice at the first `counts[i]` positions of each row i. `rows[i]` has `params` (temperature, top_k,
-    top_p) and `rng`; only rows at temperature > 0 draw noise, each from its own generator."""
+    top_p) and `rng`; only rows at temperature > 0 draw noise, each from its own generator. Where `no_eos [B, N]`
+    is set, no id of `eos_ids` is chosen (K exceeds the number of end ids, so another candidate always remains)."""
     log_probs = candidates.logits.astype(np.float64) - candidates.logsumexp.astype(np.float64)[..., None]
-    chosen = np.zeros(candidates.tokens.shape[:2], dtype=np.int64)
+    logits = candidates.logits
+    if no_eos is not None and eos_ids is not None and len(eos_ids):
+        excluded = no_eos[..., None] & np.isin(candidates.tokens, eos_ids)
+        logits = np.where(excluded, np.float32(-np.inf), logits)
+        best = np.argmax(logits, axis=-1)  # the best allowed candidate (they are sorted, so the first allowed)
+    else:
+        best = np.zeros(candidates.tokens.shape[:2], dtype=np.int64)
+    chosen = best.copy()
     for i, (row, n) in enumerate(zip(rows, counts)):
         if row.params.temperature > 0:
-            chosen[i, :n] = sample(candidates.logits[i, :n], row.params, row.rng)
+            chosen[i, :n] = sample(logits[i, :n], row.params, row.rng)
     tokens = np.take_along_axis(candidates.tokens, chosen[..., None], axis=-1)[..., 0]
     chosen_log_probs = np.take_along_axis(log_probs, chosen[..., None], axis=-1)[..., 0]
-    greedy = candidates.tokens[:, :, 0]
+    greedy = np.take_along_axis(candidates.tokens, best[..., None], axis=-1)[..., 0]
     return [
         Picks(tokens[i, :n], chosen_log_probs[i, :n], greedy[i, :n], candidates.tokens[i, :n], log_probs[i, :n])
         for i, n in enumerate(counts)

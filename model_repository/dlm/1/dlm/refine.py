@@ -59,6 +59,19 @@ class GenerationParams:
     top_k: int | None = None  # None: all K candidates of the engine
     top_p: float | None = None  # None: 1.0
     logprobs: int | None = None  # None: none recorded; n >= 0: the chosen token's log prob and n alternatives
+    min_tokens: int = 0  # no end token is chosen before this many tokens, in every mode
+    ignore_eos: bool = False  # no end token is ever chosen: decode to max_tokens
+    # diffusion with a threshold: at most this many denoising passes per block; the last commits what is left
+    max_block_passes: int | None = None
+    # diffusion: a committed token is scored again in the next pass, its own position masked there; one whose
+    # confidence then falls below this is masked again and re-predicted (self-correction)
+    remask_threshold: float | None = None
+    max_remasks: int | None = None  # re-maskings allowed per block (None: the block length)
+
+    @property
+    def eos_allowed_from(self) -> int:
+        """The first token index at which an end token may be chosen."""
+        return self.max_tokens + 1 if self.ignore_eos else self.min_tokens
 
     def validate(self) -> None:
         """Raise ValueError naming the field and its allowed range."""
@@ -80,17 +93,27 @@ class GenerationParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be at least 0, got {self.min_tokens}")
+        if self.max_block_passes is not None and self.max_block_passes < 1:
+            raise ValueError(f"max_block_passes must be at least 1, got {self.max_block_passes}")
+        if self.remask_threshold is not None and not 0.0 < self.remask_threshold < 1.0:
+            raise ValueError(f"remask_threshold must be in (0, 1), got {self.remask_threshold}")
+        if self.max_remasks is not None and self.max_remasks < 0:
+            raise ValueError(f"max_remasks must be at least 0, got {self.max_remasks}")
 
 
 @dataclass
 class Pass:
-    """What one row runs in the next engine pass, and which of its tokens it predicts from (indices into
-    `tokens`; a causal pass's prediction at i is for position i + 1)."""
+    """What one row runs in the next engine pass, which of its tokens it predicts from (indices into `tokens`; a
+    causal pass's prediction at i is for position i + 1), and the index in the answer of the token each of those
+    predictions is for (`targets`: where an end token is not allowed yet, none is chosen)."""
 
     tokens: np.ndarray
     positions: np.ndarray
     causal: bool
     predict: np.ndarray
+    targets: np.ndarray
 
 
 @dataclass
@@ -115,6 +138,9 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     block_scores: list[Score | None] = field(default_factory=list)  # per block position, once committed
+    block_remasks: int = 0  # re-maskings spent in this block
+    # with re-masking: block positions committed in the last pass and not yet confirmed by the next one
+    tentative: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.params.validate()
@@ -167,13 +193,17 @@ class Sequence:
 def prefill_pass(seq: Sequence) -> Pass:
     n = len(seq.prompt)
     last = np.array([n - 1], dtype=np.int64)
-    return Pass(np.asarray(seq.prompt, dtype=np.int64), np.arange(n, dtype=np.int64), True, last)
+    first = np.array([len(seq.tokens)], dtype=np.int64)
+    return Pass(np.asarray(seq.prompt, dtype=np.int64), np.arange(n, dtype=np.int64), True, last, first)
 
 
 def block_pass(seq: Sequence, causal: bool, predict: np.ndarray) -> Pass:
+    """A pass over the open block. Block position j holds answer token `len(tokens) - 1 + j` (the seed, at 0, is
+    in `tokens` already); a causal prediction at j is for the position after it."""
     assert seq.block is not None
     positions = seq.block_start + np.arange(len(seq.block), dtype=np.int64)
-    return Pass(seq.block.copy(), positions, causal, predict)
+    targets = len(seq.tokens) - 1 + predict + (1 if causal else 0)
+    return Pass(seq.block.copy(), positions, causal, predict, targets)
 
 
 def start_block(seq: Sequence, seed: int, start: int) -> None:
@@ -182,6 +212,8 @@ def start_block(seq: Sequence, seed: int, start: int) -> None:
     seq.block[0] = seed
     seq.block_start = start
     seq.block_steps = 0
+    seq.block_remasks = 0
+    seq.tentative = np.zeros(seq.block_length, dtype=bool)
     seq.block_scores = [None] * seq.block_length
 
 
@@ -192,8 +224,8 @@ class AutoRegressive:
     def plan(seq: Sequence) -> Pass:
         if seq.phase == "prefill":
             return prefill_pass(seq)
-        one = np.zeros(1, dtype=np.int64)
-        return Pass(np.asarray(seq.tokens[-1:], dtype=np.int64), np.array([seq.cache_length]), True, one)
+        one, target = np.zeros(1, dtype=np.int64), np.array([len(seq.tokens)], dtype=np.int64)
+        return Pass(np.asarray(seq.tokens[-1:], dtype=np.int64), np.array([seq.cache_length]), True, one, target)
 
     @staticmethod
     def update(seq: Sequence, picks: Picks) -> int:
@@ -214,7 +246,10 @@ class BlockDiffusion:
         assert seq.block is not None
         if seq.phase == "write":  # its last token predicts the next block's seed
             return block_pass(seq, True, np.array([len(seq.block) - 1], dtype=np.int64))
-        return block_pass(seq, False, BlockDiffusion._open_positions(seq))
+        denoise = block_pass(seq, False, BlockDiffusion._open_positions(seq))
+        if seq.tentative is not None and seq.tentative.any():  # re-scored with their own positions masked
+            denoise.tokens[seq.tentative] = seq.spec.mask_token_id
+        return denoise
 
     @staticmethod
     def update(seq: Sequence, picks: Picks) -> int:
@@ -242,29 +277,73 @@ class BlockDiffusion:
 
     @staticmethod
     def _open_positions(seq: Sequence) -> np.ndarray:
-        """The masked positions of the block that may still be generated: what a denoising pass predicts."""
-        assert seq.block is not None
-        return np.flatnonzero(seq.block[: BlockDiffusion._limit(seq)] == seq.spec.mask_token_id)
+        """The positions of the block a denoising pass predicts: the masked ones that may still be generated, and
+        those committed in the last pass that re-masking has not confirmed yet."""
+        assert seq.block is not None and seq.tentative is not None
+        limit = BlockDiffusion._limit(seq)
+        return np.flatnonzero((seq.block[:limit] == seq.spec.mask_token_id) | seq.tentative[:limit])
+
+    @staticmethod
+    def _remask_budget(seq: Sequence) -> int:
+        p = seq.params
+        if p.remask_threshold is None:
+            return 0
+        return (seq.block_length if p.max_remasks is None else p.max_remasks) - seq.block_remasks
+
+    @staticmethod
+    def _last_pass(seq: Sequence) -> bool:
+        p = seq.params
+        return p.threshold is not None and p.max_block_passes is not None and seq.block_steps + 1 >= p.max_block_passes
 
     @staticmethod
     def _denoise(seq: Sequence, picks: Picks) -> None:
-        assert seq.block is not None
-        open_positions = BlockDiffusion._open_positions(seq)
+        assert seq.block is not None and seq.tentative is not None
+        predicted = BlockDiffusion._open_positions(seq)
+        was_tentative = seq.tentative[predicted]
+        if was_tentative.any():
+            BlockDiffusion._verify(seq, predicted[was_tentative], picks.subset(np.flatnonzero(was_tentative)))
+        # a token masked again just now is predicted in this very pass (its input was masked): it may come back
+        still_open = seq.block[predicted] == seq.spec.mask_token_id
+        open_positions, picks = predicted[still_open], picks.subset(np.flatnonzero(still_open))
         tokens, confidence = picks.tokens, picks.confidence
         p = seq.params
-        if p.threshold is not None:
+        last = BlockDiffusion._last_pass(seq)
+        if last:
+            chosen = np.ones(len(open_positions), dtype=bool)  # the pass cap: commit whatever is left
+        elif p.threshold is not None:
             chosen = confidence >= p.threshold
-            chosen[np.argmax(confidence)] = True
+            if len(chosen):
+                chosen[np.argmax(confidence)] = True
         else:
             share = math.ceil(len(open_positions) / max(p.steps - seq.block_steps, 1))
             chosen = np.zeros(len(open_positions), dtype=bool)
             chosen[np.argsort(-confidence, kind="stable")[:share]] = True
         seq.block[open_positions[chosen]] = tokens[chosen]
+        # with re-masking budget left, what this pass committed is checked by the next one (never on the last)
+        seq.tentative[open_positions[chosen]] = BlockDiffusion._remask_budget(seq) > 0 and not last
         if seq.scored:
             for j in np.flatnonzero(chosen).tolist():
                 seq.block_scores[int(open_positions[j])] = seq.score(picks, j)
         seq.block_steps += 1
         BlockDiffusion._finish_if_settled(seq)
+
+    @staticmethod
+    def _verify(seq: Sequence, positions: np.ndarray, picks: Picks) -> None:
+        """The tentative tokens at `positions`, re-scored by a pass that saw their positions masked: each whose
+        probability is below `remask_threshold` is masked again (least confident first, within the block's budget),
+        the rest are confirmed. A token missing from the K candidates has at most the K-th candidate's probability,
+        which stands in for it."""
+        assert seq.block is not None and seq.tentative is not None and seq.params.remask_threshold is not None
+        committed = seq.block[positions]
+        hit = picks.candidate_tokens == committed[:, None]
+        probs = np.exp(picks.candidate_log_probs)
+        confidence = np.where(hit.any(axis=1), (probs * hit).sum(axis=1), probs[:, -1])
+        low = np.flatnonzero(confidence < seq.params.remask_threshold)
+        for j in low[np.argsort(confidence[low], kind="stable")][: BlockDiffusion._remask_budget(seq)].tolist():
+            seq.block[positions[j]] = seq.spec.mask_token_id
+            seq.block_scores[int(positions[j])] = None
+            seq.block_remasks += 1
+        seq.tentative[positions] = False
 
     @staticmethod
     def _limit(seq: Sequence) -> int:
@@ -275,8 +354,9 @@ class BlockDiffusion:
     def _finish_if_settled(seq: Sequence) -> None:
         """Finish at an end token with everything before it committed; write the block once it is complete."""
         assert seq.block is not None
+        assert seq.tentative is not None
         limit = BlockDiffusion._limit(seq)
-        open_ = seq.block[:limit] == seq.spec.mask_token_id
+        open_ = (seq.block[:limit] == seq.spec.mask_token_id) | seq.tentative[:limit]  # tentative: not settled yet
         first_open = int(np.argmax(open_)) if open_.any() else limit
         settled = seq.block[1:first_open]
         reaches_max_tokens = limit == seq.params.max_tokens - len(seq.tokens) + 1
@@ -349,15 +429,18 @@ def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0) -> None:
     position_ids = np.zeros((b, t), dtype=np.int64)
     new_mask = np.zeros((b, t), dtype=np.int64)
     logit_positions = np.empty((b, n), dtype=np.int64)
-    for i, p in enumerate(plans):
+    no_eos = np.zeros((b, n), dtype=bool)  # predictions for answer tokens at which no end token may be chosen
+    for i, (seq, p) in enumerate(zip(seqs, plans)):
         k, m = len(p.tokens), len(p.predict)
         input_ids[i, :k], position_ids[i, :k], new_mask[i, :k] = p.tokens, p.positions, 1
         logit_positions[i, :m], logit_positions[i, m:] = p.predict, p.predict[-1]  # padding repeats a real one
+        no_eos[i, :m] = p.targets < seq.params.eos_allowed_from
     slots = np.array([s.slot for s in seqs], dtype=np.int64)
     starts = np.array([s.cache_length for s in seqs], dtype=np.int64)
     causal = np.array([p.causal for p in plans])
     candidates = runtime.forward(slots, input_ids, position_ids, new_mask, starts, causal, logit_positions)
-    picks = pick(candidates, seqs, [len(p.predict) for p in plans])
+    eos_ids = np.fromiter(seqs[0].spec.eos_token_ids, dtype=np.int64)
+    picks = pick(candidates, seqs, [len(p.predict) for p in plans], no_eos if no_eos.any() else None, eos_ids)
     counts = np.zeros(b, dtype=np.int64)
     for i, seq in enumerate(seqs):
         seq.forwards += 1
