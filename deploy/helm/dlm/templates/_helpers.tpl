@@ -122,3 +122,12 @@ scaleDown:
       value: {{ .Values.autoscaling.scaleDownPodsPerMinute }}
       periodSeconds: 60
 {{- end }}
+
+{{/* An image reference: repository@digest when a digest is given, else repository:tag. */}}
+{{- define "dlm.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (.image.tag | default .default) }}
+{{- end }}
+{{- end }}
