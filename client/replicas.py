@@ -378,7 +378,8 @@ class ReplicaPool:
             await asyncio.sleep(self.probe_interval)
             try:
                 now = time.monotonic()
-                if now >= next_resolve and any(not t.is_address for t in self.targets):
+                # no replica known yet (the name did not resolve at start): resolve at every round until one is
+                if (now >= next_resolve or not self.replicas) and any(not t.is_address for t in self.targets):
                     next_resolve = now + self.resolve_interval
                     await self.refresh()
                 else:

@@ -212,13 +212,22 @@ def test_the_pool_follows_dns_and_drains_a_vanished_replica():
     asyncio.run(main())
 
 
-def test_an_unresolvable_name_leaves_the_pool_empty_and_says_why():
+def test_an_unresolvable_name_leaves_the_pool_empty_and_says_why_until_it_resolves():
+    dns: dict[str, list[str]] = {}
+
     async def main() -> None:
-        pool = pool_of(World(), "nowhere:8001")
+        pool = pool_of(World(A), "svc:8001", dns=dns, probe_interval=0.02)  # resolve_interval stays an hour
         await pool.start()
         assert not await pool.is_ready() and pool.status()["ready"] is False
-        with pytest.raises(ServerUnavailable, match="no Triton replica at nowhere:8001.*not known"):
+        with pytest.raises(ServerUnavailable, match="no Triton replica at svc:8001.*not known"):
             await pool.generate("x")
+        dns["svc"] = ["10.0.0.1"]  # the first pod became ready: an empty pool resolves at every round
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if await pool.is_ready():
+                break
+        assert states(pool) == {A: HEALTHY} and "resolve_errors" not in pool.status()
+        assert (await pool.generate("x")).text == "abcd"
         await pool.close()
 
     asyncio.run(main())
