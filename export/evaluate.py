@@ -3,8 +3,9 @@
     python -m export.evaluate [--checkpoint export/miniature] [--out artifacts/quality] [--count N]
         [--artifact DIR [--runtime onnxruntime]]   # score a built ONNX / FP8 / INT8 graph instead of eager PyTorch
 
-For each task it decodes the held-out set with `ar`, `speculative`, `diffusion` at thresholds 0.5 to 0.99, and
-`diffusion` with a fixed number of steps per block. It reports exact match, tokens per forward (generated tokens up
+For each task it decodes the held-out set with `ar`, `speculative`, `diffusion` at thresholds 0.5 to 0.99,
+`diffusion` with a fixed number of steps per block, and `diffusion` with self-correction by re-masking at a few
+thresholds (to compare with plain threshold decoding at matched tokens per forward). It reports exact match, tokens per forward (generated tokens up
 to and including the first end token, divided by the forward passes after the prompt's prefill) and the
 parallel-hallucination rate (problems `ar` gets right and the diffusion setting gets wrong); writes `quality.json`
 and `quality.png`.
@@ -23,6 +24,7 @@ from export.tasks import TASKS, Problem, held_out_set
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 STEPS = (1, 2, 4, 8, 16, 32)
+REMASK = ((0.5, 0.5), (0.7, 0.5), (0.9, 0.5), (0.5, 0.8))  # (threshold, remask_threshold)
 DEFAULT_COUNTS = {"addition": 500, "upper": 200}
 
 
@@ -33,6 +35,7 @@ class Score:
     mode: str
     threshold: float | None
     steps: int | None
+    remask_threshold: float | None
     accuracy: float
     tokens_per_forward: float
     hallucination_rate: float | None  # share of problems ar gets right and this setting wrong
@@ -43,6 +46,8 @@ def settings() -> list[tuple[str, GenerationParams]]:
     out = [("ar", GenerationParams(mode="ar")), ("speculative", GenerationParams(mode="speculative"))]
     out += [(f"diffusion t={t}", GenerationParams(mode="diffusion", threshold=t)) for t in THRESHOLDS]
     out += [(f"diffusion steps={s}", GenerationParams(mode="diffusion", threshold=None, steps=s)) for s in STEPS]
+    out += [(f"diffusion t={t} remask={r}", GenerationParams(mode="diffusion", threshold=t, remask_threshold=r))
+            for t, r in REMASK]
     return out
 
 
@@ -75,7 +80,7 @@ def evaluate(generator: InProcessGenerator, counts: dict[str, int], batch: int =
             score = Score(
                 task, name, params.mode, params.threshold if params.mode == "diffusion" else None,
                 params.steps if params.mode == "diffusion" and params.threshold is None else None,
-                sum(correct) / len(problems), tokens / max(forwards, 1),
+                params.remask_threshold, sum(correct) / len(problems), tokens / max(forwards, 1),
                 hallucinations if params.mode == "diffusion" else None, seconds,
             )
             scores.append(score)
@@ -97,7 +102,7 @@ def plot(scores: list[Score], path: Path) -> None:
     for task in TASKS:
         rows = [s for s in scores if s.task == task]
         ar = next(s for s in rows if s.mode == "ar")
-        by_threshold = [s for s in rows if s.threshold is not None]
+        by_threshold = [s for s in rows if s.threshold is not None and s.remask_threshold is None]
         by_steps = [s for s in rows if s.steps is not None]
         line = axes[0][0].plot([s.threshold for s in by_threshold], [s.accuracy for s in by_threshold], "o-", label=task)
         color = line[0].get_color()

@@ -18,13 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlm.delayed import DelayedCalls  # noqa: E402
 from dlm.inputs import Defaults, InvalidInput, Limits, parse_request  # noqa: E402
+from dlm.planner import PassLimits  # noqa: E402
 from dlm.refine import TokenSpec  # noqa: E402
 from dlm.runtime import choose_runtime, load_runtime  # noqa: E402
 from dlm.scheduler import Cancelled, Job, QueueFull, Scheduler, ShuttingDown  # noqa: E402
 from dlm.text import TextCodec, TextStream  # noqa: E402
 
 INPUTS = ("text_input", "max_tokens", "stream", "temperature", "seed", "stop_words", "mode", "block_length",
-          "threshold", "steps", "top_k", "top_p", "return_log_probs", "top_logprobs")
+          "threshold", "steps", "top_k", "top_p", "return_log_probs", "top_logprobs", "remask_threshold",
+          "max_remasks", "min_tokens", "min_length", "ignore_eos", "exclude_input_in_output", "sampling_parameters")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -124,16 +126,18 @@ def log_prob_tensors(codec: TextCodec, seq: Any, start: int, end: int, alternati
 
 class Responder:
     """One request's responses (the scheduler's consumer): deltas when streaming, else the whole text at the end.
-    With `logprobs` set, each response also carries the log probs of the tokens its text delivered."""
+    With `logprobs` set, each response also carries the log probs of the tokens its text delivered. `prefix` (the
+    prompt, when the request set exclude_input_in_output false) comes before the text: the first delta streamed."""
 
     def __init__(self, sender: Any, codec: TextCodec, stream: bool, stop_words: list[str], later: DelayedCalls,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, prefix: str = ""):
         self.sender = sender
         self.later = later
         self.stream = stream
         self.codec = codec
         self.text = TextStream(codec, stop_words)
-        self.unsent = ""  # text decoded but not yet sent
+        self.prefix = prefix
+        self.unsent = prefix if stream else ""  # text decoded but not yet sent
         self.logprobs = logprobs  # alternatives per token, or None for no log probs
         self.tokens_sent = 0  # tokens whose log probs have been sent
 
@@ -148,7 +152,7 @@ class Responder:
         if stopped and not job.finished:
             return True  # the scheduler ends the job and calls back for the final response
         if job.finished or (self.stream and self.unsent):
-            text = self.unsent if self.stream else self.text.text
+            text = self.unsent if self.stream else self.prefix + self.text.text
             self.unsent = ""
             seq = job.seq
             outputs = [
@@ -215,9 +219,11 @@ class TritonPythonModel:
         # cancellation cut short.
         delay = float(parameters.get("cancelled_final_delay") or 0)
         self.cancelled_finals = DelayedCalls(delay, name="dlm-cancelled-finals")
+        # what one engine pass may hold: the artifact's profile, and a token budget (B x T, padding included)
+        limits = PassLimits.from_profile(profile, integer("max_num_tokens"))
         self.scheduler = Scheduler(
             runtime, self.spec, max_live=max_live, max_queue=integer("max_queue") or 0, context=context,
-            observer=self.metrics, pad_token_id=int(model_config.get("pad_token_id") or 0),
+            observer=self.metrics, pad_token_id=int(model_config.get("pad_token_id") or 0), limits=limits,
         )
         pb_utils.Logger.log_info(
             f"dlm: {name} runtime over {artifact_dir}, {max_live} slots of {context} positions, "
@@ -242,7 +248,7 @@ class TritonPythonModel:
             parsed = parse_request(get, self.defaults, self.limits, self.spec.block_size)
             mode = parsed.params.mode
             responder = Responder(sender, self.codec, parsed.stream, parsed.stop_words, self.cancelled_finals,
-                                  parsed.params.logprobs)
+                                  parsed.params.logprobs, parsed.text if parsed.echo else "")
             try:
                 self.scheduler.submit(self.codec.encode(parsed.text), parsed.params, responder)
             except ValueError as e:  # the prompt does not fit the context

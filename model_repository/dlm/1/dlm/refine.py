@@ -7,7 +7,8 @@ engine's K candidates, never full-vocabulary logits), commits tokens, and return
 key/value columns the row keeps in its KV cache. `step` runs one engine pass over any mix of sequences and modes,
 so the same loop serves `generate` here and the continuous-batching scheduler in Triton.
 
-Every pass a row takes part in counts as one forward for it; the prompt's prefill is the first. Block layout: the
+Every pass a row takes part in counts as one forward for it; the prompt's prefill is the first (a prompt longer
+than the pass planner's chunk is prefilled in several causal passes, `dlm.planner`, each a forward). Block layout: the
 causal pass (the prefill, or the pass that writes a finished block into the cache) predicts the block's first token,
 the seed; the remaining `block_length - 1` positions start masked.
 """
@@ -21,6 +22,7 @@ from typing import Any, Iterable, Protocol
 import numpy as np
 
 from dlm.candidates import Picks, Score, pick
+from dlm.planner import PassLimits, group_rows
 from dlm.runtime import Runtime
 
 MODES = ("ar", "diffusion", "speculative")
@@ -134,6 +136,7 @@ class Sequence:
     block_start: int = 0
     block_steps: int = 0
     phase: str = "prefill"
+    prefill_chunk: int | None = None  # prompt tokens per prefill pass (None: the whole prompt in one)
     # aligned with `tokens` when `params.logprobs` is set: log prob of each token and its best alternatives
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -191,10 +194,18 @@ class Sequence:
 
 
 def prefill_pass(seq: Sequence) -> Pass:
-    n = len(seq.prompt)
-    last = np.array([n - 1], dtype=np.int64)
+    """The next chunk of the prompt, after the `cache_length` tokens already in the cache."""
+    start = seq.cache_length
+    end = len(seq.prompt) if seq.prefill_chunk is None else min(len(seq.prompt), start + seq.prefill_chunk)
+    last = np.array([end - start - 1], dtype=np.int64)
     first = np.array([len(seq.tokens)], dtype=np.int64)
-    return Pass(np.asarray(seq.prompt, dtype=np.int64), np.arange(n, dtype=np.int64), True, last, first)
+    positions = np.arange(start, end, dtype=np.int64)
+    return Pass(np.asarray(seq.prompt[start:end], dtype=np.int64), positions, True, last, first)
+
+
+def prompt_left(seq: Sequence) -> int:
+    """Prompt tokens not yet in the cache: the last prefill chunk's length, once only one chunk is left."""
+    return len(seq.prompt) - seq.cache_length
 
 
 def block_pass(seq: Sequence, causal: bool, predict: np.ndarray) -> Pass:
@@ -229,7 +240,7 @@ class AutoRegressive:
 
     @staticmethod
     def update(seq: Sequence, picks: Picks) -> int:
-        keep = len(seq.prompt) if seq.phase == "prefill" else 1
+        keep = prompt_left(seq) if seq.phase == "prefill" else 1
         seq.phase = "decode"
         seq.finish_with(picks.tokens[-1:], [seq.score(picks, 0)])
         return keep
@@ -260,7 +271,7 @@ class BlockDiffusion:
                 # the seed was appended when the block opened
                 seq.finish_with(seq.block[1:], seq.block_scores[1:])
             else:
-                keep = len(seq.prompt)
+                keep = prompt_left(seq)
             if not seq.done:
                 BlockDiffusion._open(seq, int(picks.tokens[-1]), keep, seq.score(picks, len(picks.tokens) - 1))
             return keep
@@ -383,7 +394,7 @@ class SelfSpeculative:
     @staticmethod
     def update(seq: Sequence, picks: Picks) -> int:
         if seq.phase == "prefill":
-            keep = len(seq.prompt)
+            keep = prompt_left(seq)
             SelfSpeculative._open(seq, int(picks.tokens[-1]), keep, seq.score(picks, 0))
             return keep
         assert seq.block is not None
@@ -420,9 +431,10 @@ class Strategy(Protocol):
 STRATEGIES: dict[str, Strategy] = {"ar": AutoRegressive, "diffusion": BlockDiffusion, "speculative": SelfSpeculative}
 
 
-def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0) -> None:
-    """One engine pass over every sequence in `seqs` (any mix of modes); commits their tokens and KV columns."""
-    plans = [seq.strategy.plan(seq) for seq in seqs]
+def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0, plans: list[Pass] | None = None) -> None:
+    """One engine pass over every sequence in `seqs` (any mix of modes); commits their tokens and KV columns.
+    `plans` are the rows' plans when the caller has made them already (the pass planner has)."""
+    plans = plans if plans is not None else [seq.strategy.plan(seq) for seq in seqs]
     b, t = len(plans), max(len(p.tokens) for p in plans)
     n = max(len(p.predict) for p in plans)
     input_ids = np.full((b, t), pad_token_id, dtype=np.int64)
@@ -442,11 +454,27 @@ def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0) -> None:
     eos_ids = np.fromiter(seqs[0].spec.eos_token_ids, dtype=np.int64)
     picks = pick(candidates, seqs, [len(p.predict) for p in plans], no_eos if no_eos.any() else None, eos_ids)
     counts = np.zeros(b, dtype=np.int64)
-    for i, seq in enumerate(seqs):
+    for i, (seq, plan) in enumerate(zip(seqs, plans)):
         seq.forwards += 1
-        counts[i] = seq.strategy.update(seq, picks[i])
+        if seq.phase == "prefill" and len(plan.tokens) < prompt_left(seq):
+            counts[i] = len(plan.tokens)  # a prefill chunk before the last: into the cache, nothing to choose
+        else:
+            counts[i] = seq.strategy.update(seq, picks[i])
         seq.cache_length += int(counts[i])
     runtime.commit(slots, starts, counts)
+
+
+def plan_step(seqs: list[Sequence], limits: PassLimits | None) -> list[tuple[list[Sequence], list[Pass]]]:
+    """The passes of one step over `seqs`: every row's plan, grouped by the pass planner into passes that fit
+    `limits` (None: one pass for all, as a plain module without a profile runs)."""
+    if limits is not None:
+        for seq in seqs:
+            seq.prefill_chunk = limits.chunk
+    plans = [seq.strategy.plan(seq) for seq in seqs]
+    if limits is None:
+        return [(seqs, plans)]
+    groups = group_rows([(len(p.tokens), s.cache_length) for s, p in zip(seqs, plans)], limits)
+    return [([seqs[i] for i in group], [plans[i] for i in group]) for group in groups]
 
 
 @dataclass
@@ -464,8 +492,10 @@ def generate(
     prompts: list[list[int]],
     params: GenerationParams | list[GenerationParams],
     spec: TokenSpec,
+    limits: PassLimits | None = None,
 ) -> list[Generation]:
-    """Decode a batch to the end, every row in the same engine passes; rows that finish stop changing."""
+    """Decode a batch to the end, the rows sharing passes as the pass planner groups them (by default from the
+    runtime's artifact profile, if it has one); rows that finish stop changing."""
     params_list = params if isinstance(params, list) else [params] * len(prompts)
     seqs = [Sequence(list(p), q, spec, slot=i) for i, (p, q) in enumerate(zip(prompts, params_list))]
     context = max(s.context_needed for s in seqs)
@@ -476,9 +506,12 @@ def generate(
         )
     if runtime.slots < len(seqs) or runtime.context < context:
         runtime.allocate(max(len(seqs), runtime.slots), max(context, runtime.context))
+    profile = getattr(runtime, "profile", None)
+    limits = limits or (PassLimits.from_profile(profile) if profile is not None else None)
     live = list(seqs)
     while live:
-        step(runtime, live)
+        for group, plans in plan_step(live, limits):
+            step(runtime, group, plans=plans)
         live = [s for s in live if not s.done]
     return [
         Generation(s.output, len(s.tokens), s.forwards, s.finish_reason or "length", s.logprobs[: len(s.output)],

@@ -3,8 +3,10 @@
 A request waits in a bounded FIFO queue until a KV-cache slot is free; it joins the live batch at the next step,
 whatever its mode and parameters, and leaves it (freeing its slot) in the step it finishes, is cancelled, or is
 stopped by its consumer. The runtime's cache is allocated once, at start, for `max_live` slots of `context`
-positions. Each step calls `refine.step` (the same loop `refine.generate` runs offline), then tells each request's
-consumer what was committed. A pass that raises fails only the requests that took part in it.
+positions. Each step plans its passes (`refine.plan_step`: the pass planner groups the live rows into passes that
+fit the artifact's profile and the per-pass token budget, prefilling long prompts in chunks), runs them with
+`refine.step` (the same loop `refine.generate` runs offline), then tells each request's consumer what was
+committed. A pass that raises fails only the requests that took part in it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dlm.refine import GenerationParams, Sequence, TokenSpec, step
+from dlm.planner import PassLimits
+from dlm.refine import GenerationParams, Sequence, TokenSpec, plan_step, step
 from dlm.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -88,9 +91,14 @@ class Scheduler:
         context: int,
         observer: Observer | None = None,
         pad_token_id: int = 0,
+        limits: PassLimits | None = None,
     ):
+        """`limits`: what one pass may hold; by default the runtime's artifact profile (when it has one) with a
+        budget of one longest prefill."""
         if max_live < 1 or max_queue < 0:
             raise ValueError(f"max_live must be >= 1 and max_queue >= 0, got {max_live} and {max_queue}")
+        profile = getattr(runtime, "profile", None)
+        self.limits = limits or (PassLimits.from_profile(profile) if profile is not None else None)
         self.runtime, self.spec, self.observer = runtime, spec, observer
         self.max_live, self.max_queue, self.context = max_live, max_queue, context
         self.pad_token_id = pad_token_id
@@ -116,6 +124,12 @@ class Scheduler:
                 f"the prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) + one block exceeds the "
                 f"{self.context} positions a request may use here"
                 + (f"; max_tokens must be at most {room} for this prompt" if room >= 1 else "; shorten the prompt")
+                + " (the limit is config.pbtxt's context, at most the artifact's --max-context)"
+            )
+        if self.limits is not None and seq.block_length > self.limits.max_block:
+            raise ValueError(
+                f"block_length {seq.block_length} exceeds the {self.limits.max_block} positions one pass of this "
+                f"artifact may predict; rebuild it with a larger --max-block"
             )
         return seq
 
@@ -195,21 +209,23 @@ class Scheduler:
             return True
 
     def _step(self) -> None:
-        jobs = list(self._live)
-        start = time.perf_counter()
-        try:
-            step(self.runtime, [job.seq for job in jobs], self.pad_token_id)
-        except Exception as error:  # noqa: BLE001 - one failed pass fails its requests, never the server
-            for job in jobs:
-                self._leave(job, "error", RuntimeError(f"the engine pass failed: {error}"))
-            return
-        seconds = time.perf_counter() - start
-        for job in jobs:
-            if job.seq.done:
-                self._leave(job, job.seq.finish_reason or "length")
-            elif len(job.seq.tokens) > job.reported:
-                self._report(job)
-        self._observe("step", seconds, len(jobs))
+        jobs = {id(job.seq): job for job in self._live}
+        for seqs, plans in plan_step([job.seq for job in jobs.values()], self.limits):
+            group = [jobs[id(seq)] for seq in seqs]
+            start = time.perf_counter()
+            try:
+                step(self.runtime, seqs, self.pad_token_id, plans)
+            except Exception as error:  # noqa: BLE001 - one failed pass fails its requests, never the server
+                for job in group:
+                    self._leave(job, "error", RuntimeError(f"the engine pass failed: {error}"))
+                continue
+            seconds = time.perf_counter() - start
+            for job in group:
+                if job.seq.done:
+                    self._leave(job, job.seq.finish_reason or "length")
+                elif len(job.seq.tokens) > job.reported:
+                    self._report(job)
+            self._observe("step", seconds, len(group))
 
     def _report(self, job: Job) -> None:
         """Tell the consumer what was committed; it may stop the job, and one that cannot be told has gone."""
