@@ -14,7 +14,7 @@ DEEP_PROMPT = "2+" * 200  # 400 characters, then 200 tokens of ar: the cache pas
 
 
 def test_a_long_prompt_beside_a_deep_answer_fails_neither(triton):
-    results: dict[str, object] = {}
+    results: dict = {}
 
     def deep() -> None:
         try:
