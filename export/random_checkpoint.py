@@ -59,7 +59,7 @@ def real_scale_config(num_hidden_layers: int = 2, hidden_size: int = 1024, inter
 
 def byte_level_tokenizer(vocab_size: int, seed: int = 0) -> str:
     """tokenizer.json of a byte-level BPE in which every id below `vocab_size` is a token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from tokenizers.pre_tokenizers import ByteLevel
 
     byte_of = byte_level_alphabet()
@@ -78,6 +78,7 @@ def byte_level_tokenizer(vocab_size: int, seed: int = 0) -> str:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS.values()))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tokenizer.to_str()
 
 

@@ -132,3 +132,36 @@ def test_eos_list_and_config_round_trip(tiny_config_dict, tmp_path):
     config.save(tmp_path)
     again = ModelConfig.from_file(tmp_path)
     assert again == config
+
+
+def test_loading_builds_no_random_model_and_keeps_the_checkpoint_dtype(tmp_path, monkeypatch):
+    """The module is made on the meta device and takes the checkpoint's tensors: no parameter is initialised
+    (nn.Linear's reset_parameters never runs on real memory) and a bf16 checkpoint loads as bf16."""
+    import torch
+    from torch import nn
+
+    from conftest import random_tiny_model
+    from export.checkpoint import load_checkpoint, save_checkpoint
+
+    model = random_tiny_model()
+    save_checkpoint(model, tmp_path, dtype="bfloat16")
+    initialised: list[torch.device] = []
+    original = nn.Linear.reset_parameters
+
+    def spy(self):
+        initialised.append(self.weight.device)
+        original(self)
+
+    monkeypatch.setattr(nn.Linear, "reset_parameters", spy)
+    loaded = load_checkpoint(tmp_path)
+    assert initialised and all(d.type == "meta" for d in initialised)
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in loaded.parameters())
+    assert loaded.inv_freq.device.type == "cpu" and loaded.inv_freq.dtype == torch.float32
+    assert torch.equal(loaded.inv_freq, model.inv_freq)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        want, _ = model.to(torch.bfloat16).full_logits(ids, torch.arange(4)[None], torch.ones(1, 4, dtype=torch.long),
+                                                        model.empty_cache(1), torch.tensor(True))
+        got, _ = loaded.full_logits(ids, torch.arange(4)[None], torch.ones(1, 4, dtype=torch.long),
+                                    loaded.empty_cache(1), torch.tensor(True))
+    assert torch.equal(got, want)

@@ -20,6 +20,7 @@ from dlm.delayed import DelayedCalls  # noqa: E402
 from dlm.inputs import Defaults, InvalidInput, Limits, parse_request  # noqa: E402
 from dlm.planner import PassLimits  # noqa: E402
 from dlm.refine import TokenSpec  # noqa: E402
+from dlm.special_tokens import check_bos, end_token_ids  # noqa: E402
 from dlm.runtime import choose_runtime, load_runtime  # noqa: E402
 from dlm.scheduler import Cancelled, Job, QueueFull, Scheduler, ShuttingDown  # noqa: E402
 from dlm.text import TextCodec, TextStream  # noqa: E402
@@ -192,7 +193,8 @@ class TritonPythonModel:
         tokenizer_dir, artifact_dir = directory("tokenizer"), directory("artifact")
         model_config = json.loads((tokenizer_dir / "config.json").read_text())
         self.codec = TextCodec(tokenizer_dir)
-        self.spec = TokenSpec.from_config(model_config)
+        check_bos(self.codec.tokenizer, tokenizer_dir)
+        self.spec = TokenSpec.from_config(model_config, end_token_ids(tokenizer_dir))
         self.defaults = Defaults.from_parameters(parameters)
         name = parameters.get("runtime", "auto")
         name = choose_runtime(artifact_dir) if name == "auto" else name

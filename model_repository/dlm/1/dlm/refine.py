@@ -39,11 +39,13 @@ class TokenSpec:
     max_position_embeddings: int
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "TokenSpec":
+    def from_config(cls, config: dict[str, Any], eos_token_ids: frozenset[int] | None = None) -> "TokenSpec":
+        """From config.json's content; `eos_token_ids` (all the checkpoint names, `dlm.special_tokens`) replaces
+        config.json's own `eos_token_id`."""
         eos = config["eos_token_id"]
         return cls(
             mask_token_id=int(config["mask_token_id"]),
-            eos_token_ids=frozenset(int(e) for e in (eos if isinstance(eos, list) else [eos])),
+            eos_token_ids=eos_token_ids or frozenset(int(e) for e in (eos if isinstance(eos, list) else [eos])),
             block_size=int(config["block_size"]),
             max_position_embeddings=int(config["max_position_embeddings"]),
         )
