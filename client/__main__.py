@@ -5,6 +5,7 @@
     printf '12+30=\\n7+8=\\n' | python -m client --protocol http      # one request per line of stdin
 
     python -m client "57+8=" --temperature 0.8 --top-k 5 --top-p 0.9 --logprobs 3
+    python -m client "57+8=" --ignore-eos --max-tokens 32 --echo   # decode to max_tokens, the prompt first
 
 The text goes to stdout (block by block with --stream), then one line of statistics to stderr; with --logprobs N,
 each generated token's log prob and its N best alternatives go to stderr before that line. With --json, stdout gets one
@@ -38,13 +39,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=MODES, help="decoding mode")
     parser.add_argument("--stream", action="store_true", help="print the text block by block as it commits")
     parser.add_argument("--threshold", type=float, help="diffusion: commit every position at least this confident")
-    parser.add_argument("--steps", type=int, help="diffusion: refinement steps per block (when no threshold)")
+    parser.add_argument("--steps", type=int,
+                        help="diffusion: refinement steps per block; with --threshold, the most passes per block")
+    parser.add_argument("--remask-threshold", type=float,
+                        help="diffusion: mask a committed token again when its confidence falls below this")
+    parser.add_argument("--max-remasks", type=int, help="diffusion: re-maskings allowed per block")
     parser.add_argument("--block-length", type=int, help="positions per block")
     parser.add_argument("--max-tokens", type=int, help="most tokens to generate")
     parser.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     parser.add_argument("--top-p", type=float, help="sample among the most likely tokens that reach probability p")
     parser.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per request)")
+    parser.add_argument("--min-tokens", type=int, help="no end token before this many tokens")
+    parser.add_argument("--ignore-eos", action="store_true", help="no end token at all: decode to --max-tokens")
+    parser.add_argument("--echo", action="store_true",
+                        help="the prompt's text before the answer (sends exclude_input_in_output false)")
+    parser.add_argument("--sampling-parameters", metavar="JSON",
+                        help="vLLM's sampling_parameters, a JSON object of settings")
     parser.add_argument("--logprobs", type=int, metavar="N",
                         help="report each token's log prob and its N best alternatives (0: the token's only)")
     parser.add_argument("--stop", action="append", metavar="WORD", help="stop word (repeatable)")
@@ -60,7 +71,9 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     values = {
         "mode": args.mode, "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "seed": args.seed, "stop_words": args.stop, "block_length": args.block_length,
-        "threshold": args.threshold, "steps": args.steps,
+        "threshold": args.threshold, "steps": args.steps, "remask_threshold": args.remask_threshold,
+        "max_remasks": args.max_remasks, "min_tokens": args.min_tokens, "ignore_eos": args.ignore_eos or None,
+        "exclude_input_in_output": False if args.echo else None, "sampling_parameters": args.sampling_parameters,
     }
     if args.logprobs is not None:
         values.update(return_log_probs=True, top_logprobs=args.logprobs)

@@ -166,8 +166,9 @@ class GrpcClient:
     """Blocking client; safe to share between threads (each request borrows its own stream's connection).
 
     `timeout` (seconds, per request) bounds a request end to end; when it passes, the call is cancelled and
-    `Timeout` is raised. Options are the model's inputs: mode, max_tokens, temperature, top_k, top_p, seed,
-    stop_words, block_length, threshold, steps, return_log_probs, top_logprobs."""
+    `Timeout` is raised. Options are the model's inputs (`client.request.Options`): mode, max_tokens, temperature,
+    top_k, top_p, seed, stop_words, block_length, threshold, steps, remask_threshold, max_remasks, min_tokens (or
+    min_length), ignore_eos, exclude_input_in_output, sampling_parameters, return_log_probs, top_logprobs."""
 
     def __init__(self, url: str = "localhost:8001", model: str = "dlm", timeout: float | None = None):
         self.url, self.model, self.timeout = grpc_target(url), model, timeout

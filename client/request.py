@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+import json
+
 import numpy as np
 
 from client.result import InvalidRequest
@@ -31,6 +33,13 @@ INPUT_DTYPES: dict[str, Any] = {
     "steps": np.int32,
     "return_log_probs": np.bool_,
     "top_logprobs": np.int32,
+    "remask_threshold": np.float32,
+    "max_remasks": np.int32,
+    "min_tokens": np.int32,
+    "min_length": np.int32,
+    "ignore_eos": np.bool_,
+    "exclude_input_in_output": np.bool_,
+    "sampling_parameters": np.object_,
 }
 
 
@@ -50,6 +59,13 @@ class Options:
     steps: int | None = None
     return_log_probs: bool | None = None  # each generated token's log prob and raw bytes (`Result.tokens`)
     top_logprobs: int | None = None  # and its n best alternatives (n > 0 implies return_log_probs)
+    remask_threshold: float | None = None  # diffusion: re-mask a committed token whose confidence falls below this
+    max_remasks: int | None = None  # and at most this many per block (absent: the block length)
+    min_tokens: int | None = None  # no end token before this many tokens
+    min_length: int | None = None  # TensorRT-LLM's name for min_tokens
+    ignore_eos: bool | None = None  # no end token at all: decode to max_tokens
+    exclude_input_in_output: bool | None = None  # False: the prompt's text comes before the answer
+    sampling_parameters: str | dict[str, Any] | None = None  # vLLM's JSON of settings (a dict is written as JSON)
 
     @classmethod
     def of(cls, **options: Any) -> "Options":
@@ -67,6 +83,8 @@ class Options:
             out["stop_words"] = [out["stop_words"]] if isinstance(out["stop_words"], str) else list(out["stop_words"])
             if not out["stop_words"]:
                 del out["stop_words"]
+        if isinstance(out.get("sampling_parameters"), dict):
+            out["sampling_parameters"] = json.dumps(out["sampling_parameters"])
         return out
 
 

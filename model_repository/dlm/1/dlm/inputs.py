@@ -4,6 +4,7 @@ and what it allows, so Triton can send it back as the request's error."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -13,6 +14,7 @@ import numpy as np
 from dlm.refine import MODES, GenerationParams
 
 INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
 BYTES_PER_POSITION = 64  # no tokenizer packs more text into one token: a longer prompt cannot fit the context
 MAX_STOP_WORDS, MAX_STOP_WORD_BYTES = 16, 256
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
@@ -83,6 +85,7 @@ class ParsedRequest:
     params: GenerationParams
     stream: bool = False
     stop_words: list[str] = field(default_factory=list)
+    echo: bool = False  # exclude_input_in_output false: the prompt's text comes before the answer
 
 
 def _one(name: str, array: np.ndarray) -> Any:
@@ -102,17 +105,110 @@ def _text(name: str, value: Any) -> str:
     raise InvalidInput(f"input '{name}' must be BYTES (UTF-8 text), got {type(value).__name__}")
 
 
-def _integer(name: str, value: Any, low: int, high: int) -> int:
+def _integer(name: str, value: Any, low: int, high: int, why: str = "") -> int:
     number = int(value)
     if not low <= number <= high:
-        raise InvalidInput(f"{name} must be in [{low}, {high}], got {number}")
+        raise InvalidInput(f"{name} must be in [{low}, {high}]{why}, got {number}")
     return number
+
+
+def _unit(name: str, value: Any, closed: bool) -> float:
+    """A probability-like FP32 input: in (0, 1] when `closed`, else (0, 1); NaN and infinities refused."""
+    number = float(value)
+    if not (0.0 < number < 1.0 or closed and number == 1.0):  # NaN fails this too
+        raise InvalidInput(f"{name} must be in (0, {'1]' if closed else '1)'}, got {number}")
+    return number
+
+
+# vLLM's `sampling_parameters` (a JSON object): each key it may hold, the input it stands for, and its JSON kind.
+# vLLM's own backend sends numbers as strings too ("max_tokens": "16", as genai-perf writes them): a string that
+# spells a value of the key's kind is read as that value. null leaves a key out.
+SAMPLING_KEYS: dict[str, tuple[str, str]] = {
+    "temperature": ("temperature", "float"), "top_p": ("top_p", "float"), "top_k": ("top_k", "int"),
+    "max_tokens": ("max_tokens", "int"), "min_tokens": ("min_tokens", "int"), "seed": ("seed", "int"),
+    "stop": ("stop_words", "words"), "ignore_eos": ("ignore_eos", "bool"),
+    # the DLM controls
+    "mode": ("mode", "text"), "block_length": ("block_length", "int"), "threshold": ("threshold", "float"),
+    "steps": ("steps", "int"), "remask_threshold": ("remask_threshold", "float"),
+    "max_remasks": ("max_remasks", "int"),
+}
+# an input's values compared in its tensor's dtype, so 0.7 as JSON equals 0.7 as FP32
+FP32_INPUTS = frozenset({"temperature", "top_p", "threshold", "remask_threshold"})
+
+
+def _json_value(key: str, kind: str, value: Any) -> Any:
+    where = f"sampling_parameters '{key}'"
+    if kind == "words":
+        words = [value] if isinstance(value, str) else value
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise InvalidInput(f"{where} must be a string or a list of strings, got {json.dumps(value)}")
+        return words
+    if kind == "text":
+        if not isinstance(value, str):
+            raise InvalidInput(f"{where} must be a string, got {json.dumps(value)}")
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise InvalidInput(f"{where} must be true or false, got {json.dumps(value)}")
+    if isinstance(value, str):  # a number written as a string
+        try:
+            value = json.loads(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(f"{where} must be {'an integer' if kind == 'int' else 'a number'}, got {json.dumps(value)}")
+    if kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise InvalidInput(f"{where} must be an integer, got {value}")
+        return int(value)
+    return float(value)
+
+
+def sampling_parameters(raw: Any) -> dict[str, Any]:
+    """vLLM's `sampling_parameters` JSON as {input name: value}; an unknown key is refused by name."""
+    text = _text("sampling_parameters", raw)
+    try:
+        document = json.loads(text)
+    except ValueError as e:
+        raise InvalidInput(f"input 'sampling_parameters' is not valid JSON: {e}") from e
+    if not isinstance(document, dict):
+        raise InvalidInput(f"input 'sampling_parameters' must be a JSON object, got {type(document).__name__}")
+    unknown = sorted(set(document) - set(SAMPLING_KEYS))
+    if unknown:
+        which = f"key {unknown[0]!r} is" if len(unknown) == 1 else f"keys {', '.join(map(repr, unknown))} are"
+        raise InvalidInput(f"sampling_parameters {which} unknown: expected some of {', '.join(SAMPLING_KEYS)}")
+    out = {}
+    for key, value in document.items():
+        if value is None:
+            continue
+        name, kind = SAMPLING_KEYS[key]
+        value = _json_value(key, kind, value)
+        if key == "top_k" and value in (-1, 0):
+            continue  # vLLM's "every candidate"
+        out[name] = value
+    return out
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if isinstance(a, list) or isinstance(b, list):
+        return list(a) == list(b)
+    if name in FP32_INPUTS:
+        with np.errstate(over="ignore"):
+            x, y = np.float32(a), np.float32(b)
+        return bool(x == y or (np.isnan(x) and np.isnan(y)))
+    if isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer)):
+        return int(a) == int(b)
+    return bool(a == b)
 
 
 def parse_request(
     get: Callable[[str], np.ndarray | None], defaults: Defaults, limits: Limits, block_size: int
 ) -> ParsedRequest:
-    """`get(name)` returns an input's array, or None when the request left it out."""
+    """`get(name)` returns an input's array, or None when the request left it out. A setting may also come in
+    `sampling_parameters` (vLLM's JSON); given both ways, the two values must agree."""
     raw = get("text_input")
     if raw is None:
         raise InvalidInput("input 'text_input' is missing: send the prompt as BYTES")
@@ -126,9 +222,46 @@ def parse_request(
     if not text:
         raise InvalidInput("input 'text_input' is empty: send a prompt of at least one character")
 
+    tensors: dict[str, Any] = {}
+
+    def tensor(name: str) -> Any:
+        if name not in tensors:
+            array = get(name)
+            tensors[name] = None if array is None else _one(name, array)
+        return tensors[name]
+
+    # TensorRT-LLM's min_length and vLLM's min_tokens: one setting under two names
+    length, minimum = tensor("min_length"), tensor("min_tokens")
+    if length is not None and minimum is not None and int(length) != int(minimum):
+        raise InvalidInput(f"min_length ({int(length)}) and min_tokens ({int(minimum)}) must agree: they are "
+                           "TensorRT-LLM's and vLLM's names for one setting (give one)")
+    min_name = "min_length" if length is not None else "min_tokens"
+    tensors["min_tokens"] = minimum if minimum is not None else length
+
+    raw_json = get("sampling_parameters")
+    from_json = {} if raw_json is None else sampling_parameters(_one("sampling_parameters", raw_json))
+    stop = get("stop_words")
+    for name, json_value in from_json.items():
+        given = (None if stop is None else [_text("stop_words", w) for w in stop.reshape(-1)]) \
+            if name == "stop_words" else tensor(name)
+        if given is None:
+            continue
+        if name != "stop_words" and isinstance(given, (bytes, np.bytes_)):
+            given = _text(name, given)
+        if not _same(name, given, json_value):
+            key = next(k for k, (n, _) in SAMPLING_KEYS.items() if n == name)
+            shown = given.tolist() if hasattr(given, "tolist") else given
+            input_name = min_name if name == "min_tokens" else name
+            raise InvalidInput(
+                f"sampling_parameters '{key}' ({json.dumps(json_value)}) and input '{input_name}' "
+                f"({json.dumps(shown)}) must agree: they set the same thing (give it once)"
+            )
+        if name == "min_tokens":
+            min_name = "min_tokens"
+
     def value(name: str) -> Any:
-        array = get(name)
-        return None if array is None else _one(name, array)
+        given = tensor(name)
+        return from_json.get(name) if given is None else given
 
     mode = value("mode")
     mode = defaults.mode if mode is None else _text("mode", mode)
@@ -150,15 +283,29 @@ def parse_request(
             f"max_tokens must be in [1, {limits.context - block - 1}] (this server's {limits.context}-position "
             f"context less one block of {block}), got {max_tokens}"
         )
+    min_tokens = value("min_tokens")
+    min_tokens = 0 if min_tokens is None else _integer(min_name, min_tokens, 0, max_tokens, " (at most max_tokens)")
+    ignore_eos = value("ignore_eos")
 
+    # threshold alone: commit by confidence; steps alone: that many passes per block; both: commit by confidence
+    # with at most `steps` passes per block (the last commits what is left)
     threshold, steps = value("threshold"), value("steps")
+    max_block_passes = None
     if threshold is not None:
-        threshold = float(threshold)
-        if not (math.isfinite(threshold) and 0.0 < threshold <= 1.0):
-            raise InvalidInput(f"threshold must be in (0, 1], got {threshold}")
+        threshold = _unit("threshold", threshold, closed=True)
     elif steps is None:
         threshold = defaults.threshold
-    steps = defaults.steps if steps is None else _integer("steps", steps, 1, block)
+    if steps is not None:
+        steps = _integer("steps", steps, 1, block)
+        max_block_passes = steps if threshold is not None else None
+    else:
+        steps = defaults.steps
+
+    remask_threshold, max_remasks = value("remask_threshold"), value("max_remasks")
+    if remask_threshold is not None:
+        remask_threshold = _unit("remask_threshold", remask_threshold, closed=False)
+    if max_remasks is not None:
+        max_remasks = _integer("max_remasks", max_remasks, 0, INT32_MAX)
 
     temperature = value("temperature")
     temperature = 0.0 if temperature is None else float(temperature)
@@ -168,25 +315,29 @@ def parse_request(
     top_k = value("top_k")
     top_k = None if top_k is None else _integer("top_k", top_k, 1, limits.top_k)
     top_p = value("top_p")
-    if top_p is not None:
-        top_p = float(top_p)
-        if not 0.0 < top_p <= 1.0:  # NaN fails this too
-            raise InvalidInput(f"top_p must be in (0, 1], got {top_p}")
+    top_p = None if top_p is None else _unit("top_p", top_p, closed=True)
 
     return_log_probs, top_logprobs = value("return_log_probs"), value("top_logprobs")
     top_logprobs = 0 if top_logprobs is None else _integer("top_logprobs", top_logprobs, 0, limits.max_top_logprobs)
     logprobs = top_logprobs if top_logprobs > 0 or (return_log_probs is not None and bool(return_log_probs)) else None
 
-    seed, stream, stop = value("seed"), value("stream"), get("stop_words")
+    seed = value("seed")
+    seed = None if seed is None else _integer("seed", seed, 0, UINT64_MAX)
+    stream, exclude = value("stream"), value("exclude_input_in_output")
     params = GenerationParams(
         mode=mode, max_tokens=max_tokens, block_length=block_length, threshold=threshold, steps=steps,
-        temperature=temperature, seed=None if seed is None else int(seed), top_k=top_k, top_p=top_p,
-        logprobs=logprobs,
+        temperature=temperature, seed=seed, top_k=top_k, top_p=top_p, logprobs=logprobs,
+        min_tokens=min_tokens, ignore_eos=bool(ignore_eos) if ignore_eos is not None else False,
+        max_block_passes=max_block_passes, remask_threshold=remask_threshold, max_remasks=max_remasks,
     )
-    stop_words = [] if stop is None else [_text("stop_words", w) for w in stop.reshape(-1)]
+    if stop is not None:
+        stop_words = [_text("stop_words", w) for w in stop.reshape(-1)]
+    else:
+        stop_words = list(from_json.get("stop_words", []))
     if len(stop_words) > MAX_STOP_WORDS or any(len(w.encode()) > MAX_STOP_WORD_BYTES for w in stop_words):
         raise InvalidInput(
             f"stop_words allows at most {MAX_STOP_WORDS} words of at most {MAX_STOP_WORD_BYTES} bytes each, "
             f"got {len(stop_words)} words of up to {max(len(w.encode()) for w in stop_words)} bytes"
         )
-    return ParsedRequest(text, params, bool(stream) if stream is not None else False, stop_words)
+    return ParsedRequest(text, params, bool(stream) if stream is not None else False, stop_words,
+                         echo=exclude is not None and not bool(exclude))
