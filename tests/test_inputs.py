@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -118,3 +119,120 @@ def test_defaults_from_config_parameters():
         Defaults.from_parameters({"max_tokens": "many"})
     with pytest.raises(ValueError, match="mode 'x' is unknown"):
         Defaults.from_parameters({"default_mode": "x"})
+
+
+# --- issue 15: the inputs NVIDIA's benchmarking clients send; issue 12: re-masking and the pass cap --------------
+def test_min_tokens_under_both_names_and_ignore_eos():
+    assert parse(text_input="a").params.min_tokens == 0 and not parse(text_input="a").params.ignore_eos
+    assert parse(text_input="a", min_tokens=5).params.min_tokens == 5
+    assert parse(text_input="a", min_length=np.array([7], dtype=np.int32)).params.min_tokens == 7  # TensorRT-LLM's
+    assert parse(text_input="a", min_length=3, min_tokens=3).params.min_tokens == 3
+    assert parse(text_input="a", max_tokens=10, min_tokens=10).params.min_tokens == 10
+    assert parse(text_input="a", ignore_eos=True).params.ignore_eos
+    assert not parse(text_input="a", ignore_eos=False).params.ignore_eos
+
+
+def test_exclude_input_in_output():
+    assert not parse(text_input="a").echo  # absent: the answer only (DESIGN §5)
+    assert not parse(text_input="a", exclude_input_in_output=True).echo
+    assert parse(text_input="a", exclude_input_in_output=False).echo
+
+
+def test_threshold_with_steps_caps_the_passes_per_block():
+    assert parse(text_input="a", threshold=0.5, steps=3).params.max_block_passes == 3
+    assert parse(text_input="a", threshold=0.5).params.max_block_passes is None
+    assert parse(text_input="a", steps=3).params.max_block_passes is None  # fixed steps, no threshold
+    assert parse(text_input="a").params.max_block_passes is None  # the defaults: the threshold without a cap
+    fixed = Defaults(threshold=None, steps=4)
+    p = parse(fixed, text_input="a", threshold=0.7)
+    assert (p.params.threshold, p.params.steps, p.params.max_block_passes) == (pytest.approx(0.7), 4, None)
+    assert parse(fixed, text_input="a", threshold=0.7, steps=2).params.max_block_passes == 2
+
+
+def test_remasking_inputs():
+    p = parse(text_input="a", remask_threshold=np.array([0.4], dtype=np.float32),
+              max_remasks=np.array([0], dtype=np.int32)).params
+    assert (p.remask_threshold, p.max_remasks) == (pytest.approx(0.4), 0)
+    p = parse(text_input="a").params
+    assert (p.remask_threshold, p.max_remasks) == (None, None)
+
+
+def test_sampling_parameters_map_to_the_inputs():
+    document = {"temperature": 0.5, "top_p": "0.9", "top_k": 5, "max_tokens": "16", "min_tokens": "16", "seed": 7,
+                "stop": "x", "ignore_eos": "true", "mode": "ar", "block_length": 16, "threshold": 0.8, "steps": 4,
+                "remask_threshold": 0.3, "max_remasks": 2}
+    r = parse(text_input="a", sampling_parameters=json.dumps(document))
+    p = r.params
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.min_tokens, p.seed) == (0.5, 0.9, 5, 16, 16, 7)
+    assert (p.ignore_eos, p.mode, p.block_length, p.threshold, p.steps, p.max_block_passes) == (
+        True, "ar", 16, 0.8, 4, 4)
+    assert (p.remask_threshold, p.max_remasks, r.stop_words) == (0.3, 2, ["x"])
+    # genai-perf's vLLM request: numbers as strings
+    p = parse(text_input="a", sampling_parameters='{"max_tokens": "24", "min_tokens": "24"}').params
+    assert (p.max_tokens, p.min_tokens) == (24, 24)
+    assert parse(text_input="a", sampling_parameters='{"stop": ["x", "y"]}').stop_words == ["x", "y"]
+    # vLLM's "every candidate" and null: not set
+    p = parse(text_input="a", sampling_parameters='{"top_k": -1, "seed": null, "ignore_eos": false}').params
+    assert (p.top_k, p.seed, p.ignore_eos) == (None, None, False)
+    assert parse(text_input="a", sampling_parameters="{}").params == parse(text_input="a").params
+
+
+def test_a_setting_given_both_ways_must_agree():
+    p = parse(text_input="a", max_tokens=np.array([8], dtype=np.int32), sampling_parameters='{"max_tokens": 8}')
+    assert p.params.max_tokens == 8
+    p = parse(text_input="a", top_p=np.array([0.7], dtype=np.float32), sampling_parameters='{"top_p": 0.7}').params
+    assert p.top_p == pytest.approx(0.7)  # compared as FP32
+    stop = np.array([b"x"], dtype=np.object_)
+    assert parse(text_input="a", stop_words=stop, sampling_parameters='{"stop": "x"}').stop_words == ["x"]
+    assert parse(text_input="a", min_length=4, sampling_parameters='{"min_tokens": 4}').params.min_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"min_tokens": -1}, r"^min_tokens must be in \[0, 64\] \(at most max_tokens\), got -1$"),
+        ({"min_tokens": 65}, r"^min_tokens must be in \[0, 64\] \(at most max_tokens\), got 65$"),
+        ({"min_length": 9, "max_tokens": 8}, r"^min_length must be in \[0, 8\] \(at most max_tokens\), got 9$"),
+        ({"min_length": 3, "min_tokens": 4}, r"^min_length \(3\) and min_tokens \(4\) must agree"),
+        ({"remask_threshold": 0.0}, r"^remask_threshold must be in \(0, 1\), got 0.0$"),
+        ({"remask_threshold": 1.0}, r"^remask_threshold must be in \(0, 1\), got 1.0$"),
+        ({"remask_threshold": math.nan}, r"^remask_threshold must be in \(0, 1\), got nan$"),
+        ({"remask_threshold": -math.inf}, r"^remask_threshold must be in \(0, 1\), got -inf$"),
+        ({"max_remasks": -1}, r"^max_remasks must be in \[0, 2147483647\], got -1$"),
+        ({"sampling_parameters": "{"}, r"^input 'sampling_parameters' is not valid JSON: "),
+        ({"sampling_parameters": b"\xff"}, r"^input 'sampling_parameters' is not valid UTF-8"),
+        ({"sampling_parameters": "[1, 2]"}, r"^input 'sampling_parameters' must be a JSON object, got list$"),
+        ({"sampling_parameters": '{"n": 2}'}, r"^sampling_parameters key 'n' is unknown: expected some of temperature, "),
+        ({"sampling_parameters": '{"n": 2, "best_of": 3}'}, r"^sampling_parameters keys 'best_of', 'n' are unknown"),
+        ({"sampling_parameters": '{"max_tokens": "many"}'}, r"^sampling_parameters 'max_tokens' must be an integer, "
+                                                             r"got \"many\"$"),
+        ({"sampling_parameters": '{"max_tokens": 1.5}'}, r"^sampling_parameters 'max_tokens' must be an integer, got 1.5"),
+        ({"sampling_parameters": '{"max_tokens": true}'}, r"^sampling_parameters 'max_tokens' must be an integer"),
+        ({"sampling_parameters": '{"temperature": [1]}'}, r"^sampling_parameters 'temperature' must be a number"),
+        ({"sampling_parameters": '{"ignore_eos": "yes"}'}, r"^sampling_parameters 'ignore_eos' must be true or false"),
+        ({"sampling_parameters": '{"stop": [1]}'}, r"^sampling_parameters 'stop' must be a string or a list of str"),
+        ({"sampling_parameters": '{"mode": 3}'}, r"^sampling_parameters 'mode' must be a string, got 3$"),
+        # each value is held to its input's range, named as the input
+        ({"sampling_parameters": '{"max_tokens": 0}'}, r"^max_tokens must be in \[1, 2147483647\], got 0$"),
+        ({"sampling_parameters": '{"max_tokens": 8, "min_tokens": 9}'}, r"^min_tokens must be in \[0, 8\]"),
+        ({"sampling_parameters": '{"top_k": 65}'}, r"^top_k must be in \[1, 64\], got 65$"),
+        ({"sampling_parameters": '{"top_p": 0}'}, r"^top_p must be in \(0, 1\], got 0.0$"),
+        ({"sampling_parameters": '{"seed": -1}'}, r"^seed must be in \[0, 18446744073709551615\], got -1$"),
+        ({"sampling_parameters": '{"seed": 18446744073709551616}'}, r"^seed must be in \[0, 18446744073709551615\]"),
+        ({"sampling_parameters": '{"temperature": NaN}'}, r"^temperature must be a finite number >= 0, got nan$"),
+        ({"sampling_parameters": '{"remask_threshold": 1}'}, r"^remask_threshold must be in \(0, 1\), got 1.0$"),
+        ({"sampling_parameters": '{"mode": "fast"}'}, r"^mode 'fast' is unknown"),
+        ({"sampling_parameters": '{"steps": 33}'}, r"^steps must be in \[1, 32\], got 33$"),
+        ({"sampling_parameters": '{"max_tokens": 8}', "max_tokens": 9},
+         r"^sampling_parameters 'max_tokens' \(8\) and input 'max_tokens' \(9\) must agree: they set the same thing"),
+        ({"sampling_parameters": '{"min_tokens": 2}', "min_length": 3},
+         r"^sampling_parameters 'min_tokens' \(2\) and input 'min_length' \(3\) must agree"),
+        ({"sampling_parameters": '{"stop": "y"}', "stop_words": np.array([b"x"], dtype=np.object_)},
+         r"^sampling_parameters 'stop' \(\[\"y\"\]\) and input 'stop_words' \(\[\"x\"\]\) must agree"),
+        ({"sampling_parameters": '{"mode": "ar"}', "mode": "diffusion"},
+         r"^sampling_parameters 'mode' \(\"ar\"\) and input 'mode' \(\"diffusion\"\) must agree"),
+    ],
+)
+def test_invalid_new_inputs_are_named_with_their_range(inputs, message):
+    with pytest.raises(InvalidInput, match=message):
+        parse(text_input="a", **inputs)
