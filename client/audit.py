@@ -42,8 +42,8 @@ from client.audit_measures import (PICKS, Comparison, Outcome, Summary, compare,
                                    pbtxt_lines, recommend, summarize)
 from client.audit_report import markdown, plot
 from client.chat_template import ChatTemplate
-from client.grpc_client import GrpcClient
-from client.http_client import HttpClient
+from client.grpc_client import GrpcClient, grpc_target
+from client.http_client import HttpClient, http_base
 from client.request import Options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,19 +245,44 @@ def result_record(outcome: Outcome, comparison: Comparison | None, correct: bool
     }
 
 
-def recommendation_record(chosen: Summary | None, pick: str) -> dict[str, Any] | None:
+def recommendation_record(chosen: Summary | None, pick: str, server: dict[str, str] | None) -> dict[str, Any] | None:
     if chosen is None:
         return None
     rate = "" if chosen.tokens_per_second is None else f", {chosen.tokens_per_second:.1f} tokens/s"
     accuracy = "" if chosen.accuracy is None else f", accuracy {chosen.accuracy:.1%}"
+    parameters, per_request = config_parameters(chosen.fields, None if server is None else set(server))
     return {
-        "setting": chosen.name, "request_fields": chosen.fields,
-        "request_fields_json": json.dumps(chosen.fields), "config_parameters": config_parameters(chosen.fields),
+        "setting": chosen.name, "request_fields": chosen.fields, "request_fields_json": json.dumps(chosen.fields),
+        "config_parameters": parameters, "per_request_fields": per_request,
+        "server_parameters": None if server is None else {k: server[k] for k in parameters if k in server},
         "pick": pick, "agreement": chosen.agreement, "accuracy": chosen.accuracy,
         "tokens_per_forward": chosen.tokens_per_forward, "tokens_per_second": chosen.tokens_per_second,
         "summary": f"{chosen.tokens_per_forward:.2f} tokens per forward, agreement with ar {chosen.agreement:.1%}"
                    f"{accuracy}{rate}",
     }
+
+
+def server_parameters(args: argparse.Namespace) -> dict[str, str] | None:
+    """The model's config.pbtxt parameters as the server reports them (Triton's model-config endpoint), or None
+    when it cannot be read."""
+    try:
+        if args.protocol == "grpc":
+            import tritonclient.grpc as grpcclient
+
+            client = grpcclient.InferenceServerClient(grpc_target(args.url))
+            try:
+                config = client.get_model_config(args.model, as_json=True, client_timeout=10)["config"]
+            finally:
+                client.close()
+        else:
+            import httpx
+
+            response = httpx.get(f"{http_base(args.url)}/v2/models/{args.model}/config", timeout=10)
+            response.raise_for_status()
+            config = response.json()
+        return {k: str(v.get("string_value", "")) for k, v in config.get("parameters", {}).items()}
+    except Exception:  # noqa: BLE001 - the recommendation then names every parameter the project's config has
+        return None
 
 
 def console_table(summaries: Sequence[Summary]) -> str:
@@ -283,6 +308,7 @@ def audit(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     grid = load_grid(args.grid) if args.grid else default_grid()
     units, unit_words = units_function(args)
     client = connect(args)
+    parameters = server_parameters(args)
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     progress = Progress(len(prompts) * (1 + len(grid)), 1 + len(grid), enabled=not args.no_progress)
@@ -315,7 +341,7 @@ def audit(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "edit_distance_unit": unit_words,
         "target": {"min_agreement": args.min_agreement, "min_accuracy": args.min_accuracy, "pick": args.pick},
         "settings": [s.to_dict() for s in summaries],
-        "recommendation": recommendation_record(chosen, args.pick),
+        "recommendation": recommendation_record(chosen, args.pick, parameters),
         "prompts": records,
     }
 
@@ -338,9 +364,17 @@ def report(result: dict[str, Any], summaries: list[Summary]) -> str:
         f"recommended ({picked} among the settings that meet the target): {recommendation['setting']}",
         f"  {recommendation['summary']}",
         f"  request fields: {recommendation['request_fields_json']}",
-        "  config.pbtxt parameters (the server's defaults for requests that leave these fields out):",
-        *(f"    {line}" for line in pbtxt_lines(recommendation["config_parameters"])),
     ]
+    if recommendation["config_parameters"]:
+        current = recommendation["server_parameters"]
+        lines.append("  or as the server's defaults, these entries of config.pbtxt's parameters (for requests that "
+                     "leave these fields out)" + (":" if current is None else ", with the server's values now:"))
+        for key, line in zip(recommendation["config_parameters"], pbtxt_lines(recommendation["config_parameters"])):
+            now = "" if current is None else f"  # now {current.get(key, '(absent)')!r}"
+            lines.append(f"    {line}{now}")
+    if recommendation["per_request_fields"]:
+        lines.append(f"  sent with each request (no config.pbtxt parameter of this server sets them): "
+                     f"{', '.join(recommendation['per_request_fields'])}")
     return "\n".join(lines)
 
 

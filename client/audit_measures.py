@@ -115,6 +115,7 @@ class Summary:
     requests: int
     errors: int
     error_examples: list[str] = field(default_factory=list)  # distinct messages, the first few
+    ar_answered: int = 0  # prompts ar answered (the others are compared in no setting)
     compared: int = 0  # prompts both ar and the setting answered
     agreement: float | None = None
     mean_edit_distance: float | None = None
@@ -149,7 +150,7 @@ def summarize(setting: Setting, prompts: Sequence[AuditPrompt], outcomes: Sequen
         if message not in examples and len(examples) < 3:
             examples.append(message)
     summary = Summary(setting.name, dict(setting.fields), len(outcomes), len(errors), examples,
-                      wall_seconds=wall_seconds)
+                      ar_answered=sum(r.ok for r in reference), wall_seconds=wall_seconds)
     done = [o for o in outcomes if o.ok]
     if done:
         summary.tokens = sum(o.num_tokens for o in done)
@@ -176,11 +177,13 @@ def summarize(setting: Setting, prompts: Sequence[AuditPrompt], outcomes: Sequen
 
 
 def eligible(summary: Summary, min_agreement: float | None, min_accuracy: float | None) -> str | None:
-    """Why `summary` cannot be recommended, or None when it meets the target."""
-    if summary.errors:
-        return f"{summary.errors} of {summary.requests} requests failed"
-    if not summary.compared:
-        return "no prompt to compare with ar"
+    """Why `summary` cannot be recommended, or None when it meets the target. A setting must answer every prompt
+    that ar answered (a prompt ar failed on is compared nowhere)."""
+    if not summary.ar_answered:
+        return "ar answered no prompt"
+    if summary.compared < summary.ar_answered:
+        return (f"{summary.ar_answered - summary.compared} of the {summary.ar_answered} prompts ar answered "
+                f"failed")
     if min_agreement is not None and (summary.agreement or 0.0) < min_agreement:
         return f"agreement {summary.agreement:.1%} < {min_agreement:.1%}"
     if min_accuracy is not None:
@@ -194,28 +197,45 @@ def eligible(summary: Summary, min_agreement: float | None, min_accuracy: float 
 def recommend(summaries: Sequence[Summary], min_agreement: float | None, min_accuracy: float | None,
               pick: str = "tokens_per_forward") -> Summary | None:
     """The cheapest setting that meets the target (`ar` included, so one exists whenever ar meets it): the most
-    tokens per forward (or tokens/s), then the higher agreement, then the higher tokens/s."""
+    tokens per forward (or tokens/s); on a tie the higher agreement, then the higher accuracy, then the earlier in
+    the grid (so a tie in tokens per forward is never settled by the noise in tokens/s)."""
     if pick not in PICKS:
         raise ValueError(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
-    candidates = [s for s in summaries if eligible(s, min_agreement, min_accuracy) is None]
+    candidates = [(i, s) for i, s in enumerate(summaries) if eligible(s, min_agreement, min_accuracy) is None]
     if not candidates:
         return None
 
-    def key(s: Summary) -> tuple[float, float, float]:
+    def key(item: tuple[int, Summary]) -> tuple[float, float, float, int]:
+        i, s = item
         primary = s.tokens_per_forward if pick == "tokens_per_forward" else s.tokens_per_second
-        return (primary or 0.0, s.agreement or 0.0, s.tokens_per_second or 0.0)
+        return (primary or 0.0, s.agreement or 0.0, s.accuracy or 0.0, -i)
 
-    return max(candidates, key=key)
+    return max(candidates, key=key)[1]
 
 
-def config_parameters(fields: dict[str, Any]) -> dict[str, str]:
-    """The config.pbtxt parameters that make `fields` the server's defaults: a request that sends none of them
-    then decodes as the setting did. A fixed-steps setting also clears `threshold` (empty: fixed steps)."""
-    out = {CONFIG_PARAMETERS[k]: str(v) for k, v in fields.items() if k in CONFIG_PARAMETERS}
+def config_parameters(fields: dict[str, Any],
+                      available: set[str] | None = None) -> tuple[dict[str, str], list[str]]:
+    """The config.pbtxt parameters that make `fields` the server's defaults (a request that sends none of them then
+    decodes as the setting did), and the fields no parameter can set, which each request must send. `available`:
+    the parameters the server's model has (None: not known, all of CONFIG_PARAMETERS assumed).
+
+    A fixed-steps setting also clears `threshold` (empty: fixed steps). `steps` beside a `threshold` caps each
+    block's passes; the `steps` parameter is the default for requests without a threshold only, so that cap is
+    sent per request."""
+    parameters, per_request = {}, []
+    for name, value in fields.items():
+        key = CONFIG_PARAMETERS.get(name)
+        cap = name == "steps" and "threshold" in fields
+        if key is None or cap or (available is not None and key not in available):
+            per_request.append(name)
+        else:
+            parameters[key] = str(value)
     if fields.get("mode", "diffusion") == "diffusion" and "steps" in fields and "threshold" not in fields:
-        out["threshold"] = ""
-    return out
+        parameters["threshold"] = ""
+    return parameters, per_request
 
 
 def pbtxt_lines(parameters: dict[str, str]) -> list[str]:
-    return [f'{{ key: "{k}", value: {{ string_value: "{v}" }} }}' for k, v in parameters.items()]
+    """The entries of config.pbtxt's `parameters [...]` list, comma-separated as the list needs."""
+    entries = [f'{{ key: "{k}", value: {{ string_value: "{v}" }} }}' for k, v in parameters.items()]
+    return [entry + ("," if i < len(entries) - 1 else "") for i, entry in enumerate(entries)]

@@ -62,17 +62,21 @@ def recommendation_lines(audit: dict[str, Any]) -> list[str]:
     if target["min_accuracy"] is not None:
         wanted.append(f"accuracy ≥ {target['min_accuracy']:.1%}")
     picked = "most tokens per forward" if target["pick"] == "tokens_per_forward" else "highest tokens/s"
-    lines = [f"Target: {' and '.join(wanted)}, no failed request; among the settings that meet it, the one with "
-             f"the {picked}."]
+    lines = [f"Target: {' and '.join(wanted)}, and an answer to every prompt ar answered; among the settings that "
+             f"meet it, the one with the {picked}."]
     recommendation = audit.get("recommendation")
     if recommendation is None:
         lines += ["", "**No setting meets the target** (not even `ar`): see the table for how close each came."]
         return lines
     lines += ["", f"**Recommended: {recommendation['setting']}** — {recommendation['summary']}", "",
               "Request fields:", "", "```json", recommendation["request_fields_json"], "```", "",
-              "or as the server's defaults, `config.pbtxt` parameters (requests that leave these fields out then "
-              "decode this way):", "", "```"]
+              "or as the server's defaults, these entries of `config.pbtxt`'s `parameters` list (replacing those "
+              "with the same keys; requests that leave these fields out then decode this way):", "", "```"]
     lines += pbtxt_lines(recommendation["config_parameters"]) + ["```"]
+    if recommendation["per_request_fields"]:
+        lines += ["", f"No `config.pbtxt` parameter of this server sets "
+                      f"{', '.join(f'`{f}`' for f in recommendation['per_request_fields'])}: send "
+                      f"{'it' if len(recommendation['per_request_fields']) == 1 else 'them'} with each request."]
     return lines
 
 
@@ -133,7 +137,7 @@ def markdown(audit: dict[str, Any], divergence_limit: int = 20) -> str:
             lines.append(f"- **{s['name']}**: {s['errors']} of {s['requests']} failed: "
                          + "; ".join(f"`{m}`" for m in s["error_examples"]))
     target = audit["target"]
-    misses = [f"- {s['name']}: {why}" for s in audit["settings"] if not s["errors"]
+    misses = [f"- {s['name']}: {why}" for s in audit["settings"] if s["errors"] < s["requests"]
               and (why := eligible(Summary(**s), target["min_agreement"], target["min_accuracy"])) is not None]
     lines += ["", "## Settings that miss the target", "", *(misses or ["None."])]
     lines += ["", "## Divergent answers", "",
