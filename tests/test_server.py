@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import MINIATURE, ROOT
 from export.tasks import held_out_set
@@ -119,6 +121,21 @@ INVALID = [
     ({"top_p": float("nan")}, "top_p must be in (0, 1], got nan"),
     ({"top_logprobs": 21}, "top_logprobs must be in [0, 20], got 21"),
     ({"top_logprobs": -1}, "top_logprobs must be in [0, 20], got -1"),
+    ({"min_tokens": -1}, "min_tokens must be in [0, 64] (at most max_tokens), got -1"),
+    ({"min_tokens": 9, "max_tokens": 8}, "min_tokens must be in [0, 8] (at most max_tokens), got 9"),
+    ({"min_length": 65}, "min_length must be in [0, 64] (at most max_tokens), got 65"),
+    ({"min_length": 2, "min_tokens": 3}, "min_length (2) and min_tokens (3) must agree"),
+    ({"remask_threshold": 0.0}, "remask_threshold must be in (0, 1), got 0.0"),
+    ({"remask_threshold": 1.0}, "remask_threshold must be in (0, 1), got 1.0"),
+    ({"remask_threshold": float("nan")}, "remask_threshold must be in (0, 1), got nan"),
+    ({"max_remasks": -1}, "max_remasks must be in [0, 2147483647], got -1"),
+    ({"sampling_parameters": "{max_tokens: 8}"}, "input 'sampling_parameters' is not valid JSON"),
+    ({"sampling_parameters": '"8"'}, "input 'sampling_parameters' must be a JSON object, got str"),
+    ({"sampling_parameters": '{"n": 2}'}, "sampling_parameters key 'n' is unknown: expected some of temperature"),
+    ({"sampling_parameters": '{"max_tokens": "many"}'}, "sampling_parameters 'max_tokens' must be an integer"),
+    ({"sampling_parameters": '{"min_tokens": 65}'}, "min_tokens must be in [0, 64] (at most max_tokens), got 65"),
+    ({"sampling_parameters": '{"max_tokens": 4}', "max_tokens": 8},
+     "sampling_parameters 'max_tokens' (4) and input 'max_tokens' (8) must agree"),
 ]
 
 
@@ -233,3 +250,106 @@ def test_top_k_and_top_p_cut_the_candidates_sampled(triton):
         r = grpc_generate(triton.grpc_url, ENDLESS_PROMPT, **hot, top_k=2, seed=seed, top_logprobs=2)[0]
         best_two = r["output_top_tokens"].tolist()
         assert all(t in pair for t, pair in zip(r["output_tokens"].tolist(), best_two))
+
+
+# --- the inputs NVIDIA's benchmarking clients send (issue 15), re-masking and the pass cap (issue 12) -------------
+@pytest.mark.parametrize("mode", MODES)
+def test_min_tokens_and_ignore_eos_hold_in_every_mode(triton, mode):
+    plain = grpc_generate(triton.grpc_url, SHORT, mode=mode, max_tokens=24)[0]
+    assert plain["finish_reason"] == "stop" and plain["num_tokens"] < 10  # the miniature's answer ends early
+    for name in ("min_tokens", "min_length"):
+        held = grpc_generate(triton.grpc_url, SHORT, mode=mode, max_tokens=24, **{name: 10})[0]
+        # no end token among the first 10: one after them (counted), or none up to max_tokens
+        assert held["num_tokens"] > 10 and len(held["text"]) >= 10, held
+        assert held["text"].startswith(plain["text"]) or mode == "diffusion", held
+    for stream in (False, True):
+        out = grpc_generate(triton.grpc_url, SHORT, mode=mode, max_tokens=24, ignore_eos=True, stream=stream)
+        assert out[-1]["num_tokens"] == 24 and out[-1]["finish_reason"] == "length"
+        assert len("".join(r["text"] for r in out)) == 24  # a character tokenizer: every token is text
+
+
+def test_speculative_with_min_tokens_equals_ar(triton):
+    for values in ({"min_tokens": 12}, {"ignore_eos": True}, {"min_length": 30}):
+        ar = grpc_generate(triton.grpc_url, SHORT, mode="ar", max_tokens=40, **values)[0]
+        speculative = grpc_generate(triton.grpc_url, SHORT, mode="speculative", max_tokens=40, **values)[0]
+        assert speculative["text"] == ar["text"] and speculative["num_tokens"] == ar["num_tokens"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_exclude_input_in_output_false_puts_the_prompt_first(triton, mode):
+    answer = grpc_generate(triton.grpc_url, LONG, mode=mode, max_tokens=48)[0]
+    assert grpc_generate(triton.grpc_url, LONG, mode=mode, max_tokens=48, exclude_input_in_output=True)[0] == answer
+    unary = grpc_generate(triton.grpc_url, LONG, mode=mode, max_tokens=48, exclude_input_in_output=False)[0]
+    assert unary["text"] == LONG + answer["text"] and unary["num_tokens"] == answer["num_tokens"]
+    streamed = grpc_generate(triton.grpc_url, LONG, mode=mode, max_tokens=48, stream=True,
+                             exclude_input_in_output=False)
+    assert streamed[0]["text"].startswith(LONG) and len(streamed) >= 2
+    assert "".join(r["text"] for r in streamed) == LONG + answer["text"]
+    status, body = http_post(triton.http_url, "generate", {"text_input": LONG, "mode": mode, "max_tokens": 48,
+                                                           "exclude_input_in_output": False})
+    assert status == 200 and json.loads(body)["text_output"] == LONG + answer["text"]
+
+
+def test_sampling_parameters_as_vllm_and_genai_perf_send_them(triton):
+    # genai-perf --backend vllm --osl 16: numbers as strings
+    settings = json.dumps({"max_tokens": "16", "min_tokens": "16"})
+    out = grpc_generate(triton.grpc_url, SHORT, sampling_parameters=settings, exclude_input_in_output=True,
+                        stream=True)
+    assert out[-1]["num_tokens"] == 16 and out[-1]["finish_reason"] == "length"
+    settings = json.dumps({"mode": "ar", "max_tokens": 24, "temperature": 0, "stop": ["8"]})
+    expected = grpc_generate(triton.grpc_url, SHORT, mode="ar", max_tokens=24, stop_words=["8"])[0]["text"]
+    assert grpc_generate(triton.grpc_url, SHORT, sampling_parameters=settings)[0]["text"] == expected
+    # given both ways: the same value is accepted
+    assert grpc_generate(triton.grpc_url, SHORT, sampling_parameters=settings, mode="ar")[0]["text"] == expected
+    status, body = http_post(triton.http_url, "generate_stream", {
+        "text_input": SHORT, "stream": True, "exclude_input_in_output": True,
+        "sampling_parameters": json.dumps({"max_tokens": 20, "ignore_eos": True, "temperature": 0.0})})
+    events = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+    assert status == 200 and events[-1]["num_tokens"] == 20 and events[-1]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("block_length", [8, 32])
+def test_threshold_with_steps_caps_the_passes_of_each_block(triton, block_length):
+    request: dict[str, Any] = {"mode": "diffusion", "max_tokens": 64, "ignore_eos": True,
+                               "block_length": block_length}
+    blocks = -(-64 // block_length)
+    uncapped = grpc_generate(triton.grpc_url, SHORT, threshold=0.999, **request)[0]["num_forwards"]
+    for steps in (1, 2, 4):
+        capped = grpc_generate(triton.grpc_url, SHORT, threshold=0.999, steps=steps, **request)[0]
+        # the prefill, then per block at most `steps` denoising passes and the pass that writes it
+        assert capped["num_tokens"] == 64 and capped["num_forwards"] <= 1 + blocks * (steps + 1), capped
+        assert capped["num_forwards"] < uncapped
+    # steps alone is fixed steps per block, as before
+    fixed = grpc_generate(triton.grpc_url, SHORT, steps=2, **request)[0]
+    assert fixed["num_forwards"] <= 1 + blocks * 3
+
+
+def test_remasking_is_accepted_and_a_zero_budget_is_plain_threshold_decoding(triton):
+    request: dict[str, Any] = {"mode": "diffusion", "max_tokens": 64, "ignore_eos": True, "threshold": 0.9}
+    plain = grpc_generate(triton.grpc_url, SHORT, **request)[0]
+    assert grpc_generate(triton.grpc_url, SHORT, **request, remask_threshold=0.9, max_remasks=0)[0] == plain
+    remasked = grpc_generate(triton.grpc_url, SHORT, **request, remask_threshold=0.9)[0]
+    assert remasked["num_tokens"] == 64 and remasked != plain  # re-masking changed what this block committed
+    bounded = grpc_generate(triton.grpc_url, SHORT, **request, remask_threshold=0.9, max_remasks=1, stream=True)
+    assert bounded[-1]["num_tokens"] == 64
+
+
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(mode=st.sampled_from(MODES), prompt=st.sampled_from([SHORT, "57+8=", "upper:abc=", "9+", LONG]),
+       max_tokens=st.integers(1, 40), fraction=st.floats(0, 1), ignore_eos=st.booleans(), stream=st.booleans(),
+       block_length=st.sampled_from([None, 4, 16]), temperature=st.sampled_from([0.0, 1.0]))
+def test_property_no_end_token_before_min_tokens_and_max_tokens_with_ignore_eos(
+        triton, mode, prompt, max_tokens, fraction, ignore_eos, stream, block_length, temperature):
+    min_tokens = int(fraction * max_tokens)
+    values: dict[str, Any] = {"mode": mode, "max_tokens": max_tokens, "min_tokens": min_tokens, "stream": stream,
+                              "temperature": temperature, "seed": 5}
+    if ignore_eos:
+        values["ignore_eos"] = True
+    if block_length:
+        values["block_length"] = block_length
+    last = grpc_generate(triton.grpc_url, prompt, **values)[-1]
+    if ignore_eos:
+        assert last["num_tokens"] == max_tokens and last["finish_reason"] == "length", last
+    else:  # an end token (counted in num_tokens) only after min_tokens tokens, or none at all
+        assert last["num_tokens"] > min_tokens or last["num_tokens"] == max_tokens, last

@@ -203,7 +203,10 @@ def grpc_inputs(text: str, **values) -> list:
              "seed": ("UINT64", np.uint64), "mode": ("BYTES", np.object_), "block_length": ("INT32", np.int32),
              "threshold": ("FP32", np.float32), "steps": ("INT32", np.int32), "stop_words": ("BYTES", np.object_),
              "top_k": ("INT32", np.int32), "top_p": ("FP32", np.float32), "return_log_probs": ("BOOL", bool),
-             "top_logprobs": ("INT32", np.int32)}
+             "top_logprobs": ("INT32", np.int32), "remask_threshold": ("FP32", np.float32),
+             "max_remasks": ("INT32", np.int32), "min_tokens": ("INT32", np.int32), "min_length": ("INT32", np.int32),
+             "ignore_eos": ("BOOL", bool), "exclude_input_in_output": ("BOOL", bool),
+             "sampling_parameters": ("BYTES", np.object_)}
     arrays = {"text_input": np.array([text.encode()], dtype=np.object_)}
     for name, value in values.items():
         values_list = value if isinstance(value, list) else [value]
