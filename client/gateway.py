@@ -12,6 +12,14 @@
   streamed (each chunk carries its own tokens'), in OpenAI's formats (`client/openai_logprobs.py`). An n beyond the
   engine's candidates is refused by the server, with its message.
 - Each request is one gRPC stream to Triton; a client that disconnects (streaming or not) cancels its request there.
+- Several Triton replicas (`client/replicas.py`): `--triton` takes comma-separated `host:port` entries (`dns:///` and
+  `grpc://` prefixes accepted); a name resolves to all its addresses (a Kubernetes headless Service: every pod),
+  re-resolved every 10 s. Each request goes to the healthy replica with the fewest requests in flight; one that fails
+  before its first byte on a replica's fault (unreachable, shutting down, not ready, stream dropped) or its load
+  (queue full) is sent once more to another replica, and a failed replica is ejected, then probed back in every 2 s.
+  A request already answering when its replica dies fails with that error (a 503, or an error event in a stream).
+- `GET /health` (no API key): 200 while any replica is healthy, else 503, with every replica's state and counters;
+  `GET /metrics` (no API key): the same counters in Prometheus' text format.
 - Chat messages become a prompt through the checkpoint's chat template (`--tokenizer`, default the model
   repository's tokenizer folder); `usage.prompt_tokens` counts the prompt with that tokenizer.
 - Errors are OpenAI error objects: 400 for a malformed body or a value the server refuses (with Triton's message),
@@ -35,14 +43,15 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from client.chat_template import ChatTemplate, TemplateError
-from client.grpc_client import AsyncBlockStream, AsyncGrpcClient
+from client.grpc_client import AsyncBlockStream
 from client.openai_logprobs import MAX_LOGPROBS, CompletionLogprobs, chat_logprobs
+from client.replicas import ReplicaPool
 from client.result import Block, DLMError, InvalidRequest, Result, ServerUnavailable, Timeout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,16 +227,16 @@ class Gateway:
 
             self.tokenizer = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json"))
         self.created = int(time.time())
-        self._client: AsyncGrpcClient | None = None
+        self._client: ReplicaPool | None = None
 
     @property
-    def client(self) -> AsyncGrpcClient:
+    def client(self) -> ReplicaPool:
         if self._client is None:
             raise RuntimeError("the gateway's Triton client exists only while the app runs (its lifespan)")
         return self._client
 
     @client.setter
-    def client(self, client: AsyncGrpcClient) -> None:
+    def client(self, client: ReplicaPool) -> None:
         self._client = client
 
     def prompt_tokens(self, prompt: str) -> int:
@@ -288,7 +297,8 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway.client = AsyncGrpcClient(triton_url, model, timeout=timeout)  # inside the serving event loop
+        gateway.client = ReplicaPool(triton_url, model, timeout=timeout)  # inside the serving event loop
+        await gateway.client.start()
         try:
             yield
         finally:
@@ -322,8 +332,15 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ready = await gateway.client.is_ready()
-        return JSONResponse({"triton": gateway.triton_url, "ready": ready}, status_code=200 if ready else 503)
+        status = gateway.client.status()  # ready while any replica is healthy; every replica with its counters
+        return JSONResponse({"triton": gateway.triton_url, **status}, status_code=200 if status["ready"] else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus' text format, without the API key (like /health): the replica pool's counters (requests,
+        errors by cause, ejections, in flight, healthy per replica; retries); other sections append theirs."""
+        sections = [gateway.client.metrics_text()]
+        return Response("".join(sections), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
@@ -492,7 +509,10 @@ async def anext_or_none(stream: AsyncBlockStream) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m client.gateway", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--triton", default="localhost:8001", help="Triton's gRPC address (host:port)")
+    parser.add_argument("--triton", default="localhost:8001",
+                        help="Triton's gRPC address(es): host:port, several separated by commas (port default 8001; "
+                             "dns:/// and grpc:// prefixes accepted); a name stands for all its addresses (a "
+                             "headless Service: every pod), resolved again every 10 s")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--model", default="dlm", help="the Triton model to forward to")

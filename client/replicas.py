@@ -25,6 +25,8 @@ replaces one where a single address was used.
   (its queue is full) it stays in. In both cases the request is sent once more, to another healthy replica. An
   error of the request itself (a bad input, a timeout, a cancellation) is never retried. A replica that fails after
   the first byte is ejected too, and that request fails with its error (its caller already has part of the answer).
+  An error of a replica's that reaches the caller names the replica and why the request was not moved ("Triton
+  replica 10.0.0.1:8001 failed after 3 blocks of the answer had been sent, so it was not retried: Socket closed").
 - **Recovery.** Every `probe_interval` seconds each ejected replica is probed with a fresh gRPC channel (an old one
   may sit in reconnect backoff for minutes): when Triton answers that the model is ready (`is_model_ready`, what
   `/v2/models/dlm/ready` reports; with Triton's default strict readiness `/v2/health/ready` agrees), it is back in.
@@ -228,7 +230,10 @@ class ReplicaPool:
                 except DLMError as error:
                     outcome.append(error)
                     if not self._retry(error, tried):
-                        raise
+                        named = self._named(error, replica, tried)
+                        if named is error:
+                            raise
+                        raise named from error
 
     def generate_stream(self, prompt: str, *, timeout: float | None = None, **options: Any) -> "PooledStream":
         """A stream of `Block`s (an `AsyncBlockStream`); before its first block it may move once to another
@@ -286,6 +291,21 @@ class ReplicaPool:
             return False
         self.retries += 1
         return True
+
+    def _named(self, error: DLMError, replica: Replica, tried: set[str], blocks: int = 0) -> DLMError:
+        """The error as its caller gets it: when the replica failed (or refused for load), a message that names
+        the replica and says why the request was not moved; the request's own errors unchanged."""
+        kind = cause(error)
+        if kind == REQUEST:
+            return error
+        what = "failed" if kind == REPLICA else "refused the request for load"
+        if blocks:
+            why = f"after {blocks} block{'s' if blocks > 1 else ''} of the answer had been sent, so it was not retried"
+        elif len(tried) >= 2:
+            why = "and the request had already been moved once"
+        else:
+            why = "and no other healthy replica was left to move the request to"
+        return type(error)(f"Triton replica {replica.address} {what} {why}: {error}", error.status)
 
     def _none_message(self, exclude: set[str] | frozenset[str]) -> str:
         if not self.replicas:
@@ -473,7 +493,7 @@ class PooledStream(AsyncBlockStream):
         self._inner: AsyncBlockStream | None = None
         self._replica: Replica | None = None
         self._tried: set[str] = set()
-        self._delivered = False
+        self._blocks = 0  # delivered to the caller
         self._done = False
 
     @property
@@ -497,13 +517,16 @@ class PooledStream(AsyncBlockStream):
                 replica = self._replica
                 await self._inner.aclose()
                 self._release(error)
-                if self._delivered or not self._pool._retry(error, self._tried):
+                if self._blocks or not self._pool._retry(error, self._tried):
                     self._done = True
-                    raise
+                    named = self._pool._named(error, replica, self._tried, self._blocks)
+                    if named is error:
+                        raise
+                    raise named from error
                 log.info("request moves from %s to another replica: %s", replica.address, error)
                 self._inner = None
                 continue
-            self._delivered = True
+            self._blocks += 1
             return block
 
     def _open(self) -> None:

@@ -302,10 +302,36 @@ def test_a_request_is_retried_only_once():
         await pool.start()
         pool.replicas[C].in_flight = 5  # C is chosen last
         world.servers[A].up = world.servers[B].up = False
-        with pytest.raises(ServerUnavailable, match="Connection refused"):
+        with pytest.raises(ServerUnavailable, match="Connection refused") as raised:
             await pool.generate("x")
+        assert re.match(rf"Triton replica ({A}|{B}) failed and the request had already been moved once: failed to "
+                        "connect", str(raised.value))
         assert world.servers[C].requests == 0 and pool.retries == 1
         assert states(pool) == {A: EJECTED, B: EJECTED, C: HEALTHY}
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_replica_error_that_reaches_the_caller_names_the_replica_and_why_it_was_not_moved():
+    world = World(A)
+
+    async def main() -> None:
+        pool = pool_of(world, A)
+        await pool.start()
+        world.servers[A].error = ServerUnavailable("the queue is full (64 requests waiting); retry later")
+        with pytest.raises(ServerUnavailable) as raised:
+            await pool.generate("x")
+        assert str(raised.value) == (f"Triton replica {A} refused the request for load and no other healthy replica "
+                                     "was left to move the request to: the queue is full (64 requests waiting); "
+                                     "retry later")
+        assert cause(raised.value) == BUSY and pool.replicas[A].state == HEALTHY
+        world.servers[A].error, world.servers[A].up = None, False
+        with pytest.raises(ServerUnavailable) as raised:
+            await pool.generate_stream("x").drain()
+        assert str(raised.value) == (f"Triton replica {A} failed and no other healthy replica was left to move the "
+                                     f"request to: {REFUSED}")
+        assert cause(raised.value) == REPLICA and raised.value.status == REFUSED.status
         await pool.close()
 
     asyncio.run(main())
@@ -320,8 +346,9 @@ def test_the_requests_own_errors_are_neither_retried_nor_ejecting(error):
         pool = pool_of(world, f"{A},{B}")
         await pool.start()
         world.servers[A].error = world.servers[B].error = error
-        with pytest.raises(type(error)):
+        with pytest.raises(type(error)) as raised:
             await pool.generate("x")
+        assert raised.value is error  # the server's message, unchanged
         assert pool.retries == 0 and states(pool) == {A: HEALTHY, B: HEALTHY}
         assert sum(r.errors[REQUEST] for r in pool.replicas.values()) == 1
         assert sum(world.servers[x].requests for x in (A, B)) == 1
@@ -378,8 +405,10 @@ def test_a_stream_that_fails_after_its_first_block_fails_and_ejects():
         stream = pool.generate_stream("x")
         first = await stream.__anext__()
         assert first.text == "ab" and stream.replica == A
-        with pytest.raises(DLMError, match="closed the stream"):
+        with pytest.raises(DLMError, match="closed the stream") as raised:
             await stream.__anext__()
+        assert str(raised.value) == (f"Triton replica {A} failed after 1 block of the answer had been sent, so it was "
+                                     f"not retried: {DROPPED}")
         await stream.aclose()
         assert world.servers[B].requests == 0 and pool.retries == 0  # the caller already had a block
         assert pool.replicas[A].state == EJECTED and pool.replicas[A].in_flight == 0
