@@ -60,7 +60,7 @@ VARIANTS: dict[str, list[str]] = {
     "fixed": ["--set", "autoscaling.enabled=false", "--set", "triton.replicas=3",
               "--set", "triton.pipInstall.enabled=false", "--set", "triton.adminKey.existingSecret=my-admin",
               "--set", "gateway.apiKey.existingSecret=my-api", "--set", "modelRepository.pvc.subPath=repo",
-              "--set", "triton.modelConfig.generate=false"],
+              "--set", "triton.modelConfig.generate=false", "--set", "metrics.podAnnotations=false"],
     "digests": ["--set", f"triton.image.digest=sha256:{'1' * 64}", "--set", f"gateway.image.digest=sha256:{'2' * 64}"],
     "no-gateway": ["--set", "gateway.enabled=false", "--set", "networkPolicy.extraFrom[0].podSelector.matchLabels.app=bench"],
 }
@@ -471,6 +471,9 @@ def test_gateway(helm, name):
     else:
         assert args.tokenizer.startswith("/mnt/repository/") and mounts["/mnt/repository"]["readOnly"] is True
     assert main["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    annotations = gateway["spec"]["template"]["metadata"].get("annotations", {})
+    scraped = {"prometheus.io/scrape": "true", "prometheus.io/port": str(args.port), "prometheus.io/path": "/metrics"}
+    assert annotations == ({} if name == "fixed" else scraped)  # the gateway's /metrics, on its HTTP port
     service = one(docs, "Service", GATEWAY)
     assert matches(service["spec"]["selector"], pod_labels(gateway))
     assert service["spec"]["ports"][0]["targetPort"] == "http"
