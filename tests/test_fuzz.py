@@ -23,6 +23,8 @@ SPEC = {  # the contract's dtypes (DESIGN §5)
     "text_input": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32", "seed": "UINT64",
     "stop_words": "BYTES", "mode": "BYTES", "block_length": "INT32", "threshold": "FP32", "steps": "INT32",
     "top_k": "INT32", "top_p": "FP32", "return_log_probs": "BOOL", "top_logprobs": "INT32",
+    "remask_threshold": "FP32", "max_remasks": "INT32", "min_tokens": "INT32", "min_length": "INT32",
+    "ignore_eos": "BOOL", "exclude_input_in_output": "BOOL", "sampling_parameters": "BYTES",
 }
 NUMPY: dict[str, Any] = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "FP32": np.float32,
          "FP64": np.float64, "UINT64": np.uint64}
@@ -39,6 +41,23 @@ texts = mostly(
 )
 int32 = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([-1, 0, 1, 2, 32, 33, 991, 992, 5000]))
 floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
+# vLLM's sampling_parameters: known keys with plausible values (numbers sometimes as strings, as genai-perf writes
+# them), or any JSON document with any keys
+SAMPLING = {
+    "max_tokens": st.integers(1, 24), "min_tokens": st.integers(0, 8), "temperature": st.sampled_from([0, 0.5]),
+    "top_p": st.floats(0.1, 1.0), "top_k": st.integers(-1, 64), "seed": st.integers(0, 2**64 - 1),
+    "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=2)), "ignore_eos": st.booleans(),
+    "mode": st.sampled_from(["ar", "diffusion", "speculative"]), "threshold": st.floats(0.05, 1.0),
+    "steps": st.integers(1, 32), "block_length": st.integers(2, 64), "remask_threshold": st.floats(0.05, 0.95),
+    "max_remasks": st.integers(0, 8),
+}
+sampling_json = st.fixed_dictionaries({}, optional={
+    key: st.one_of(strategy, strategy.map(str)) if key in ("max_tokens", "min_tokens", "temperature") else strategy
+    for key, strategy in SAMPLING.items()}).map(json.dumps)
+json_documents = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=12), inner, max_size=3)),
+    max_leaves=6).map(json.dumps)
 values = {
     "text_input": texts,
     "max_tokens": mostly(st.integers(1, 24), int32),
@@ -56,6 +75,14 @@ values = {
     "top_p": st.one_of(*[st.floats(0.05, 1.0)] * 7, floats),
     "return_log_probs": st.booleans(),
     "top_logprobs": st.one_of(*[st.integers(0, 20)] * 7, int32),
+    "remask_threshold": mostly(st.floats(0.05, 0.95), floats),
+    "max_remasks": mostly(st.integers(0, 8), int32),
+    "min_tokens": mostly(st.integers(0, 8), int32),
+    "min_length": mostly(st.integers(0, 8), int32),
+    "ignore_eos": st.booleans(),
+    "exclude_input_in_output": st.booleans(),
+    "sampling_parameters": mostly(sampling_json, st.one_of(st.text(max_size=30), st.binary(max_size=30),
+                                                           json_documents)),
 }
 
 
@@ -187,6 +214,13 @@ openai_fields = {
     "top_logprobs": mostly(st.integers(0, 20), json_values),
     "stop": mostly(st.lists(st.text(max_size=3), max_size=2), json_values),
     "messages": mostly(st.just([{"role": "user", "content": "57+8="}]), json_values),
+    "min_tokens": mostly(st.integers(0, 8), json_values),
+    "ignore_eos": mostly(st.booleans(), json_values),
+    "remask_threshold": mostly(st.floats(0.05, 0.95), json_values),
+    "max_remasks": mostly(st.integers(0, 8), json_values),
+    "stream_options": mostly(st.fixed_dictionaries({}, optional={"include_usage": st.booleans(),
+                                                                 "continuous_usage_stats": st.booleans()}),
+                             json_values),
 }
 
 
@@ -270,6 +304,72 @@ def test_gateway_refuses_out_of_range_sampling_and_logprobs_with_400(gateway_pro
     assert response.status_code == 400, response.text
     bounds = {"logprobs": r"\[0, 20\]", "top_logprobs": r"\[0, 20\]", **RANGES}
     assert re.search(rf"^{name} must be in {bounds[name]}, got ", response.json()["error"]["message"]), response.text
+    CASES["refused"] += 1
+
+
+# --- the inputs of issues 12 and 15 out of range: refused by name and range -----------------------------------------
+new_out_of_range = st.one_of(
+    st.tuples(st.sampled_from(["min_tokens", "min_length"]),
+              st.one_of(st.integers(-(2**31), -1), st.integers(5, 2**31 - 1))),  # max_tokens is 4
+    st.tuples(st.just("remask_threshold"), st.one_of(st.floats(max_value=0.0, width=32),
+                                                     st.floats(min_value=1.0, width=32), st.just(math.nan))),
+    st.tuples(st.just("max_remasks"), st.integers(-(2**31), -1)),
+)
+NEW_RANGES = {"min_tokens": r"\[0, 4\] \(at most max_tokens\)", "min_length": r"\[0, 4\] \(at most max_tokens\)",
+              "remask_threshold": r"\(0, 1\)", "max_remasks": r"\[0, 2147483647\]"}
+unknown_keys = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12).filter(
+    lambda k: k not in SAMPLING)
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(bad=st.one_of(new_out_of_range, st.tuples(st.just("sampling_parameters"), unknown_keys),
+                     st.tuples(st.just("not json"), st.text(max_size=20).filter(lambda t: not _is_json(t)))),
+       stream=st.booleans(), mode=st.sampled_from(["ar", "diffusion", "speculative"]))
+def test_out_of_range_new_inputs_and_bad_sampling_parameters_are_refused_by_name(triton, bad, stream, mode):
+    CASES["grpc"] += 1
+    name, value = bad
+    if name == "sampling_parameters":  # a known key beside an unknown one: the unknown one is named
+        values: dict[str, Any] = {name: json.dumps({"max_tokens": 4, value: 1})}
+        expected = rf"^sampling_parameters key {re.escape(repr(value))} is unknown: expected some of "
+    elif name == "not json":
+        values, expected = {"sampling_parameters": value}, r"^input 'sampling_parameters' is not valid JSON: "
+    else:
+        values, expected = {name: value}, rf"^{name} must be in {NEW_RANGES[name]}, got "
+    with pytest.raises(Exception) as raised:
+        grpc_generate(triton.grpc_url, "57+8=", mode=mode, stream=stream, max_tokens=4, **values)
+    message = re.sub(r"^\[StatusCode\.\w+\] ", "", str(raised.value))  # the status tritonclient may put first
+    assert re.search(expected, message), message
+    CASES["refused"] += 1
+    still_serving(triton)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+@settings(max_examples=EXAMPLES // 4, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(bad=st.one_of(
+    st.tuples(st.just("min_tokens"), st.one_of(st.integers(-(2**31), -1), st.integers(5, 2**31 - 1))),
+    st.tuples(st.just("remask_threshold"), st.one_of(st.floats(max_value=0.0, allow_infinity=False),
+                                                     st.floats(min_value=1.0, allow_infinity=False))),
+    st.tuples(st.just("max_remasks"), st.integers(-(2**31), -1))),
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), stream=st.booleans())
+def test_gateway_refuses_out_of_range_new_fields_with_400(gateway_process, bad, path, stream):
+    import httpx
+
+    CASES["gateway"] += 1
+    name, value = bad
+    body: dict[str, Any] = {"model": "dlm", "max_tokens": 4, "stream": stream, name: value}
+    body.update({"prompt": "57+8="} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "57+8="}]})
+    response = httpx.post(gateway_process.url + path, json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert re.search(rf"^{name} must be in {NEW_RANGES[name]}, got ", response.json()["error"]["message"]), response.text
     CASES["refused"] += 1
 
 
