@@ -193,8 +193,12 @@ def units_function(args: argparse.Namespace) -> tuple[Any, str]:
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            try:
+                shown = directory.resolve().relative_to(Path.cwd())
+            except ValueError:
+                shown = directory
             return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
-                    f"tokens (the tokenizer in {directory})")
+                    f"tokens (the tokenizer in {shown})")
     return (lambda text: [ord(c) for c in text]), "characters"
 
 

@@ -201,6 +201,13 @@ def plot(audit: dict[str, Any], path: Path) -> None:
         left.axhline(audit["target"]["min_agreement"], color="tab:red", linestyle="--", linewidth=1,
                      label=f"target {audit['target']['min_agreement']:.0%}")
         left.legend(loc="lower left")
+    from matplotlib.lines import Line2D
+
+    kinds = {"ar": "ar", "speculative": "speculative", "threshold": "threshold", "steps": "fixed steps",
+             "block_length": "block length", "remask_threshold": "re-masking"}
+    shown = {colour(s) for s in settings}
+    right.legend(handles=[Line2D([], [], marker="o", linestyle="", color=COLOURS[k], label=label)
+                          for k, label in kinds.items() if COLOURS[k] in shown], loc="best", fontsize=8)
     left.set_title("agreement with ar")
     right.set_title(f"tokens/s through the server at concurrency {audit['concurrency']}")
     figure.suptitle(f"Decoding audit of {audit['server']['url']}: {audit['prompts_count']} prompts"
