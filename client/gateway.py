@@ -17,7 +17,8 @@
   re-resolved every 10 s. Each request goes to the healthy replica with the fewest requests in flight; one that fails
   before its first byte on a replica's fault (unreachable, shutting down, not ready, stream dropped) or its load
   (queue full) is sent once more to another replica, and a failed replica is ejected, then probed back in every 2 s.
-  A request already answering when its replica dies fails with that error (a 503, or an error event in a stream).
+  A stream that has sent a block when its replica dies ends with an error event naming the replica; a request
+  with no healthy replica left to try gets 503.
 - `GET /health` (no API key): 200 while any replica is healthy, else 503, with every replica's state and counters;
   `GET /metrics` (no API key): the same counters in Prometheus' text format.
 - Chat messages become a prompt through the checkpoint's chat template (`--tokenizer`, default the model
