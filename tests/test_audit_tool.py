@@ -378,6 +378,53 @@ def test_the_command_measures_reports_and_recommends(tmp_path, scripted, capsys)
     assert json.loads((out / "audit.json").read_text())["recommendation"]["setting"] == "speculative"
 
 
+def test_remasking_on_an_older_server_or_client_is_reported_as_failed(tmp_path, scripted, monkeypatch):
+    """An older server refuses the re-masking inputs (Triton: unexpected inference input); an older client library
+    cannot send them: either way that setting fails, the others are measured."""
+    generate = ScriptedClient.generate
+
+    def older_server(self, prompt, **fields):
+        if "remask_threshold" in fields:
+            raise InvalidRequest("[request id: <id_unknown>] unexpected inference input 'remask_threshold' for "
+                                 "model 'dlm'")
+        return generate(self, prompt, **fields)
+
+    grid = json.dumps([{"mode": "speculative"},
+                       {"mode": "diffusion", "threshold": 0.7, "remask_threshold": 0.3, "max_remasks": 4}])
+    argv = ["--prompts", str(scripted_prompts(tmp_path)), "--out", str(tmp_path / "out"), "--grid", grid,
+            "--no-progress"]
+    monkeypatch.setattr(ScriptedClient, "generate", older_server)
+    assert audit_cli.main(argv) == 0
+    settings = json.loads((tmp_path / "out" / "audit.json").read_text())["settings"]
+    assert settings[1]["errors"] == 0 and settings[1]["agreement"] == 1.0
+    assert settings[2]["errors"] == 3 and "unexpected inference input 'remask_threshold'" in \
+        settings[2]["error_examples"][0]
+    calls = len(scripted.calls)
+    monkeypatch.setattr(audit_cli, "OPTION_NAMES", audit_cli.OPTION_NAMES - {"remask_threshold", "max_remasks"})
+    assert audit_cli.main(argv) == 0
+    settings = json.loads((tmp_path / "out" / "audit.json").read_text())["settings"]
+    assert settings[2]["errors"] == 3 and settings[2]["error_examples"] == [
+        "UnsupportedInput: this client library cannot send the input(s) max_remasks, remask_threshold "
+        "(client/request.py Options has no such field)"]
+    assert len(scripted.calls) == calls + 6  # ar and speculative only: nothing sent for the setting
+
+
+def test_the_shipped_prompts_file_is_what_the_script_writes(tmp_path):
+    from conftest import load_script
+
+    load_script("audit_prompts").main(["--out", str(tmp_path / "prompts.jsonl")])
+    shipped = ROOT / "docs" / "audit" / "prompts.jsonl"
+    assert (tmp_path / "prompts.jsonl").read_text() == shipped.read_text()
+    prompts = load_prompts(shipped, NO_TEMPLATE)
+    assert len(prompts) == 200 and {p.scorer for p in prompts} == {"number", "exact", "regex"}
+    assert sum(p.messages is not None for p in prompts) == 12
+    from export.tasks import held_out_set
+
+    problems = held_out_set("addition", 150) + held_out_set("upper", 50)
+    assert [p.prompt for p in prompts] == [q.prompt for q in problems]
+    assert all(p.correct(q.answer) and not p.correct(q.answer + "1") for p, q in zip(prompts, problems))
+
+
 def test_exit_status_1_when_nothing_meets_the_target(tmp_path, scripted, capsys):
     argv = ["--prompts", str(scripted_prompts(tmp_path)), "--out", str(tmp_path / "out"), "--grid", GRID,
             "--min-accuracy", "1.0", "--no-progress"]
