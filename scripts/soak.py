@@ -138,12 +138,14 @@ def run(url: str, metrics_url: str, duration: float, concurrency: int, window: f
     }
 
 
-def missed_targets(report: dict) -> list[str]:
+def missed_targets(report: dict, rss_limit: float = 0.05) -> list[str]:
+    """The soak's targets that `report` misses; `rss_limit` is the server's allowed memory growth (5 % over a
+    long soak; a short one, whose allocators are still warming up, can only catch a gross leak)."""
     missed = []
     if report["errors"]:
         missed.append(f"{report['errors']} valid requests failed")
-    if report["rss_growth"] >= 0.05:
-        missed.append(f"server memory grew {report['rss_growth']:.1%} (target < 5 %)")
+    if report["rss_growth"] >= rss_limit:
+        missed.append(f"server memory grew {report['rss_growth']:.1%} (target < {rss_limit:.0%})")
     if report["live_slots_after"]:
         missed.append(f"{report['live_slots_after']:.0f} slots still live after the load stopped")
     return missed

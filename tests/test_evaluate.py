@@ -12,6 +12,14 @@ def test_harness_scores_every_setting_and_plots(miniature, tmp_path):
     for s in scores:
         assert 0.0 <= s.accuracy <= 1.0 and s.tokens_per_forward > 0
         assert (s.hallucination_rate is None) == (s.mode != "diffusion")
+    by = {(s.task, s.setting): s for s in scores}
+    # floors the shipped miniature meets (README, "Quality"): it upper-cases perfectly in ar, speculative decoding
+    # is lossless against ar, and parallel decoding of a whole block saves forwards
+    assert by[("upper", "ar")].accuracy == 1.0
+    for task in TASKS:
+        assert by[(task, "speculative")].accuracy == by[(task, "ar")].accuracy
+    assert by[("upper", "diffusion t=0.9")].accuracy >= 2 / 3
+    assert by[("upper", "diffusion t=0.9")].tokens_per_forward > 2 * by[("upper", "ar")].tokens_per_forward
     plot(scores, tmp_path / "quality.png")
     assert (tmp_path / "quality.png").stat().st_size > 10_000
 

@@ -182,10 +182,8 @@ def test_stop_ends_waiting_and_live_requests_with_an_error(runtime, spec):
         scheduler.submit(PROMPTS[0], GenerationParams("ar", max_tokens=200), r)
     scheduler.stop()
     wait_all(recorders, timeout=5)
-    for r in recorders:
-        assert r.done.is_set()
-        if r.errors:
-            assert isinstance(r.errors[0], ShuttingDown)
+    for r in recorders:  # neither can have finished: 200 ar passes outlast an immediate stop
+        assert r.done.is_set() and r.errors and isinstance(r.errors[0], ShuttingDown), (r.updates, r.errors)
     with pytest.raises(ShuttingDown):
         scheduler.submit(PROMPTS[0], PARAMS[0], Recorder())
 

@@ -16,4 +16,4 @@ def test_short_soak_has_no_errors_and_frees_every_slot(triton):
     assert report["live_slots_after"] == 0
     # 15 s is too short for the 5 % target (allocators still warm up); a gross leak would still show
     assert report["rss_growth"] < 0.5, report["rss_by_window"]
-    assert soak.missed_targets(report) == [] or report["rss_growth"] >= 0.05
+    assert soak.missed_targets(report, rss_limit=0.5) == []

@@ -46,29 +46,35 @@ class PassLimits:
 
 @dataclass
 class _Pass:
-    rows: list[int]
+    rows: list[int]  # the sequences in it
+    batch: int  # B: their rows
     tokens: int  # T: the longest row
     past: int  # P: the longest cache
     real: int  # tokens that are not padding
 
 
-def group_rows(sizes: list[tuple[int, int]], limits: PassLimits) -> list[list[int]]:
-    """Rows (each `(tokens, cache_length)`) grouped into passes within `limits`; the indices of each pass, longer
-    rows first. Every single row must fit on its own (admission guarantees it)."""
+def group_rows(sizes: list[tuple[int, ...]], limits: PassLimits) -> list[list[int]]:
+    """Sequences (each `(tokens, cache_length)` or `(tokens, cache_length, rows)`: a sequence may bring several
+    rows of the same size to a pass) grouped into passes within `limits`; the indices of each pass, longer rows
+    first. Every single sequence must fit on its own (admission and `refine.plan_step` guarantee it)."""
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i][0], i))
     passes: list[_Pass] = []
     for i in order:
-        t, p = sizes[i]
+        t, p, k = (*sizes[i], 1)[:3]
         for candidate in passes:
-            b, width = len(candidate.rows) + 1, max(candidate.tokens, t)
+            b, width = candidate.batch + k, max(candidate.tokens, t)
             if (b <= limits.max_batch and b * width <= limits.token_budget
                     and max(candidate.past, p) + width <= limits.max_context
-                    and candidate.real + t >= (1 - MAX_PADDING) * b * width):
+                    and candidate.real + k * t >= (1 - MAX_PADDING) * b * width):
                 candidate.rows.append(i)
-                candidate.tokens, candidate.past, candidate.real = width, max(candidate.past, p), candidate.real + t
+                candidate.batch += k
+                candidate.tokens, candidate.past = width, max(candidate.past, p)
+                candidate.real += k * t
                 break
         else:
-            if t > limits.max_tokens or p + t > limits.max_context or t > limits.token_budget:
-                raise ValueError(f"a row of {t} tokens after {p} cached positions cannot run in any pass of {limits}")
-            passes.append(_Pass([i], t, p, t))
+            if (t > limits.max_tokens or p + t > limits.max_context or k * t > limits.token_budget
+                    or k > limits.max_batch):
+                raise ValueError(f"{k} row(s) of {t} tokens after {p} cached positions cannot run in any pass of "
+                                 f"{limits}")
+            passes.append(_Pass([i], k, t, p, k * t))
     return [candidate.rows for candidate in passes]

@@ -118,6 +118,12 @@ class Pass:
     causal: bool
     predict: np.ndarray
     targets: np.ndarray
+    # more rows of the same sequence in the same pass, reading the same cache: re-masking's verifying rows
+    extra: list["Pass"] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return 1 + len(self.extra)
 
 
 @dataclass
@@ -139,13 +145,17 @@ class Sequence:
     block_steps: int = 0
     phase: str = "prefill"
     prefill_chunk: int | None = None  # prompt tokens per prefill pass (None: the whole prompt in one)
+    verify_rows: int = 4  # re-masking: most verifying rows this sequence may add to a pass (the planner sets it)
     # aligned with `tokens` when `params.logprobs` is set: log prob of each token and its best alternatives
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     block_scores: list[Score | None] = field(default_factory=list)  # per block position, once committed
     block_remasks: int = 0  # re-maskings spent in this block
-    # with re-masking: block positions committed in the last pass and not yet confirmed by the next one
+    # with re-masking: block positions committed and not yet verified, the confidence each position's token had
+    # when it was committed, and the positions the pending denoising pass predicts
     tentative: np.ndarray | None = None
+    committed_confidence: np.ndarray | None = None
+    pending: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.params.validate()
@@ -227,6 +237,7 @@ def start_block(seq: Sequence, seed: int, start: int) -> None:
     seq.block_steps = 0
     seq.block_remasks = 0
     seq.tentative = np.zeros(seq.block_length, dtype=bool)
+    seq.committed_confidence = np.zeros(seq.block_length)
     seq.block_scores = [None] * seq.block_length
 
 
@@ -250,7 +261,12 @@ class AutoRegressive:
 
 class BlockDiffusion:
     """Bidirectional passes commit tokens of the block until none is masked; a causal pass then writes the block
-    into the cache and yields the next seed. Committed tokens are never re-masked."""
+    into the cache and yields the next seed. Committed tokens are never re-masked, except with self-correction
+    (`remask_threshold`): each committed token is then verified once, in the next pass, by a row of its own that
+    sees the whole block but its own position masked (the model is trained to predict masked positions only, so
+    this is the confidence the model has in it given everything committed since); one whose probability has
+    fallen below `remask_threshold` is masked again and re-predicted, within `max_remasks` per block (WINO's
+    draft-and-verify, with leave-one-out rows in place of its custom attention mask)."""
 
     @staticmethod
     def plan(seq: Sequence) -> Pass:
@@ -259,10 +275,35 @@ class BlockDiffusion:
         assert seq.block is not None
         if seq.phase == "write":  # its last token predicts the next block's seed
             return block_pass(seq, True, np.array([len(seq.block) - 1], dtype=np.int64))
-        denoise = block_pass(seq, False, BlockDiffusion._open_positions(seq))
-        if seq.tentative is not None and seq.tentative.any():  # re-scored with their own positions masked
-            denoise.tokens[seq.tentative] = seq.spec.mask_token_id
+        assert seq.tentative is not None
+        seq.pending = BlockDiffusion._open_positions(seq)
+        # nothing left to predict but tokens to verify: the row predicts the seed, and its choice is not read
+        denoise = block_pass(seq, False, seq.pending if len(seq.pending) else np.zeros(1, dtype=np.int64))
+        for j in np.flatnonzero(seq.tentative)[: seq.verify_rows].tolist():
+            row = block_pass(seq, False, np.array([j], dtype=np.int64))
+            row.tokens[j] = seq.spec.mask_token_id  # everything visible but the token being verified
+            denoise.extra.append(row)
         return denoise
+
+    @staticmethod
+    def verify(seq: Sequence, row: Pass, picks: Picks) -> None:
+        """Read one verifying row: its token is confirmed, or masked again if its probability has fallen below
+        `remask_threshold` (it was committed at or above it; one committed below it, as the one token a pass must
+        commit however unsure, cannot fall and is kept, so nothing is revised back and forth). A token missing
+        from the K candidates has at most the K-th candidate's probability, which stands in for it."""
+        assert seq.block is not None and seq.tentative is not None and seq.committed_confidence is not None
+        assert seq.params.remask_threshold is not None
+        j = int(row.predict[0])
+        token = seq.block[j]
+        hit = picks.candidate_tokens[0] == token
+        probs = np.exp(picks.candidate_log_probs[0])
+        confidence = float(probs[hit].sum()) if hit.any() else float(probs[-1])
+        threshold = seq.params.remask_threshold
+        if confidence < threshold <= seq.committed_confidence[j] and BlockDiffusion._remask_budget(seq) > 0:
+            seq.block[j] = seq.spec.mask_token_id
+            seq.block_scores[j] = None
+            seq.block_remasks += 1
+        seq.tentative[j] = False
 
     @staticmethod
     def update(seq: Sequence, picks: Picks) -> int:
@@ -290,11 +331,9 @@ class BlockDiffusion:
 
     @staticmethod
     def _open_positions(seq: Sequence) -> np.ndarray:
-        """The positions of the block a denoising pass predicts: the masked ones that may still be generated, and
-        those committed in the last pass that re-masking has not confirmed yet."""
-        assert seq.block is not None and seq.tentative is not None
-        limit = BlockDiffusion._limit(seq)
-        return np.flatnonzero((seq.block[:limit] == seq.spec.mask_token_id) | seq.tentative[:limit])
+        """The masked positions of the block that may still be generated: what a denoising pass predicts."""
+        assert seq.block is not None
+        return np.flatnonzero(seq.block[: BlockDiffusion._limit(seq)] == seq.spec.mask_token_id)
 
     @staticmethod
     def _remask_budget(seq: Sequence) -> int:
@@ -310,14 +349,9 @@ class BlockDiffusion:
 
     @staticmethod
     def _denoise(seq: Sequence, picks: Picks) -> None:
-        assert seq.block is not None and seq.tentative is not None
-        predicted = BlockDiffusion._open_positions(seq)
-        was_tentative = seq.tentative[predicted]
-        if was_tentative.any():
-            BlockDiffusion._verify(seq, predicted[was_tentative], picks.subset(np.flatnonzero(was_tentative)))
-        # a token masked again just now is predicted in this very pass (its input was masked): it may come back
-        still_open = seq.block[predicted] == seq.spec.mask_token_id
-        open_positions, picks = predicted[still_open], picks.subset(np.flatnonzero(still_open))
+        assert seq.block is not None and seq.tentative is not None and seq.pending is not None
+        open_positions = seq.pending  # what the pass predicted; a token masked again just now waits for the next
+        picks = picks.subset(np.arange(len(open_positions)))
         tokens, confidence = picks.tokens, picks.confidence
         p = seq.params
         last = BlockDiffusion._last_pass(seq)
@@ -332,31 +366,16 @@ class BlockDiffusion:
             chosen = np.zeros(len(open_positions), dtype=bool)
             chosen[np.argsort(-confidence, kind="stable")[:share]] = True
         seq.block[open_positions[chosen]] = tokens[chosen]
-        # with re-masking budget left, what this pass committed is checked by the next one (never on the last)
-        seq.tentative[open_positions[chosen]] = BlockDiffusion._remask_budget(seq) > 0 and not last
+        # with re-masking budget left, what this pass committed is verified by the next one (never on the last)
+        seq.tentative[open_positions[chosen]] = (BlockDiffusion._remask_budget(seq) > 0 and not last
+                                                 and seq.verify_rows > 0)
+        assert seq.committed_confidence is not None
+        seq.committed_confidence[open_positions[chosen]] = confidence[chosen]
         if seq.scored:
             for j in np.flatnonzero(chosen).tolist():
                 seq.block_scores[int(open_positions[j])] = seq.score(picks, j)
         seq.block_steps += 1
         BlockDiffusion._finish_if_settled(seq)
-
-    @staticmethod
-    def _verify(seq: Sequence, positions: np.ndarray, picks: Picks) -> None:
-        """The tentative tokens at `positions`, re-scored by a pass that saw their positions masked: each whose
-        probability is below `remask_threshold` is masked again (least confident first, within the block's budget),
-        the rest are confirmed. A token missing from the K candidates has at most the K-th candidate's probability,
-        which stands in for it."""
-        assert seq.block is not None and seq.tentative is not None and seq.params.remask_threshold is not None
-        committed = seq.block[positions]
-        hit = picks.candidate_tokens == committed[:, None]
-        probs = np.exp(picks.candidate_log_probs)
-        confidence = np.where(hit.any(axis=1), (probs * hit).sum(axis=1), probs[:, -1])
-        low = np.flatnonzero(confidence < seq.params.remask_threshold)
-        for j in low[np.argsort(confidence[low], kind="stable")][: BlockDiffusion._remask_budget(seq)].tolist():
-            seq.block[positions[j]] = seq.spec.mask_token_id
-            seq.block_scores[int(positions[j])] = None
-            seq.block_remasks += 1
-        seq.tentative[positions] = False
 
     @staticmethod
     def _limit(seq: Sequence) -> int:
@@ -435,28 +454,34 @@ STRATEGIES: dict[str, Strategy] = {"ar": AutoRegressive, "diffusion": BlockDiffu
 
 def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0, plans: list[Pass] | None = None) -> None:
     """One engine pass over every sequence in `seqs` (any mix of modes); commits their tokens and KV columns.
-    `plans` are the rows' plans when the caller has made them already (the pass planner has)."""
+    `plans` are the rows' plans when the caller has made them already (the pass planner has). A plan's `extra`
+    rows (re-masking's verifying rows) run in the same pass, read the same cache slot and keep no columns."""
     plans = plans if plans is not None else [seq.strategy.plan(seq) for seq in seqs]
-    b, t = len(plans), max(len(p.tokens) for p in plans)
-    n = max(len(p.predict) for p in plans)
+    rows = [(seq, plan, False) for seq, plan in zip(seqs, plans)]
+    rows += [(seq, extra, True) for seq, plan in zip(seqs, plans) for extra in plan.extra]
+    b, t = len(rows), max(len(p.tokens) for _, p, _ in rows)
+    n = max(len(p.predict) for _, p, _ in rows)
     input_ids = np.full((b, t), pad_token_id, dtype=np.int64)
     position_ids = np.zeros((b, t), dtype=np.int64)
     new_mask = np.zeros((b, t), dtype=np.int64)
     logit_positions = np.empty((b, n), dtype=np.int64)
     no_eos = np.zeros((b, n), dtype=bool)  # predictions for answer tokens at which no end token may be chosen
-    for i, (seq, p) in enumerate(zip(seqs, plans)):
+    for i, (seq, p, _) in enumerate(rows):
         k, m = len(p.tokens), len(p.predict)
         input_ids[i, :k], position_ids[i, :k], new_mask[i, :k] = p.tokens, p.positions, 1
         logit_positions[i, :m], logit_positions[i, m:] = p.predict, p.predict[-1]  # padding repeats a real one
         no_eos[i, :m] = p.targets < seq.params.eos_allowed_from
-    slots = np.array([s.slot for s in seqs], dtype=np.int64)
-    starts = np.array([s.cache_length for s in seqs], dtype=np.int64)
-    causal = np.array([p.causal for p in plans])
+    slots = np.array([seq.slot for seq, _, _ in rows], dtype=np.int64)
+    starts = np.array([seq.cache_length for seq, _, _ in rows], dtype=np.int64)
+    causal = np.array([p.causal for _, p, _ in rows])
     candidates = runtime.forward(slots, input_ids, position_ids, new_mask, starts, causal, logit_positions)
     eos_ids = np.fromiter(seqs[0].spec.eos_token_ids, dtype=np.int64)
-    picks = pick(candidates, seqs, [len(p.predict) for p in plans], no_eos if no_eos.any() else None, eos_ids)
+    picks = pick(candidates, [seq for seq, _, _ in rows], [len(p.predict) for _, p, _ in rows],
+                 no_eos if no_eos.any() else None, eos_ids)
     counts = np.zeros(b, dtype=np.int64)
-    for i, (seq, plan) in enumerate(zip(seqs, plans)):
+    for i, (seq, plan, verifying) in enumerate(rows[len(seqs):], start=len(seqs)):
+        BlockDiffusion.verify(seq, plan, picks[i])  # before the main rows: a token masked again is not committed
+    for i, (seq, plan, _) in enumerate(rows[: len(seqs)]):
         seq.forwards += 1
         if seq.phase == "prefill" and len(plan.tokens) < prompt_left(seq):
             counts[i] = len(plan.tokens)  # a prefill chunk before the last: into the cache, nothing to choose
@@ -472,10 +497,12 @@ def plan_step(seqs: list[Sequence], limits: PassLimits | None) -> list[tuple[lis
     if limits is not None:
         for seq in seqs:
             seq.prefill_chunk = limits.chunk
+            seq.verify_rows = max(0, min(seq.verify_rows, limits.max_batch - 1,
+                                         limits.token_budget // seq.block_length - 1))
     plans = [seq.strategy.plan(seq) for seq in seqs]
     if limits is None:
         return [(seqs, plans)]
-    groups = group_rows([(len(p.tokens), s.cache_length) for s, p in zip(seqs, plans)], limits)
+    groups = group_rows([(len(p.tokens), s.cache_length, p.rows) for s, p in zip(seqs, plans)], limits)
     return [([seqs[i] for i in group], [plans[i] for i in group]) for group in groups]
 
 

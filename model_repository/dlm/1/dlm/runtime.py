@@ -127,7 +127,9 @@ class EngineRuntime:
     # --- shared ----------------------------------------------------------------------------------------------
     def allocate(self, slots: int, context: int) -> None:
         check_context(self.profile, context)
-        rows = min(slots, self.profile.batch[2]) if self.profile else slots
+        # a pass may hold more rows than there are slots (re-masking's verifying rows share their sequence's slot):
+        # the staging is for the most rows one pass can have
+        rows = self.profile.batch[2] if self.profile else slots
         self.cache = KVCache(self._zeros(self.layout.cache_shape(slots, context)))
         self._past = self._empty(rows * context * self.layout.per_position)  # the largest past a pass can read
         self.slots, self.context = slots, context
@@ -155,7 +157,10 @@ class EngineRuntime:
             "causal": np.ascontiguousarray(causal, dtype=bool).reshape(b),
             "logit_positions": np.ascontiguousarray(logit_positions, dtype=np.int64),
         }
-        past = self._past[: b * p * self.layout.per_position].reshape(self.layout.cache_shape(b, p))
+        size = b * p * self.layout.per_position
+        if size > len(self._past):  # only without a profile (a plain module): grow to this pass's rows
+            self._past = self._empty(size)
+        past = self._past[:size].reshape(self.layout.cache_shape(b, p))
         self.cache.gather(slots, p, past)
         outputs, self._present = self._run(feeds, past, (b, t, p, n))
         return Candidates.from_outputs(outputs)
@@ -252,7 +257,7 @@ class OnnxRuntime(EngineRuntime):
     def allocate(self, slots: int, context: int) -> None:
         super().allocate(slots, context)
         contract, profile = self.contract, self.contract.profile
-        rows, tokens = min(slots, profile.batch[2]), min(context, profile.tokens[2])
+        rows, tokens = profile.batch[2], min(context, profile.tokens[2])
         # one flat buffer per output, large enough for any pass this allocation allows
         self._outputs = {
             spec.name: np.empty(math.prod(contract.shape(spec, rows, tokens, 0, profile.max_block)),
@@ -356,7 +361,7 @@ class TensorRTRuntime(EngineRuntime):
     def allocate(self, slots: int, context: int) -> None:
         super().allocate(slots, context)  # the cache, and the staging buffer the gather writes the past into
         torch, contract = self._torch, self.contract
-        rows, tokens = min(slots, contract.profile.batch[2]), min(context, contract.profile.tokens[2])
+        rows, tokens = contract.profile.batch[2], min(context, contract.profile.tokens[2])
         # each buffer is large enough for any pass this allocation allows; a pass uses a prefix of it
         self._buffers = {"past_key_values": self._past}
         for spec in (*contract.inputs, *contract.outputs):
