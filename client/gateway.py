@@ -3,11 +3,13 @@
     python -m client.gateway --triton localhost:8001 --port 9000 [--api-key KEY] [--tokenizer DIR] [--max-body-bytes N]
 
 - `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`; `stream: true` answers with server-sent
-  events in OpenAI's chunk format, ending with `data: [DONE]`; `stream_options.include_usage` adds a usage chunk.
-- The DLM controls ride along as extra body fields: `mode`, `threshold`, `steps`, `block_length` (with the `openai`
-  package: `extra_body={"mode": "speculative"}`). `max_tokens`, `temperature`, `top_p`, `seed` and `stop` map to the
-  model's inputs, and so does `top_k`, an extra field as in vLLM (0 or below: not set); left out, the server's
-  defaults apply (no `seed`: a fresh one per request).
+  events in OpenAI's chunk format, ending with `data: [DONE]`; `stream_options.include_usage` adds a usage chunk,
+  `stream_options.continuous_usage_stats` (vLLM's) puts the usage so far in every chunk.
+- The DLM controls ride along as extra body fields: `mode`, `threshold`, `steps` (with `threshold`: the most passes
+  per block), `block_length`, `remask_threshold`, `max_remasks` (with the `openai` package:
+  `extra_body={"mode": "speculative"}`). `max_tokens`, `temperature`, `top_p`, `seed` and `stop` map to the model's
+  inputs, and so do vLLM's extra fields `top_k` (0 or below: not set), `min_tokens` and `ignore_eos`; left out, the
+  server's defaults apply (no `seed`: a fresh one per request).
 - Log probs: completions `logprobs: n` and chat `logprobs: true` with `top_logprobs: n` (n in [0, 20]), unary and
   streamed (each chunk carries its own tokens'), in OpenAI's formats (`client/openai_logprobs.py`). An n beyond the
   engine's candidates is refused by the server, with its message.
@@ -20,7 +22,8 @@
   A stream that has sent a block when its replica dies ends with an error event naming the replica; a request
   with no healthy replica left to try gets 503.
 - `GET /health` (no API key): 200 while any replica is healthy, else 503, with every replica's state and counters;
-  `GET /metrics` (no API key): the same counters in Prometheus' text format.
+  `GET /metrics` (no API key): the gateway's requests, errors, latency and tokens (`client/gateway_metrics.py`) and
+  the same per-replica counters, in Prometheus' text format.
 - Chat messages become a prompt through the checkpoint's chat template (`--tokenizer`, default the model
   repository's tokenizer folder); `usage.prompt_tokens` counts the prompt with that tokenizer.
 - Errors are OpenAI error objects: 400 for a malformed body or a value the server refuses (with Triton's message),
@@ -50,6 +53,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from client.chat_template import ChatTemplate, TemplateError
+from client.gateway_metrics import GatewayMetrics, MetricsMiddleware
 from client.grpc_client import AsyncBlockStream
 from client.openai_logprobs import MAX_LOGPROBS, CompletionLogprobs, chat_logprobs
 from client.replicas import ReplicaPool
@@ -62,6 +66,7 @@ DEFAULT_TOKENIZER = ROOT / "model_repository" / "dlm" / "1" / "tokenizer"
 # --- request bodies ----------------------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
 
 
 class GenerationFields(BaseModel):
@@ -75,6 +80,8 @@ class GenerationFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = None  # in (0, 1]
     top_k: int | None = None  # vLLM's extra field; 0 or below (vLLM's -1): not set
+    min_tokens: int | None = None  # vLLM's extra field: no end token before this many tokens
+    ignore_eos: bool | None = None  # vLLM's extra field: no end token at all, decode to max_tokens
     seed: int | None = Field(default=None, ge=0)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -85,13 +92,17 @@ class GenerationFields(BaseModel):
     threshold: float | None = None
     steps: int | None = None
     block_length: int | None = None
+    remask_threshold: float | None = None
+    max_remasks: int | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.n != 1:
             return "n", "only n = 1 is supported"
-        # checked here too: sent as FP32, a value just above 1 would round to 1 and pass the server's check
+        # checked here too: sent as FP32, a value just beyond a bound would round onto it and pass the server's check
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:  # NaN fails too
             return "top_p", f"top_p must be in (0, 1], got {self.top_p}"
+        if self.remask_threshold is not None and not 0.0 < self.remask_threshold < 1.0:
+            return "remask_threshold", f"remask_threshold must be in (0, 1), got {self.remask_threshold}"
         return None
 
     def alternatives(self) -> int | None:
@@ -104,6 +115,8 @@ class GenerationFields(BaseModel):
             "top_p": self.top_p, "top_k": self.top_k if self.top_k is not None and self.top_k > 0 else None,
             "seed": self.seed, "stop_words": [self.stop] if isinstance(self.stop, str) else self.stop,
             "block_length": self.block_length, "threshold": self.threshold, "steps": self.steps,
+            "remask_threshold": self.remask_threshold, "max_remasks": self.max_remasks,
+            "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
         }
         alternatives = self.alternatives()
         if alternatives is not None:
@@ -222,6 +235,7 @@ class Gateway:
                  timeout: float | None):
         self.triton_url, self.model, self.served_name, self.timeout = triton_url, model, served_name, timeout
         self.template = ChatTemplate.from_directory(tokenizer)
+        self.metrics = GatewayMetrics()
         self.tokenizer = None
         if tokenizer is not None and (Path(tokenizer) / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
@@ -308,6 +322,7 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
     app = FastAPI(title="dlm OpenAI-compatible gateway", lifespan=lifespan)
     app.state.gateway = gateway
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=gateway.metrics)  # outermost: it counts BodyLimit's 413s too
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, error: APIError) -> JSONResponse:
@@ -338,9 +353,10 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        """Prometheus' text format, without the API key (like /health): the replica pool's counters (requests,
-        errors by cause, ejections, in flight, healthy per replica; retries); other sections append theirs."""
-        sections = [gateway.client.metrics_text()]
+        """Prometheus' text format, without the API key (like /health): the gateway's own requests, errors, latency
+        and tokens (client/gateway_metrics.py), then the replica pool's counters (requests, errors by cause,
+        ejections, in flight, healthy per replica; retries); other sections append theirs."""
+        sections = [gateway.metrics.text(), gateway.client.metrics_text()]
         return Response("".join(sections), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
@@ -420,6 +436,7 @@ class Reply:
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.completion_logprobs = CompletionLogprobs()  # a streamed completion's text offsets run across chunks
+        self.endpoint = "/v1/chat/completions" if self.chat else "/v1/completions"  # for the metrics
 
     async def generate(self, prompt: str) -> Result:
         return await self.gateway.client.generate(prompt, **self.body.options(self.max_tokens))
@@ -436,10 +453,11 @@ class Reply:
         return chat_logprobs(tokens) if self.chat else CompletionLogprobs().chunk(tokens)
 
     def usage(self, prompts: list[str], results: list[Result]) -> dict[str, int]:
+        """The usage of a finished response, counted in the gateway's metrics too."""
         prompt_tokens = sum(self.gateway.prompt_tokens(p) for p in prompts)
         completion_tokens = sum(r.num_tokens for r in results)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        self.gateway.metrics.tokens(self.endpoint, prompt_tokens, completion_tokens)
+        return usage_of(prompt_tokens, completion_tokens)
 
     def envelope(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.gateway.served_name}
@@ -450,7 +468,8 @@ class Reply:
                "latency": max(r.latency for r in results)}
         return {**self.envelope(self.kind), "choices": choices, "usage": self.usage(prompts, results), "dlm": dlm}
 
-    def chunk(self, block: Block | None, finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
+    def chunk(self, block: Block | None, finish_reason: str | None = None, first: bool = False,
+              usage: dict[str, int] | None = None) -> dict[str, Any]:
         text = block.text if block is not None else None
         logprobs = None
         if block is not None and self.body.alternatives() is not None:
@@ -462,7 +481,10 @@ class Reply:
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
-        return {**self.envelope(self.chunk_kind), "choices": [choice]}
+        out = {**self.envelope(self.chunk_kind), "choices": [choice]}
+        if usage is not None:
+            out["usage"] = usage
+        return out
 
     async def stream(self, prompt: str, request: Request) -> Any:
         """Server-sent events; the first block is awaited before answering, so a refused request gets its HTTP
@@ -477,28 +499,52 @@ class Reply:
         except BaseException:
             await stream.aclose()
             raise
-        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        options = self.body.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = bool(options and options.continuous_usage_stats)  # vLLM's: the usage so far in every chunk
+        prompt_tokens = self.gateway.prompt_tokens(prompt)
+        arrived = request.scope.get("dlm.arrived", time.perf_counter())  # set by MetricsMiddleware
+
+        def so_far(completion_tokens: int) -> dict[str, int] | None:
+            return usage_of(prompt_tokens, completion_tokens) if continuous else None
 
         async def events() -> AsyncIterator[str]:
+            timed = False
             try:
                 if self.chat:
-                    yield json.dumps(self.chunk(None, first=True))
+                    yield json.dumps(self.chunk(None, first=True, usage=so_far(0)))
                 if first is not None:
-                    yield json.dumps(self.chunk(first))
-                    async for block in stream:
-                        yield json.dumps(self.chunk(block))
+                    blocks = prepend(first, stream)
+                    async for block in blocks:
+                        if block.text and not timed:
+                            timed = True
+                            self.gateway.metrics.first_text(self.endpoint, time.perf_counter() - arrived)
+                        yield json.dumps(self.chunk(block, usage=so_far(block.num_tokens)))
                 result = stream.result
-                yield json.dumps(self.chunk(None, self.finish_reason(result)))
+                yield json.dumps(self.chunk(None, self.finish_reason(result), usage=so_far(result.num_tokens)))
+                usage = self.usage([prompt], [result])
                 if include_usage:
-                    yield json.dumps({**self.envelope(self.chunk_kind), "choices": [],
-                                      "usage": self.usage([prompt], [result])})
+                    yield json.dumps({**self.envelope(self.chunk_kind), "choices": [], "usage": usage})
             except DLMError as error:
-                yield json.dumps(api_error(error).body())
+                failure = api_error(error)
+                self.gateway.metrics.error(self.endpoint, failure.status)
+                yield json.dumps(failure.body())
             finally:
                 await stream.aclose()  # cancels the Triton request when the client went away mid-stream
             yield "[DONE]"
 
         return EventSourceResponse(events(), ping=15)
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def prepend(first: Block, stream: AsyncBlockStream) -> AsyncIterator[Block]:
+    yield first
+    async for block in stream:
+        yield block
 
 
 async def anext_or_none(stream: AsyncBlockStream) -> Any:

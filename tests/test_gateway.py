@@ -272,3 +272,117 @@ def test_out_of_range_sampling_and_logprobs_get_400_naming_them(gateway, path, b
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and re.search(message, error["message"]), error
+
+
+# --- issue 15: what AIPerf and vLLM's clients send; issue 12's controls -------------------------------------------
+def test_min_tokens_and_ignore_eos_are_honoured(openai_client, grpc):
+    short = "4821+377="
+    plain = openai_client.completions.create(model="dlm", prompt=short, max_tokens=24, extra_body={"mode": "ar"})
+    assert plain.usage is not None and plain.usage.completion_tokens < 10 and plain.choices[0].finish_reason == "stop"
+    held = openai_client.completions.create(model="dlm", prompt=short, max_tokens=24,
+                                            extra_body={"mode": "ar", "min_tokens": 10})
+    assert held.usage is not None and held.usage.completion_tokens > 10
+    assert held.choices[0].text == grpc.generate(short, mode="ar", max_tokens=24, min_tokens=10).text
+    for stream in (False, True):
+        request = dict(model="dlm", messages=[{"role": "user", "content": short}], max_tokens=20,
+                       extra_body={"ignore_eos": True, "mode": "diffusion"})
+        if stream:
+            chunks = list(openai_client.chat.completions.create(**request, stream=True,
+                                                                stream_options={"include_usage": True}))
+            usage, reason = chunks[-1].usage, [c for c in chunks if c.choices][-1].choices[0].finish_reason
+        else:
+            completion = openai_client.chat.completions.create(**request)
+            usage, reason = completion.usage, completion.choices[0].finish_reason
+        assert usage is not None and usage.completion_tokens == 20 and reason == "length"
+
+
+def sse_chunks(response: httpx.Response) -> list[dict]:
+    lines = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("path", ["completions", "chat/completions"])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(gateway, path):
+    body: dict = {"model": "dlm", "max_tokens": 48, "stream": True, "mode": "diffusion", "block_length": 8,
+                  "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body.update({"prompt": PROBLEM.prompt} if path == "completions" else
+                {"messages": [{"role": "user", "content": PROBLEM.prompt}]})
+    chunks = sse_chunks(httpx.post(f"{gateway}/v1/{path}", json=body, timeout=60))
+    assert len(chunks) >= 4 and all("usage" in c for c in chunks)
+    completion = [c["usage"]["completion_tokens"] for c in chunks]
+    assert completion == sorted(completion) and completion[-1] == len(PROBLEM.answer) + 1  # the end token counted
+    assert {c["usage"]["prompt_tokens"] for c in chunks} == {len(PROBLEM.prompt) + 1}
+    assert chunks[-1]["choices"] == []  # include_usage's own chunk comes last
+    plain = sse_chunks(httpx.post(f"{gateway}/v1/{path}", json={**body, "stream_options": {"include_usage": True}},
+                                  timeout=60))
+    assert [c for c in plain if "usage" in c] == [plain[-1]]  # without it: only the last chunk
+
+
+def test_remasking_and_the_pass_cap_ride_along(openai_client, grpc):
+    request = dict(model="dlm", prompt="4821+377=", max_tokens=64)
+    controls = {"mode": "diffusion", "ignore_eos": True, "threshold": 0.9}
+    for extra in ({"remask_threshold": 0.9}, {"remask_threshold": 0.9, "max_remasks": 0},
+                  {"threshold": 0.999, "steps": 2, "block_length": 8}):
+        expected = grpc.generate("4821+377=", max_tokens=64, **{**controls, **extra})
+        completion = openai_client.completions.create(**request, extra_body={**controls, **extra})
+        assert completion.choices[0].text == expected.text
+        assert completion.model_extra is not None
+        assert completion.model_extra["dlm"]["num_forwards"] == expected.num_forwards
+    capped = grpc.generate("4821+377=", max_tokens=64, **{**controls, "threshold": 0.999, "steps": 2,
+                                                          "block_length": 8})
+    assert capped.num_forwards <= 1 + 8 * 3  # 8 blocks of at most 2 denoising passes and the pass that writes it
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"min_tokens": 9, "max_tokens": 8}, r"^min_tokens must be in \[0, 8\] \(at most max_tokens\), got 9$"),
+    ({"min_tokens": -1}, r"^min_tokens must be in \[0, 64\] \(at most max_tokens\), got -1$"),
+    ({"remask_threshold": 1.0}, r"^remask_threshold must be in \(0, 1\), got 1.0$"),
+    ({"remask_threshold": 1e-60, "stream": True}, r"^remask_threshold must be in \(0, 1\), got 0.0$"),  # as FP32
+    ({"max_remasks": -2, "stream": True}, r"^max_remasks must be in \[0, 2147483647\], got -2$"),
+    ({"ignore_eos": "sometimes"}, r"^invalid request body: ignore_eos"),
+])
+def test_out_of_range_new_fields_get_400_naming_them(gateway, body, message):
+    response = httpx.post(f"{gateway}/v1/completions", json={"model": "dlm", "prompt": "1+1=", **body})
+    assert response.status_code == 400, response.text
+    assert re.search(message, response.json()["error"]["message"]), response.text
+
+
+def scrape(gateway: str) -> dict[str, float]:
+    response = httpx.get(f"{gateway}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in response.text.splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_count_requests_errors_latency_and_tokens(gateway):
+    ok, bad = ('dlm_gateway_requests_total{endpoint="/v1/completions",status="200"}',
+               'dlm_gateway_requests_total{endpoint="/v1/completions",status="400"}')
+    error, too_large = ('dlm_gateway_errors_total{endpoint="/v1/completions",status="400"}',
+                        'dlm_gateway_errors_total{endpoint="/v1/chat/completions",status="413"}')
+    count = 'dlm_gateway_request_duration_seconds_count{endpoint="/v1/completions"}'
+    first = 'dlm_gateway_time_to_first_token_seconds_count{endpoint="/v1/completions"}'
+    prompt, completion = ('dlm_gateway_prompt_tokens_total{endpoint="/v1/completions"}',
+                          'dlm_gateway_completion_tokens_total{endpoint="/v1/completions"}')
+    before = scrape(gateway)
+    answer = httpx.post(f"{gateway}/v1/completions", json={"model": "dlm", "prompt": PROBLEM.prompt, "max_tokens": 48},
+                        timeout=60).json()
+    streamed = httpx.post(f"{gateway}/v1/completions", json={"model": "dlm", "prompt": PROBLEM.prompt, "max_tokens": 8,
+                                                             "stream": True}, timeout=60)
+    assert streamed.status_code == 200
+    assert httpx.post(f"{gateway}/v1/completions", json={"model": "dlm", "prompt": "1+1=", "steps": 0}).status_code == 400
+    huge = json.dumps({"model": "dlm", "messages": [{"role": "user", "content": "7" * (2 << 20)}]}).encode()
+    assert httpx.post(f"{gateway}/v1/chat/completions", content=huge).status_code == 413
+    after = scrape(gateway)
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew(ok) == 2 and grew(bad) == 1 and grew(error) == 1 and grew(too_large) == 1
+    assert grew(count) == 3 and grew(first) == 1
+    usage = answer["usage"]
+    assert grew(prompt) == 2 * usage["prompt_tokens"]
+    assert grew(completion) == usage["completion_tokens"] + 8  # the stream stopped at max_tokens
+    bucket = 'dlm_gateway_request_duration_seconds_bucket{endpoint="/v1/completions",le="+Inf"}'
+    assert after[bucket] == after[count] and after['dlm_gateway_requests_in_flight'] >= 1  # this scrape itself
+    assert any(name.startswith("dlm_gateway_replica_requests_total{") for name in after)  # the pool's counters

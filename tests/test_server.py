@@ -258,7 +258,8 @@ def test_min_tokens_and_ignore_eos_hold_in_every_mode(triton, mode):
     plain = grpc_generate(triton.grpc_url, SHORT, mode=mode, max_tokens=24)[0]
     assert plain["finish_reason"] == "stop" and plain["num_tokens"] < 10  # the miniature's answer ends early
     for name in ("min_tokens", "min_length"):
-        held = grpc_generate(triton.grpc_url, SHORT, mode=mode, max_tokens=24, **{name: 10})[0]
+        minimum: dict[str, Any] = {name: 10}
+        held = grpc_generate(triton.grpc_url, SHORT, mode=mode, max_tokens=24, **minimum)[0]
         # no end token among the first 10: one after them (counted), or none up to max_tokens
         assert held["num_tokens"] > 10 and len(held["text"]) >= 10, held
         assert held["text"].startswith(plain["text"]) or mode == "diffusion", held
