@@ -82,3 +82,24 @@ def test_sampling_and_logprobs_options(triton):
     assert all(t["top_logprobs"] == [] and t["logprob"] <= 0 for t in result["tokens"])
     run = cli(problem.prompt, "--url", triton.grpc_url, "--top-k", "0")
     assert run.returncode == 1 and run.stderr.strip() == "error (InvalidRequest): top_k must be in [1, 64], got 0"
+
+
+
+def test_min_tokens_ignore_eos_echo_remasking_and_sampling_parameters_flags(triton):
+    problem = PROBLEMS[0]
+    run = cli(problem.prompt, "--url", triton.grpc_url, "--mode", "diffusion", "--max-tokens", "44", "--ignore-eos",
+              "--echo", "--remask-threshold", "0.5", "--max-remasks", "2", "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert (result["ignore_eos"], result["exclude_input_in_output"], result["remask_threshold"],
+            result["max_remasks"]) == (True, False, 0.5, 2)
+    assert result["num_tokens"] == 44 and result["text"].startswith(problem.prompt)
+    run = cli(problem.prompt, "--protocol", "http", "--url", triton.http_url, "--mode", "ar", "--max-tokens", "48",
+              "--min-tokens", "40")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(problem.answer) and len(run.stdout.rstrip("\n")) >= 40  # no end token before 40
+    run = cli(problem.prompt, "--url", triton.grpc_url, "--sampling-parameters", '{"mode": "ar", "max_tokens": "5"}')
+    assert run.returncode == 0 and run.stdout == problem.answer[:5] + "\n", run.stderr
+    run = cli(problem.prompt, "--url", triton.grpc_url, "--min-tokens", "-1")
+    assert run.returncode == 1
+    assert run.stderr.strip() == "error (InvalidRequest): min_tokens must be in [0, 64] (at most max_tokens), got -1"

@@ -189,6 +189,10 @@ def test_options_become_the_model_inputs():
     ("the server is shutting down and accepts no new requests", ServerUnavailable),
     ("the request was cancelled", Cancelled),
     ("the engine pass failed: boom", DLMError),
+    ("sampling_parameters keys 'a', 'b' are unknown: expected some of temperature", InvalidRequest),
+    ("min_length (2) and min_tokens (3) must agree: they are TensorRT-LLM's and vLLM's names", InvalidRequest),
+    ("sampling_parameters 'max_tokens' (4) and input 'max_tokens' (8) must agree: they set the same thing",
+     InvalidRequest),
 ])
 def test_stream_errors_are_classified_by_their_wording(message, kind):
     error = from_grpc(message, None)
@@ -304,3 +308,39 @@ def test_token_bytes_stay_exact_over_grpc_and_http_when_they_split_a_character(b
         assert [[a.token for a in t.top_logprobs] for t in its_tokens] == [
             [a.token for a in t.top_logprobs] for t in tokens[0]]  # alternatives too
     assert [t.logprob for t in tokens[0]] == pytest.approx([t.logprob for t in tokens[1]])
+
+
+
+# --- issue 15's and issue 12's inputs ------------------------------------------------------------------------------
+def test_new_options_become_the_model_inputs():
+    options = Options.of(min_tokens=4, min_length=4, ignore_eos=True, exclude_input_in_output=False,
+                         remask_threshold=0.5, max_remasks=2, sampling_parameters={"max_tokens": "16"})
+    arrays = tensors("1+1=", options, stream=False)
+    assert {name: a.dtype for name, a in arrays.items() if name not in ("text_input", "stream")} == {
+        "min_tokens": np.int32, "min_length": np.int32, "ignore_eos": np.bool_, "exclude_input_in_output": np.bool_,
+        "remask_threshold": np.float32, "max_remasks": np.int32, "sampling_parameters": np.object_}
+    assert arrays["sampling_parameters"].tolist() == [b'{"max_tokens": "16"}']  # a dict is written as JSON
+    body = json_body("1+1=", Options.of(sampling_parameters='{"top_k": 2}', ignore_eos=False), stream=True)
+    assert body == {"text_input": "1+1=", "sampling_parameters": '{"top_k": 2}', "ignore_eos": False, "stream": True}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_min_tokens_ignore_eos_echo_and_sampling_parameters(clients, protocol, stream):
+    client = clients[protocol]
+
+    def run(**options: Any):
+        return client.generate_stream(LONG, **options).drain() if stream else client.generate(LONG, **options)
+
+    held = run(mode="ar", max_tokens=48, min_tokens=40)
+    assert held.text.startswith(ANSWER) and held.num_tokens > 40  # its end token comes after 40 tokens
+    full = run(mode="diffusion", max_tokens=44, ignore_eos=True)
+    assert full.num_tokens == 44 and full.finish_reason == "length"
+    echoed = run(mode="speculative", max_tokens=48, exclude_input_in_output=False)
+    assert echoed.text == LONG + ANSWER
+    vllm = run(sampling_parameters={"mode": "ar", "max_tokens": 6})
+    assert vllm.text == ANSWER[:6] and vllm.finish_reason == "length"
+    with pytest.raises(InvalidRequest, match=r"^sampling_parameters key 'n' is unknown"):
+        run(sampling_parameters={"n": 2})
+    with pytest.raises(InvalidRequest, match=r"^max_remasks must be in \[0, 2147483647\], got -1$"):
+        run(max_remasks=-1)
