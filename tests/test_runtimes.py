@@ -401,3 +401,19 @@ def test_miniature_onnxruntime_gives_the_pytorch_tokens_in_every_mode(tmp_path):
         want = generate(reference.runtime, prompts, params, reference.spec)
         got = generate(runtime, prompts, params, reference.spec)
         assert [g.tokens for g in got] == [w.tokens for w in want], mode
+
+
+def test_onnxruntime_staging_is_sized_by_the_pass_token_budget(built, config, spec):
+    """With the planner's budget, the new keys and values are budget × one position, not rows × context; decoding
+    under the same limits never needs more."""
+    from dlm.planner import PassLimits
+
+    runtime = OnnxRuntime(built[1], config, threads=1)
+    budget = 32
+    runtime.allocate(MAX_BATCH, MAX_CONTEXT, pass_tokens=budget)
+    per_position = runtime.layout.per_position
+    assert runtime._outputs["present_key_values"].size == budget * per_position
+    assert runtime._outputs["top_tokens"].size == min(budget, MAX_BATCH * runtime.contract.profile.max_block) * 64
+    limits = dataclasses.replace(PassLimits.from_profile(runtime.contract.profile), token_budget=budget)
+    want = generate(runtime, PROMPTS, SETTINGS["diffusion-threshold"], spec, limits)
+    assert len(want) == len(PROMPTS) and all(len(r.tokens) == 19 for r in want)

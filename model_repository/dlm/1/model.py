@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlm.delayed import DelayedCalls  # noqa: E402
 from dlm.inputs import Defaults, InvalidInput, Limits, parse_request  # noqa: E402
+from dlm.memory_plan import plan_for_runtime  # noqa: E402
 from dlm.planner import PassLimits  # noqa: E402
 from dlm.refine import TokenSpec  # noqa: E402
 from dlm.special_tokens import check_bos, end_token_ids  # noqa: E402
@@ -223,6 +224,15 @@ class TritonPythonModel:
         self.cancelled_finals = DelayedCalls(delay, name="dlm-cancelled-finals")
         # what one engine pass may hold: the artifact's profile, and a token budget (B x T, padding included)
         limits = PassLimits.from_profile(profile, integer("max_num_tokens"))
+        # the memory plan: weights, engine memory, cache and staging against what the device has free
+        fraction = float(parameters.get("free_memory_fraction") or 0.9)
+        slots, plan = plan_for_runtime(runtime, model_config, max_live, context, limits.token_budget, fraction)
+        for line in plan.lines():
+            pb_utils.Logger.log_info(f"dlm memory plan: {line}")
+        if slots < max_live:
+            pb_utils.Logger.log_warn(f"dlm: max_live lowered from {max_live} to {slots} slots, what "
+                                     f"free_memory_fraction {fraction} of the free memory holds")
+            max_live = slots
         self.scheduler = Scheduler(
             runtime, self.spec, max_live=max_live, max_queue=integer("max_queue") or 0, context=context,
             observer=self.metrics, pad_token_id=int(model_config.get("pad_token_id") or 0), limits=limits,

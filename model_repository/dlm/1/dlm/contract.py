@@ -188,6 +188,19 @@ class EngineContract:
         spec = next(s for s in (*self.inputs, *self.outputs) if s.name == name)
         return self.shape(spec, batch, tokens, past, positions)
 
+    def buffer_elements(self, spec: TensorSpec, rows: int, context: int, pass_tokens: int) -> int:
+        """Elements of the largest `spec` tensor of any pass with at most `rows` rows, `context` positions of
+        cache plus new tokens per row, and `pass_tokens` new tokens in all (B × T, padding included; a pass never
+        predicts from more positions than it has tokens): what one buffer for that tensor must hold."""
+        fixed = math.prod(d for d in spec.dims if isinstance(d, int))
+        if PAST in spec.dims or PAST_PLUS_TOKENS in spec.dims:
+            return rows * context * fixed
+        if POSITIONS in spec.dims:
+            return min(pass_tokens, rows * self.profile.max_block) * fixed
+        if TOKENS in spec.dims:
+            return pass_tokens * fixed
+        return rows * fixed
+
     def output_bytes(self, batch: int, tokens: int, past: int, positions: int) -> dict[str, int]:
         """Bytes of each output of one pass of this shape (what the engine hands back)."""
         sizes = {}

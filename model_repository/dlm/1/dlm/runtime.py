@@ -60,7 +60,7 @@ class Runtime(Protocol):
     slots: int
     context: int
 
-    def allocate(self, slots: int, context: int) -> None: ...
+    def allocate(self, slots: int, context: int, pass_tokens: int | None = None) -> None: ...
 
     def forward(
         self,
@@ -125,7 +125,30 @@ class EngineRuntime:
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------------------------
-    def allocate(self, slots: int, context: int) -> None:
+    activation_bytes: int | None = None  # the engine's own working memory, where the engine says it
+
+    def free_memory(self) -> int | None:
+        """Bytes free where the cache and the staging go: host memory here, device memory for a GPU runtime."""
+        from dlm.memory_plan import host_available_bytes
+
+        return host_available_bytes()
+
+    def weight_bytes(self) -> int:
+        """Bytes of the artifact's files (the weights, for every artifact kind)."""
+        artifact = getattr(self, "artifact", None)
+        if artifact is None:
+            return sum(p.numel() * p.element_size() for p in self.module.parameters())  # type: ignore[attr-defined]
+        directory = artifact.path.parent
+        return sum((directory / name).stat().st_size for name in artifact.entry["files"])
+
+    def pass_tokens(self, slots: int, context: int, pass_tokens: int | None) -> int:
+        """New tokens one pass may carry in all (the pass planner's budget); by default every row at its most."""
+        rows = self.profile.batch[2] if self.profile else slots
+        return pass_tokens or rows * min(context, self.profile.tokens[2] if self.profile else context)
+
+    def allocate(self, slots: int, context: int, pass_tokens: int | None = None) -> None:
+        """The cache of `slots` × `context` positions and the staging for passes of at most `pass_tokens` new
+        tokens in all (`dlm.memory_plan` accounts the same sizes)."""
         check_context(self.profile, context)
         # a pass may hold more rows than there are slots (re-masking's verifying rows share their sequence's slot):
         # the staging is for the most rows one pass can have
@@ -254,14 +277,13 @@ class OnnxRuntime(EngineRuntime):
     def _empty(self, size: int) -> Any:
         return np.empty(size, self.dtype)
 
-    def allocate(self, slots: int, context: int) -> None:
-        super().allocate(slots, context)
-        contract, profile = self.contract, self.contract.profile
-        rows, tokens = profile.batch[2], min(context, profile.tokens[2])
+    def allocate(self, slots: int, context: int, pass_tokens: int | None = None) -> None:
+        super().allocate(slots, context, pass_tokens)
+        contract, rows = self.contract, self.contract.profile.batch[2]
+        tokens = self.pass_tokens(slots, context, pass_tokens)
         # one flat buffer per output, large enough for any pass this allocation allows
         self._outputs = {
-            spec.name: np.empty(math.prod(contract.shape(spec, rows, tokens, 0, profile.max_block)),
-                                contract.dtype(spec))
+            spec.name: np.empty(contract.buffer_elements(spec, rows, context, tokens), contract.dtype(spec))
             for spec in contract.outputs
         }
 
@@ -344,6 +366,8 @@ class TensorRTRuntime(EngineRuntime):
                 f"`{rebuild_command(directory, 'tensorrt', self.artifact.entry)}`"
             )
         self._execution = self.engine.create_execution_context()
+        # TensorRT 10's own account of its working memory (device_memory_size_v2 from 10.1 on)
+        self.activation_bytes = int(getattr(self.engine, "device_memory_size_v2", self.engine.device_memory_size))
         types = {
             trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
             trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool,
@@ -358,15 +382,19 @@ class TensorRTRuntime(EngineRuntime):
     def _empty(self, size: int) -> Any:
         return self._torch.empty(size, dtype=self.dtype, device=self.device)
 
-    def allocate(self, slots: int, context: int) -> None:
-        super().allocate(slots, context)  # the cache, and the staging buffer the gather writes the past into
-        torch, contract = self._torch, self.contract
-        rows, tokens = contract.profile.batch[2], min(context, contract.profile.tokens[2])
+    def free_memory(self) -> int | None:
+        free, _ = self._torch.cuda.mem_get_info(self.device)
+        return int(free)
+
+    def allocate(self, slots: int, context: int, pass_tokens: int | None = None) -> None:
+        super().allocate(slots, context, pass_tokens)  # the cache, and the staging the gather writes the past into
+        torch, contract, rows = self._torch, self.contract, self.contract.profile.batch[2]
+        tokens = self.pass_tokens(slots, context, pass_tokens)
         # each buffer is large enough for any pass this allocation allows; a pass uses a prefix of it
         self._buffers = {"past_key_values": self._past}
         for spec in (*contract.inputs, *contract.outputs):
             if spec.name != "past_key_values":
-                size = math.prod(contract.shape(spec, rows, tokens, context, contract.profile.max_block))
+                size = contract.buffer_elements(spec, rows, context, tokens)
                 self._buffers[spec.name] = torch.empty(size, dtype=self._dtypes[spec.name], device=self.device)
             self._execution.set_tensor_address(spec.name, self._buffers[spec.name].data_ptr())
 

@@ -102,7 +102,7 @@ class Scheduler:
         self.runtime, self.spec, self.observer = runtime, spec, observer
         self.max_live, self.max_queue, self.context = max_live, max_queue, context
         self.pad_token_id = pad_token_id
-        runtime.allocate(max_live, context)
+        runtime.allocate(max_live, context, self.limits.token_budget if self.limits else None)
         self._free_slots = list(range(max_live - 1, -1, -1))
         self._waiting: collections.deque[Job] = collections.deque()
         self._live: list[Job] = []
