@@ -30,6 +30,8 @@ INPUTS = ("text_input", "max_tokens", "stream", "temperature", "seed", "stop_wor
           "threshold", "steps", "top_k", "top_p", "return_log_probs", "top_logprobs", "remask_threshold",
           "max_remasks", "min_tokens", "min_length", "ignore_eos", "exclude_input_in_output", "sampling_parameters")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# seconds: per-request latencies, from a request's queue wait to its first block
+LATENCY_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
 
 
 def error_response(error: Exception) -> Any:
@@ -60,36 +62,104 @@ class Metrics:
                                   family.HISTOGRAM)
         self.live_family = family("dlm_live_slots", "Requests being decoded (KV-cache slots in use)", family.GAUGE)
         self.queue_family = family("dlm_queue_depth", "Requests waiting for a slot", family.GAUGE)
+        self.prompt_tokens = family("dlm_prompt_tokens_total", "Prompt tokens of requests that took a slot, by mode",
+                                    family.COUNTER)
+        self.queue_wait_family = family("dlm_queue_wait_seconds", "Time from submission to a KV-cache slot",
+                                        family.HISTOGRAM)
+        self.first_block_family = family(
+            "dlm_time_to_first_block_seconds",
+            "Time from submission to the first committed block (a streaming client's first response), per request",
+            family.HISTOGRAM)
+        self.pass_tokens_family = family(
+            "dlm_pass_tokens_total", "Tokens of engine passes as padded (B x T): the rows' own (kind real) and padding",
+            family.COUNTER)
+        self.padding_family = family("dlm_pass_padding_ratio", "Share of an engine pass's tokens that is padding",
+                                     family.HISTOGRAM)
+        self.kv_family = family("dlm_kv_positions", "KV-cache positions held by live requests (their cache lengths)",
+                                family.GAUGE)
         self.passes = self.passes_family.Metric(labels={})
+        self.real_tokens = self.pass_tokens_family.Metric(labels={"kind": "real"})
+        self.padding_tokens = self.pass_tokens_family.Metric(labels={"kind": "padding"})
+        self.padding_ratio = self.padding_family.Metric(labels={}, buckets=[0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9])
+        self.kv = self.kv_family.Metric(labels={})
         self.step_latency = self.step_family.Metric(
             labels={}, buckets=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
         self.live = self.live_family.Metric(labels={})
         self.queue = self.queue_family.Metric(labels={})
         self._metrics: dict[tuple, Any] = {}
-        # each metric update is a round trip to the Triton process: per-step ones go through a thread of their
-        # own, so they overlap the next engine pass instead of delaying it
-        self._steps: queue.SimpleQueue[float] = queue.SimpleQueue()
-        threading.Thread(target=self._record_steps, name="dlm-metrics", daemon=True).start()
+        self._metrics_lock = threading.Lock()
+        # each metric update is a round trip to the Triton process: the scheduler thread's go through a thread of
+        # their own, so they overlap the next engine pass instead of delaying it; counters are summed over what
+        # queued up meanwhile
+        self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        threading.Thread(target=self._record, name="dlm-metrics", daemon=True).start()
 
-    def _record_steps(self) -> None:
+    def _record(self) -> None:
         while True:
-            seconds = self._steps.get()
-            self.passes.increment(1)
-            self.step_latency.observe(seconds)
+            events = [self._events.get()]
+            while True:
+                try:
+                    events.append(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._apply(events)
+            except Exception as e:  # noqa: BLE001 - a metric that cannot be updated must not end the thread
+                pb_utils.Logger.log_warn(f"dlm: metrics not updated: {e}")
+
+    def _apply(self, events: list[tuple]) -> None:
+        passes = real = padding = 0
+        prompt: dict[str, int] = {}
+        kv = None
+        for kind, *args in events:
+            if kind == "step":
+                seconds, step_real, step_padding = args
+                passes, real, padding = passes + 1, real + step_real, padding + step_padding
+                self.step_latency.observe(seconds)
+                self.padding_ratio.observe(step_padding / max(step_real + step_padding, 1))
+            elif kind == "admitted":
+                mode, tokens, wait = args
+                prompt[mode] = prompt.get(mode, 0) + tokens
+                self._metric(self.queue_wait_family, LATENCY_BUCKETS, mode=mode).observe(wait)
+            elif kind == "first_block":
+                mode, seconds = args
+                self._metric(self.first_block_family, LATENCY_BUCKETS, mode=mode).observe(seconds)
+            elif kind == "kv":
+                kv = args[0]
+        if passes:
+            self.passes.increment(passes)
+            self.real_tokens.increment(real)
+            if padding:
+                self.padding_tokens.increment(padding)
+        for mode, tokens in prompt.items():
+            self._metric(self.prompt_tokens, mode=mode).increment(tokens)
+        if kv is not None:
+            self.kv.set(kv)
 
     def _metric(self, family: Any, buckets: list[float] | None = None, **labels: str) -> Any:
         key = (id(family), *sorted(labels.items()))
-        if key not in self._metrics:
-            extra = {"buckets": buckets} if buckets is not None else {}
-            self._metrics[key] = family.Metric(labels=labels, **extra)
-        return self._metrics[key]
+        with self._metrics_lock:  # request threads, the scheduler's and the metrics thread
+            if key not in self._metrics:
+                extra = {"buckets": buckets} if buckets is not None else {}
+                self._metrics[key] = family.Metric(labels=labels, **extra)
+            return self._metrics[key]
 
     def request(self, mode: str, outcome: str) -> None:
         self._metric(self.requests, mode=mode, outcome=outcome).increment(1)
 
     # Observer
-    def step(self, seconds: float, rows: int) -> None:
-        self._steps.put(seconds)
+    def step(self, seconds: float, rows: int, real_tokens: int, padding_tokens: int) -> None:
+        self._events.put(("step", seconds, real_tokens, padding_tokens))
+
+    def admitted(self, job: Job) -> None:
+        wait = (job.admitted_at or job.submitted) - job.submitted
+        self._events.put(("admitted", job.seq.params.mode, len(job.seq.prompt), wait))
+
+    def first_block(self, job: Job) -> None:
+        self._events.put(("first_block", job.seq.params.mode, (job.first_block_at or job.submitted) - job.submitted))
+
+    def kv_positions(self, positions: int) -> None:
+        self._events.put(("kv", positions))
 
     def occupancy(self, live: int, waiting: int) -> None:
         self.live.set(live)

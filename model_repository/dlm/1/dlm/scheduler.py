@@ -7,6 +7,10 @@ positions. Each step plans its passes (`refine.plan_step`: the pass planner grou
 fit the artifact's profile and the per-pass token budget, prefilling long prompts in chunks), runs them with
 `refine.step` (the same loop `refine.generate` runs offline), then tells each request's consumer what was
 committed. A pass that raises fails only the requests that took part in it.
+
+An `Observer` (Triton's metrics) is told of every pass (its time, requests and tokens, padding included), of each
+request's admission and first committed block, and of the KV-cache positions in use. It is called on the scheduler
+thread, so it must be quick (model.py's queues its updates for a thread of its own), and a failing one is ignored.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from dlm.planner import PassLimits
-from dlm.refine import GenerationParams, Sequence, TokenSpec, plan_step, step
+from dlm.refine import GenerationParams, Pass, Sequence, TokenSpec, plan_step, step
 from dlm.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,24 @@ class Consumer(Protocol):
 class Observer(Protocol):
     """Receives the scheduler's measurements (Triton's metrics), from the scheduler thread and request threads."""
 
-    def step(self, seconds: float, rows: int) -> None: ...
+    def step(self, seconds: float, rows: int, real_tokens: int, padding_tokens: int) -> None:
+        """One engine pass: its wall time, the requests in it, and its B x T tokens as `refine.step` pads them:
+        those of the rows' plans (`real_tokens`) and the padding (`padding_tokens`); see `pass_tokens`."""
+        ...
+
+    def admitted(self, job: "Job") -> None:
+        """The request took a KV-cache slot (`job.admitted_at`; its queue wait is `admitted_at - submitted`)."""
+        ...
+
+    def first_block(self, job: "Job") -> None:
+        """The request's first tokens were committed (`job.first_block_at`), just before its consumer is told:
+        a streaming client's first response. Once per request; never for one that ends without a token."""
+        ...
+
+    def kv_positions(self, positions: int) -> None:
+        """The KV-cache positions the live requests hold (the sum of their cache lengths), after each step in
+        which it changed."""
+        ...
 
     def occupancy(self, live: int, waiting: int) -> None:
         """Called whenever a request is queued, joins the batch or leaves it."""
@@ -73,12 +94,22 @@ class Job:
     seq: Sequence
     consumer: Consumer
     submitted: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None  # perf_counter time it took a slot
+    first_block_at: float | None = None  # perf_counter time its first tokens were committed
     reported: int = 0  # committed tokens the consumer has seen
     outcome: str | None = None  # "eos", "length", "stop", "cancelled" or "error" once finished
 
     @property
     def finished(self) -> bool:
         return self.outcome is not None
+
+
+def pass_tokens(plans: list[Pass]) -> tuple[int, int]:
+    """The real and padding tokens of one pass over `plans` (their `extra` rows included), as `refine.step` pads
+    it: every row to the longest row's tokens, B x T in all."""
+    rows = [row for plan in plans for row in (plan, *plan.extra)]
+    real = sum(len(row.tokens) for row in rows)
+    return real, len(rows) * max((len(row.tokens) for row in rows), default=0) - real
 
 
 class Scheduler:
@@ -110,6 +141,7 @@ class Scheduler:
         self._stopping = False  # no new requests
         self._closed = False  # the thread ends
         self._observer_failed = False
+        self._kv_positions = 0  # last told to the observer
         self._thread = threading.Thread(target=self._run, name="dlm-scheduler", daemon=True)
         self._thread.start()
 
@@ -182,13 +214,17 @@ class Scheduler:
                     self._lock.wait()
                 if self._closed:
                     return
-                admitted = bool(self._waiting and self._free_slots)
+                admitted = []
                 while self._waiting and self._free_slots:
                     job = self._waiting.popleft()
                     job.seq.slot = self._free_slots.pop()
+                    job.admitted_at = time.perf_counter()
                     self._live.append(job)
+                    admitted.append(job)
             if admitted:
                 self._occupancy()
+                for job in admitted:
+                    self._observe("admitted", job)
             try:
                 self._drop_cancelled()
                 if self._live:
@@ -196,6 +232,10 @@ class Scheduler:
             except Exception as error:  # noqa: BLE001 - a bug must end the requests concerned, never the loop
                 for job in list(self._live):
                     self._leave(job, "error", RuntimeError(f"the scheduler failed: {error}"))
+            positions = sum(job.seq.cache_length for job in list(self._live))
+            if positions != self._kv_positions:
+                self._kv_positions = positions
+                self._observe("kv_positions", positions)
 
     def _drop_cancelled(self) -> None:
         for job in list(self._live):
@@ -219,13 +259,17 @@ class Scheduler:
                 for job in group:
                     self._leave(job, "error", RuntimeError(f"the engine pass failed: {error}"))
                 continue
-            seconds = time.perf_counter() - start
+            end = time.perf_counter()
             for job in group:
+                first = job.first_block_at is None and bool(job.seq.tokens)
+                if first:
+                    job.first_block_at = end
+                    self._observe("first_block", job)
                 if job.seq.done:
                     self._leave(job, job.seq.finish_reason or "length")
                 elif len(job.seq.tokens) > job.reported:
                     self._report(job)
-            self._observe("step", seconds, len(group))
+            self._observe("step", end - start, len(group), *pass_tokens(plans))
 
     def _report(self, job: Job) -> None:
         """Tell the consumer what was committed; it may stop the job, and one that cannot be told has gone."""
