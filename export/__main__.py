@@ -18,8 +18,10 @@ def add_limits(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--checkpoint", required=True, help="HuggingFace-format checkpoint directory")
     parser.add_argument("--out", required=True, help="directory for the artifact and its manifest.json")
-    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                        help="weights and KV cache dtype of the graph (default fp32, what the CPU runs)")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="weights and KV cache dtype of the graph (default fp32, what ONNX Runtime on the CPU "
+                             "runs; bf16, the checkpoints' own dtype, and fp16 are for TensorRT on a GPU); norms, "
+                             "attention softmax and the selection stay in fp32")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                         help=f"most rows in one pass (default {DEFAULT_MAX_BATCH})")
     parser.add_argument("--max-context", type=int, default=None,
@@ -71,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = commands.add_parser("engine", help="ONNX graph → TensorRT plan + manifest (needs TensorRT and a GPU)")
     engine.add_argument("--onnx", required=True, help="model.onnx written by `onnx` or `quantize`")
-    engine.add_argument("--precision", choices=["fp16", "fp8"], required=True)
+    engine.add_argument("--precision", choices=["fp16", "bf16", "fp8"], required=True,
+                        help="strongly typed: from an fp16, bf16 or FP8 Q/DQ graph")
     engine.add_argument("--out", required=True, help="directory for model.plan and its manifest.json")
     engine.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5 (default 3)")
     engine.add_argument("--timing-cache", default=None, help="timing cache file (default OUT/timing.cache)")
     engine.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit in GiB")
+    engine.add_argument("--allow-fp32-cache", action="store_true",
+                        help="build from a graph whose KV cache is float32 (refused by default: twice the memory)")
 
     args = parser.parse_args(argv)
     from dlm.artifact import ArtifactError
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             from export.engine import build_engine
 
             build_engine(args.onnx, args.precision, args.out, opt_level=args.opt_level,
-                         timing_cache=args.timing_cache, workspace_gib=args.workspace_gib)
+                         timing_cache=args.timing_cache, workspace_gib=args.workspace_gib,
+                         allow_fp32_cache=args.allow_fp32_cache)
     except (ArtifactError, EngineError, ExportError, QuantizeError, RuntimeUnavailable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,8 +1,11 @@
 """TensorRT engine build (TensorRT 10 and 11 Python API): ONNX graph → `model.plan` plus its manifest entry.
 
-FP16 sets the builder's FP16 flag on the fp32/fp16 graph (TensorRT 10; TensorRT 11 removed the flag with weak typing,
-so there it takes the fp16 graph as typed); FP8 builds a strongly typed network from the Q/DQ graph of
-`python -m export quantize`, so the graph's own types decide every layer's precision. One optimization profile,
+Every build is strongly typed: the graph's own types decide every layer's precision, so a bf16 engine comes from a
+bf16 graph (`python -m export onnx --precision bf16`, the checkpoints' own dtype), an fp16 engine from an fp16 graph
+and an FP8 engine from the Q/DQ graph of `python -m export quantize`; the norms, the attention softmax and the
+candidate selection are float32 in every graph. A graph whose KV cache is float32 would give an engine with an fp32
+cache (twice the memory and bandwidth of the cache): it is refused unless `--allow-fp32-cache` asks for it, and then
+an fp16 engine is built from it with TensorRT 10's (weakly typed) FP16 flag, as before. One optimization profile,
 min/opt/max from the profile recorded in the ONNX graph's manifest (the same ranges the export validated and the
 runtimes enforce). A timing cache file makes rebuilds fast. The source graph is checked against its manifest before
 TensorRT is touched; TensorRT is imported only here, and its absence is reported with the extra to install.
@@ -25,10 +28,11 @@ if TYPE_CHECKING:  # TensorRT itself is imported only inside the functions that 
 
 PLAN_FILE = FILES["tensorrt"]
 TIMING_CACHE = "timing.cache"
-PRECISIONS = ("fp16", "fp8")
-SOURCE_PRECISIONS = {"fp16": ("fp32", "fp16"), "fp8": ("fp8",)}  # engine precision → ONNX graph precisions it takes
+PRECISIONS = ("fp16", "bf16", "fp8")
+# engine precision → ONNX graph precisions it takes (fp32 only with allow_fp32_cache)
+SOURCE_PRECISIONS = {"fp16": ("fp16", "fp32"), "bf16": ("bf16",), "fp8": ("fp8",)}
 # polygraphy tolerances for replaying the ONNX Runtime outputs against a plan (first guesses, to tune on a GPU)
-REPLAY_TOLERANCE = {"fp16": 5e-2, "fp8": 5e-1}
+REPLAY_TOLERANCE = {"fp16": 5e-2, "bf16": 2e-1, "fp8": 5e-1}
 
 
 class EngineError(RuntimeError):
@@ -85,9 +89,11 @@ def build_engine(
     opt_level: int = 3,
     timing_cache: str | Path | None = None,
     workspace_gib: float | None = None,
+    allow_fp32_cache: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Build `out/model.plan` from `onnx_file` and record it in `out/manifest.json`; returns the manifest entry."""
+    """Build `out/model.plan` from `onnx_file` and record it in `out/manifest.json`; returns the manifest entry.
+    A graph with a float32 KV cache is refused unless `allow_fp32_cache`."""
     onnx_file, out = Path(onnx_file), Path(out)
     if precision not in PRECISIONS:
         raise EngineError(f"precision '{precision}' is not built here: expected one of {', '.join(PRECISIONS)}")
@@ -108,14 +114,24 @@ def build_engine(
             f"{' or '.join(SOURCE_PRECISIONS[precision])} graph: make one with `{hint}`"
         )
 
+    if contract.cache_dtype == "float32" and not allow_fp32_cache:
+        raise EngineError(
+            f"{onnx_file} keeps its KV cache in float32 ({entry['precision']} graph): an engine built from it would "
+            f"hold an fp32 cache on the GPU, twice the memory and bandwidth. Export the graph in the checkpoint's "
+            f"dtype with `python -m export onnx --checkpoint CHECKPOINT --out DIR --precision bf16` (or fp16"
+            + (", then quantize it with --high-precision fp16" if precision == "fp8" else "")
+            + "), or pass --allow-fp32-cache to build it anyway"
+        )
+
     import_tensorrt()  # a clear message when TensorRT is missing
     import tensorrt as trt
     import torch
 
-    # TensorRT 10 builds fp16 from any graph with the (weak typing) FP16 flag; TensorRT 11 removed weak typing and
-    # the flag, so there the graph's own types decide and an fp16 engine needs an fp16 graph.
-    weak_fp16 = precision == "fp16" and hasattr(trt.BuilderFlag, "FP16")
-    if precision == "fp16" and not weak_fp16 and entry["precision"] != "fp16":
+    # Strongly typed unless an fp32 graph is asked to become fp16: TensorRT 10's (weak typing) FP16 flag does
+    # that; TensorRT 11 removed weak typing and the flag, so there an fp16 engine needs an fp16 graph.
+    fp16_from_fp32 = precision == "fp16" and entry["precision"] == "fp32"
+    weak_fp16 = fp16_from_fp32 and hasattr(trt.BuilderFlag, "FP16")
+    if fp16_from_fp32 and not weak_fp16:
         raise EngineError(
             f"TensorRT {trt.__version__} builds strongly typed networks only (no BuilderFlag.FP16), so an fp16 "
             f"engine needs an fp16 graph, and {onnx_file} is {entry['precision']}: make one with "
@@ -130,7 +146,7 @@ def build_engine(
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if precision == "fp8" else 0
+    flags = 0 if weak_fp16 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_file)):  # reads external weights beside the file too

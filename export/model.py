@@ -77,8 +77,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """GQA attention. Each KV head serves `group` query heads; the group is folded into the query axis
+    ([B, KV, group·T, D] against [B, KV, S, D]), so keys and values are never copied per query head.
+    `fold_query_groups=False` expands them instead (the former graph, kept to measure the difference)."""
+
+    def __init__(self, config: ModelConfig, fold_query_groups: bool = True):
         super().__init__()
+        self.fold_query_groups = fold_query_groups
         self.heads, self.kv_heads, self.head_dim = (
             config.num_attention_heads,
             config.num_key_value_heads,
@@ -110,13 +115,27 @@ class Attention(nn.Module):
         keys = torch.cat((past_k, k), dim=2)
         values = torch.cat((past_v, v), dim=2)
         group = self.heads // self.kv_heads
-        if group > 1:  # GQA: each KV head serves `group` query heads
-            s = keys.shape[2]
-            keys = keys[:, :, None].expand(b, self.kv_heads, group, s, self.head_dim).reshape(b, self.heads, s, -1)
-            values = values[:, :, None].expand(b, self.kv_heads, group, s, self.head_dim).reshape(b, self.heads, s, -1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=self.head_dim**-0.5)
-        out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        s = keys.shape[2]
+        scale = self.head_dim**-0.5
+        if self.fold_query_groups:  # query head h = kv · group + j attends with KV head kv; a broadcast matmul
+            q5 = q.reshape(b, self.kv_heads, group, t, self.head_dim)
+            out = attention(q5, keys[:, :, None], values[:, :, None], bias[:, :, None], scale)
+        else:
+            if group > 1:
+                keys = keys[:, :, None].expand(b, self.kv_heads, group, s, self.head_dim).reshape(b, self.heads, s, -1)
+                values = values[:, :, None].expand(b, self.kv_heads, group, s, self.head_dim).reshape(
+                    b, self.heads, s, -1)
+            out = attention(q, keys, values, bias, scale)
+        out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return self.o_proj(out), k, v
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + bias)·v over the last two axes (the others broadcast), the scores and the softmax in
+    float32 whatever the model's dtype (bf16 scores of 100 would be rounded to 0.5, and the softmax of long rows
+    loses too much in fp16), the weighted sum in the model's dtype."""
+    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale + bias.float()
+    return torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), values)
 
 
 class MLP(nn.Module):
@@ -131,19 +150,19 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fold_query_groups: bool = True):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, fold_query_groups)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fold_query_groups: bool = True):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, fold_query_groups) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -153,11 +172,11 @@ class DiffusionLM(nn.Module):
 
     inv_freq: torch.Tensor  # a buffer (see __init__)
 
-    def __init__(self, config: ModelConfig, top_k: int = DEFAULT_TOP_K):
+    def __init__(self, config: ModelConfig, top_k: int = DEFAULT_TOP_K, fold_query_groups: bool = True):
         super().__init__()
         self.config = config
         self.top_k = top_k  # candidates per position that `forward` returns
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config, fold_query_groups)
         self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         inv_freq, attention_factor = yarn_inverse_frequencies(config)
         # A buffer, so it follows the model's device, but never its dtype: `_apply` below keeps it float32

@@ -29,6 +29,7 @@ from export.torch_export import (
     profile_for,
     sample_inputs,
     save_torch_export,
+    to_torch,
     trace,
 )
 
@@ -37,10 +38,11 @@ ONNX_DATA = ONNX_FILE + ".data"  # weights beside the graph once they pass proto
 POLYGRAPHY_INPUTS = "polygraphy_inputs.json"
 POLYGRAPHY_OUTPUTS = "polygraphy_outputs.json"
 DEFAULT_OPSET = 18  # the dynamo exporter cannot write 17
-TOLERANCE = {"fp32": 1e-3, "fp16": 0.1}  # largest absolute difference of the candidates' logits and logsumexp
+TOLERANCE = {"fp32": 1e-3, "fp16": 0.1, "bf16": 0.1}  # bf16: relative to the largest |logit| (8 mantissa bits)  # largest absolute difference of the candidates' logits and logsumexp
 EXTERNAL_DATA_BYTES = 1 << 30
 ONNX_DTYPES = {"int64": onnx.TensorProto.INT64, "bool": onnx.TensorProto.BOOL,
-               "float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
+               "float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+               "bfloat16": onnx.TensorProto.BFLOAT16}
 
 
 class ExportError(RuntimeError):
@@ -145,7 +147,7 @@ def compare_with_torch(
     report: dict[str, Any] = {"shapes": [], "max_abs_logit_diff": 0.0, "max_abs_present_diff": 0.0}
     for (b, t, p, n), feed, got in zip(shapes, feeds, outputs):
         with torch.no_grad():
-            tokens, logits, lse, present = model(*(torch.from_numpy(feed[name]) for name in contract.input_names))
+            tokens, logits, lse, present = model(*(to_torch(feed[name]) for name in contract.input_names))
         logit_diff = max(candidate_logit_difference(got, tokens.numpy(), logits.numpy()),
                          float(np.abs(got["logsumexp"] - lse.numpy()).max()))
         present_diff = float(np.abs(got["present_key_values"].astype(np.float32) - present.float().numpy()).max())
@@ -195,6 +197,41 @@ def validate(
     return report
 
 
+def validate_bf16(
+    model: DiffusionLM, reference: DiffusionLM, contract: EngineContract, tolerance: float,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The bf16 model (what the graph was traced from) against the same weights in fp32, on the validation shapes:
+    the check a bf16 graph gets on a CPU, where ONNX Runtime cannot run it; the graph itself runs under TensorRT."""
+    log("PyTorch bf16 against PyTorch fp32 (ONNX Runtime's CPU kernels have no bfloat16):")
+    report: dict[str, Any] = {"against": "pytorch fp32", "shapes": [], "max_abs_logit_diff": 0.0, "logit_scale": 0.0}
+    for i, (b, t, p, n) in enumerate(validation_shapes(contract, model.config.block_size)):
+        feed = sample_inputs(contract, b, t, p, seed=i, positions=n)
+        with torch.no_grad():
+            tokens, logits, lse, _ = model(*(to_torch(feed[name]) for name in contract.input_names))
+            fp32_feed = {**feed, "past_key_values": feed["past_key_values"].astype(np.float32)}
+            want = reference(*(to_torch(fp32_feed[name]) for name in contract.input_names))
+        got = {"top_tokens": tokens.numpy(), "top_logits": logits.numpy()}
+        diff = max(candidate_logit_difference(got, want[0].numpy(), want[1].numpy()),
+                   float(np.abs(lse.numpy() - want[2].numpy()).max()))
+        agreement = float((tokens.numpy()[..., 0] == want[0].numpy()[..., 0]).mean())
+        log(f"  batch {b:3d} tokens {t:4d} cache {p:5d} positions {n:3d}: max |Δlogits| {diff:.3g}, "
+            f"best-candidate agreement {agreement:.4f}")
+        report["shapes"].append({"batch": b, "tokens": t, "past": p, "positions": n, "max_abs_logit_diff": diff,
+                                 "argmax_agreement": agreement})
+        report["max_abs_logit_diff"] = max(report["max_abs_logit_diff"], diff)
+        report["logit_scale"] = max(report["logit_scale"], float(np.abs(want[1].numpy()).max()))
+    report["tolerance"] = tolerance  # relative: bf16 keeps 8 bits of mantissa
+    log(f"largest absolute logit difference: {report['max_abs_logit_diff']:.3g}, "
+        f"{report['max_abs_logit_diff'] / report['logit_scale']:.2%} of the largest |logit| (tolerance {tolerance:.0%})")
+    if not report["max_abs_logit_diff"] <= tolerance * report["logit_scale"]:
+        raise ExportError(
+            f"the bf16 model differs from fp32 by {report['max_abs_logit_diff']:.3g} in the logits, more than "
+            f"{tolerance:.0%} of the largest |logit| ({report['logit_scale']:.3g}); see the per-shape figures above"
+        )
+    return report
+
+
 def export_onnx(
     checkpoint: str | Path,
     out: str | Path,
@@ -232,7 +269,13 @@ def export_onnx(
     check_graph(path, contract)
     log("onnx.checker full check passed; inputs and outputs match the engine contract")
 
-    report = validate(model, path, contract, TOLERANCE[precision] if tolerance is None else tolerance, out, log)
+    limit = TOLERANCE[precision] if tolerance is None else tolerance
+    if precision == "bf16":  # ONNX Runtime's CPU kernels have no bfloat16: the bf16 model against fp32 instead
+        report = validate_bf16(model, load_for_export(checkpoint, "fp32", top_k), contract, limit, log)
+        polygraphy = None
+    else:
+        report = validate(model, path, contract, limit, out, log)
+        polygraphy = {"inputs": POLYGRAPHY_INPUTS, "outputs": POLYGRAPHY_OUTPUTS}
     config = json.loads((checkpoint / "config.json").read_text())
     entry = write_entry(
         out,
@@ -245,9 +288,10 @@ def export_onnx(
         command=command,
         opset=opset,
         validation=report,
-        polygraphy={"inputs": POLYGRAPHY_INPUTS, "outputs": POLYGRAPHY_OUTPUTS},
+        polygraphy=polygraphy,
     )
-    log(f"wrote {', '.join(files)}, {POLYGRAPHY_INPUTS}, {POLYGRAPHY_OUTPUTS} and manifest.json to {out}")
+    saved = f", {POLYGRAPHY_INPUTS}, {POLYGRAPHY_OUTPUTS}" if polygraphy else ""
+    log(f"wrote {', '.join(files)}{saved} and manifest.json to {out}")
     if torch_export:
         save_torch_export(program, out, checkpoint, precision, contract, command + " --torch-export")
         log(f"wrote {out / TORCH_EXPORT_FILE}")

@@ -19,7 +19,7 @@ from export.config import ModelConfig
 from export.manifest import checkpoint_sha256, write_entry
 from export.model import DiffusionLM
 
-PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # export precision -> cache / weight dtype
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # export precision -> cache / weight dtype
 AXIS_MIN = {BATCH: 1, TOKENS: 1, PAST: 0, PAST_PLUS_TOKENS: 1, POSITIONS: 1}
 TORCH_EXPORT_FILE = "model.pt2"
 # serving limits when the command line gives none: enough for the miniature's tasks
@@ -63,11 +63,27 @@ def sample_inputs(
         "input_ids": rng.integers(0, contract.vocab_size, (batch, tokens), dtype=np.int64),
         "position_ids": np.broadcast_to(position_ids, (batch, tokens)).copy(),
         "attention_mask": mask,
-        "past_key_values": rng.standard_normal(cache_shape).astype(contract.cache_dtype),
+        "past_key_values": rng.standard_normal(cache_shape).astype(numpy_dtype(contract.cache_dtype)),
         "causal": np.arange(batch) % 2 == 0,
         "logit_positions": np.stack([rng.permutation(tokens)[:n] if n <= tokens else rng.integers(0, tokens, n)
                                      for _ in range(batch)]).astype(np.int64),
     }
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy's dtype for a cache dtype name; bfloat16 comes from ml_dtypes (numpy has none)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """torch.from_numpy, bfloat16 (ml_dtypes) included, which torch cannot read directly."""
+    if array.dtype == numpy_dtype("bfloat16"):
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def trace(model: DiffusionLM, contract: EngineContract) -> torch.export.ExportedProgram:
@@ -78,7 +94,7 @@ def trace(model: DiffusionLM, contract: EngineContract) -> torch.export.Exported
         spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in contract.inputs
     }
     example = sample_inputs(contract, batch=2, tokens=3, past=5, positions=2)
-    args = tuple(torch.from_numpy(example[name]) for name in contract.input_names)
+    args = tuple(to_torch(example[name]) for name in contract.input_names)
     with torch.no_grad():
         return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
 

@@ -272,7 +272,8 @@ def test_plan_for_another_tensorrt_or_gpu_is_refused(built, config, tmp_path):
 def test_without_tensorrt_the_runtime_and_the_build_say_what_to_install(built, capsys):
     with pytest.raises(RuntimeUnavailable, match=r"pip install \.\[tensorrt\] on a GPU host"):
         TensorRTRuntime(built[1])
-    rc = main(["engine", "--onnx", str(built[1] / "model.onnx"), "--precision", "fp16", "--out", str(built[1])])
+    rc = main(["engine", "--onnx", str(built[1] / "model.onnx"), "--precision", "fp16", "--out", str(built[1]),
+               "--allow-fp32-cache"])
     assert rc != 0
     assert "pip install .[tensorrt] on a GPU host" in capsys.readouterr().err
 
@@ -304,13 +305,29 @@ def test_a_tensorrt_namespace_package_is_not_tensorrt(tmp_path, monkeypatch):
     assert f"found at {tmp_path / 'tensorrt'} lacks Builder and __version__" in str(error.value)
 
 
+def test_engine_build_refuses_an_fp32_cache_unless_asked(built, capsys):
+    """An fp32 graph keeps an fp32 KV cache; an engine from it would hold that on the GPU: refused before TensorRT
+    is touched, naming the export that gives a bf16 or fp16 cache and the flag that allows it."""
+    for precision in ("fp16", "bf16"):
+        rc = main(["engine", "--onnx", str(built[1] / "model.onnx"), "--precision", precision, "--out", str(built[1])])
+        assert rc != 0
+        err = capsys.readouterr().err
+        if precision == "fp16":
+            assert "keeps its KV cache in float32 (fp32 graph)" in err and "--precision bf16" in err
+            assert "--allow-fp32-cache" in err
+        else:
+            assert "is an fp32 graph; an bf16 engine is built from a bf16 graph" in err
+
+
 def test_engine_build_on_tensorrt_11_takes_only_an_fp16_graph_for_fp16(built, monkeypatch, capsys):
-    """TensorRT 11 removed BuilderFlag.FP16 with weak typing: an fp32 graph would build an fp32 engine, so it is
-    refused before the GPU is asked for (a stand-in module plays TensorRT 11: it cannot be installed here)."""
+    """TensorRT 11 removed BuilderFlag.FP16 with weak typing: an fp32 graph would build an fp32 engine, so even
+    with --allow-fp32-cache it is refused before the GPU is asked for (a stand-in module plays TensorRT 11: it
+    cannot be installed here)."""
     trt11 = types.ModuleType("tensorrt")
     trt11.__dict__.update(__version__="11.0.0", Builder=object, BuilderFlag=types.SimpleNamespace(FP8=15))
     monkeypatch.setitem(sys.modules, "tensorrt", trt11)
-    rc = main(["engine", "--onnx", str(built[1] / "model.onnx"), "--precision", "fp16", "--out", str(built[1])])
+    rc = main(["engine", "--onnx", str(built[1] / "model.onnx"), "--precision", "fp16", "--out", str(built[1]),
+               "--allow-fp32-cache"])
     assert rc != 0
     assert (
         "TensorRT 11.0.0 builds strongly typed networks only (no BuilderFlag.FP16), so an fp16 engine needs an fp16 "
@@ -339,7 +356,8 @@ def test_tensorrt_fp16_plan_matches_pytorch(built, config, spec, reference, tmp_
     need_tensorrt_and_gpu()
     from export.engine import build_engine
 
-    entry = build_engine(built[1] / "model.onnx", "fp16", tmp_path, opt_level=0, log=lambda _: None)
+    entry = build_engine(built[1] / "model.onnx", "fp16", tmp_path, opt_level=0, allow_fp32_cache=True,
+                         log=lambda _: None)
     assert entry["tensorrt_version"] and entry["compute_capability"]
     runtime = load_runtime("auto", tmp_path, config)
     assert isinstance(runtime, TensorRTRuntime)
@@ -417,3 +435,22 @@ def test_onnxruntime_staging_is_sized_by_the_pass_token_budget(built, config, sp
     limits = dataclasses.replace(PassLimits.from_profile(runtime.contract.profile), token_budget=budget)
     want = generate(runtime, PROMPTS, SETTINGS["diffusion-threshold"], spec, limits)
     assert len(want) == len(PROMPTS) and all(len(r.tokens) == 19 for r in want)
+
+
+def test_a_bf16_export_decodes_in_every_mode(built, config, spec, reference, tmp_path):
+    """`--precision bf16` (the checkpoints' own dtype): the graph and the torch.export program are bf16 with a bf16
+    cache; the program decodes on the CPU in every mode, close to fp32, and speculative still equals ar."""
+    out = tmp_path / "bf16"
+    assert main(["onnx", "--checkpoint", str(built[0]), "--out", str(out), "--precision", "bf16", "--max-batch",
+                 str(MAX_BATCH), "--max-context", str(MAX_CONTEXT), "--torch-export"]) == 0
+    entry = load_artifact(out, "onnx").entry
+    assert entry["contract"]["cache_dtype"] == "bfloat16" and entry["validation"]["against"] == "pytorch fp32"
+    runtime = load_runtime("torch", out, config)
+    assert runtime.dtype == torch.bfloat16
+    want = generate(reference, PROMPTS, SETTINGS["ar"], spec)
+    got = generate(runtime, PROMPTS, SETTINGS["ar"], spec)
+    agree = np.mean([g == w for a, b_ in zip(got, want) for g, w in zip(a.tokens, b_.tokens)])
+    assert agree > 0.6, agree  # a random tiny model's near-ties flip under bf16; the prefix agrees
+    assert [r.tokens for r in generate(runtime, PROMPTS, SETTINGS["speculative"], spec)] == [r.tokens for r in got]
+    for setting in ("diffusion-threshold", "diffusion-steps"):
+        assert all(len(r.tokens) == 19 for r in generate(runtime, PROMPTS, SETTINGS[setting], spec))
