@@ -273,7 +273,10 @@ class TritonPythonModel:
         if name == "onnxruntime":
             spin = parameters.get("runtime_spin", "").strip().lower() in ("1", "true", "yes")
             options = {"threads": integer("runtime_threads"), "spin": spin}
-        runtime = load_runtime(name, artifact_dir, model_config, **options)
+        # one GPU per model instance: Triton says which (KIND_GPU, one instance per GPU); KIND_CPU runs on the host
+        kind = args.get("model_instance_kind", "CPU")
+        device = f"cuda:{int(args.get('model_instance_device_id') or 0)}" if kind == "GPU" else None
+        runtime = load_runtime(name, artifact_dir, model_config, device=device, **options)
         profile = runtime.contract.profile
         context = integer("context") or profile.max_context
         max_live = integer("max_live") or 16

@@ -331,10 +331,14 @@ def import_tensorrt() -> ModuleType:
 
 
 class TensorRTRuntime(EngineRuntime):
-    """Runs `model.plan` with the TensorRT 10 Python API. Device buffers (torch CUDA tensors) for the cache and
-    every input and output are allocated once by `allocate` and bound with `set_tensor_address`; each pass sets
-    the input shapes and calls `execute_async_v3` on torch's current stream. The cache never leaves the GPU; only
-    the candidates (B × N × K ids and logits, B × N logsumexp) come back to the host."""
+    """Runs `model.plan` with the TensorRT 10 Python API on one GPU (`device`, e.g. `cuda:3` for a Triton instance
+    of KIND_GPU on GPU 3). The engine, its execution context, the cache, every buffer and a dedicated CUDA stream
+    are created on that device; every pass (the cache gather, the input copies, `execute_async_v3`, the output
+    copies) and every commit runs under that device and on that stream, never the legacy default stream, so
+    instances on other GPUs of the node never serialise on one another. Device buffers (torch CUDA tensors) are
+    allocated once by `allocate` and bound with `set_tensor_address`; the small per-pass inputs and the candidates
+    go through pinned host buffers. The cache never leaves the GPU; only the candidates (B × N × K ids and
+    logits, B × N logsumexp) come back to the host."""
 
     def __init__(self, artifact_dir: str | Path, config: dict[str, Any] | None = None, device: str = "cuda",
                  verify_files: bool = True):
@@ -359,13 +363,14 @@ class TensorRTRuntime(EngineRuntime):
         self._trt_runtime = trt.Runtime(self._logger)
         with torch.cuda.device(self.device):
             self.engine = self._trt_runtime.deserialize_cuda_engine(self.artifact.path.read_bytes())
-        if self.engine is None:
-            directory = self.artifact.path.parent
-            raise ArtifactError(
-                f"TensorRT could not deserialize {self.artifact.path}; rebuild it with "
-                f"`{rebuild_command(directory, 'tensorrt', self.artifact.entry)}`"
-            )
-        self._execution = self.engine.create_execution_context()
+            if self.engine is None:
+                directory = self.artifact.path.parent
+                raise ArtifactError(
+                    f"TensorRT could not deserialize {self.artifact.path}; rebuild it with "
+                    f"`{rebuild_command(directory, 'tensorrt', self.artifact.entry)}`"
+                )
+            self._execution = self.engine.create_execution_context()
+            self.stream = torch.cuda.Stream(device=self.device)
         # TensorRT 10's own account of its working memory (device_memory_size_v2 from 10.1 on)
         self.activation_bytes = int(getattr(self.engine, "device_memory_size_v2", self.engine.device_memory_size))
         types = {
@@ -387,33 +392,51 @@ class TensorRTRuntime(EngineRuntime):
         return int(free)
 
     def allocate(self, slots: int, context: int, pass_tokens: int | None = None) -> None:
-        super().allocate(slots, context, pass_tokens)  # the cache, and the staging the gather writes the past into
         torch, contract, rows = self._torch, self.contract, self.contract.profile.batch[2]
-        tokens = self.pass_tokens(slots, context, pass_tokens)
-        # each buffer is large enough for any pass this allocation allows; a pass uses a prefix of it
-        self._buffers = {"past_key_values": self._past}
-        for spec in (*contract.inputs, *contract.outputs):
-            if spec.name != "past_key_values":
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            super().allocate(slots, context, pass_tokens)  # the cache, and the staging the gather writes into
+            tokens = self.pass_tokens(slots, context, pass_tokens)
+            # each buffer is large enough for any pass this allocation allows; a pass uses a prefix of it
+            self._buffers = {"past_key_values": self._past}
+            self._pinned: dict[str, Any] = {}  # host side of the small inputs and of the candidates
+            for spec in (*contract.inputs, *contract.outputs):
                 size = contract.buffer_elements(spec, rows, context, tokens)
-                self._buffers[spec.name] = torch.empty(size, dtype=self._dtypes[spec.name], device=self.device)
-            self._execution.set_tensor_address(spec.name, self._buffers[spec.name].data_ptr())
+                dtype = self._dtypes[spec.name]
+                if spec.name != "past_key_values":
+                    self._buffers[spec.name] = torch.empty(size, dtype=dtype, device=self.device)
+                if spec.name not in ("past_key_values", "present_key_values"):
+                    self._pinned[spec.name] = torch.empty(size, dtype=dtype, pin_memory=True)
+                self._execution.set_tensor_address(spec.name, self._buffers[spec.name].data_ptr())
+            self.stream.synchronize()
+
+    def forward(self, *args: Any) -> Any:
+        with self._torch.cuda.device(self.device), self._torch.cuda.stream(self.stream):
+            return super().forward(*args)  # the cache gather too runs on this instance's stream
+
+    def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
+        with self._torch.cuda.device(self.device), self._torch.cuda.stream(self.stream):
+            super().commit(slots, starts, counts)
 
     def _run(self, feeds: dict[str, np.ndarray], past: Any, shape: tuple[int, int, int, int]) -> tuple[dict[str, Any], Any]:
         torch, contract = self._torch, self.contract
         b, t, p, n = shape
-        views = {
-            spec.name: self._buffers[spec.name][: math.prod(dims)].view(dims)
-            for spec in (*contract.inputs, *contract.outputs)
-            for dims in [contract.shape(spec, b, t, p, n)]
-        }
-        for name, array in feeds.items():
-            views[name].copy_(torch.from_numpy(array))
+        views, pinned = {}, {}
+        for spec in (*contract.inputs, *contract.outputs):
+            dims = contract.shape(spec, b, t, p, n)
+            views[spec.name] = self._buffers[spec.name][: math.prod(dims)].view(dims)
+            if spec.name in self._pinned:
+                pinned[spec.name] = self._pinned[spec.name][: math.prod(dims)].view(dims)
+        for name, array in feeds.items():  # host → pinned → device, asynchronously on this instance's stream
+            pinned[name].copy_(torch.from_numpy(array))
+            views[name].copy_(pinned[name], non_blocking=True)
         for spec in contract.inputs:
             self._execution.set_input_shape(spec.name, tuple(views[spec.name].shape))
-        # torch's current stream, so the copies above and the commits after stay ordered with the engine
-        if not self._execution.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        if not self._execution.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run a pass of batch {b}, tokens {t}, cache {p}, positions {n}")
-        outputs = {name: views[name].cpu().numpy() for name in OUTPUTS}  # small: [B, N, K] and [B, N]
+        for name in OUTPUTS:  # small: [B, N, K] and [B, N]
+            pinned[name].copy_(views[name], non_blocking=True)
+        self.stream.synchronize()  # the candidates are on the host; the pinned inputs may be reused
+        outputs = {name: pinned[name].numpy() for name in OUTPUTS}  # views, valid until the next pass
         return outputs, views["present_key_values"]
 
 
