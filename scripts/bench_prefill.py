@@ -1,0 +1,415 @@
+#!/usr/bin/env python3
+"""Chunked prefill and pass padding on the shipped miniature, in this process through the `Scheduler` Triton runs
+(dlm/scheduler.py), over the server's own artifact (model_repository/dlm/1/engine/model.onnx, ONNX Runtime, as
+config.pbtxt's `auto` picks on a CPU) with its tokenizer, end tokens, max_live and context. Triton's own overhead
+(gRPC, the Python stub) is left out: it adds about the same to a request idle or busy (README, "Serving benchmark").
+
+(a) Time to first block of a short request (a held-out `upper:` problem, diffusion at threshold 0.9, the server's
+    defaults) that arrives while a prompt of the maximum length (the context less one block and one token: 991 of
+    1024 positions) is being prefilled, against the same request on the idle scheduler. Idle and busy runs
+    alternate; the busy arrivals are spread evenly over the long prompt's prefill (its idle duration, measured
+    first), and each is checked to have come before the long prompt's prefill finished. Time to first block is
+    what `dlm_time_to_first_block_seconds` records: submission to the first committed block (`Job.first_block_at`).
+    Medians over `--repeats`, side by side in one run.
+(b) The padded share of the tokens of each engine pass in a mixed workload: short prompts (held-out problems, every
+    mode) and long ones (256 to 900 tokens), arriving a seeded 0 to 3 passes apart, `max_live` decoded together.
+    *After*: the planner's passes as the scheduler ran them (its observer's `step` events: the tokens of
+    `dlm_pass_tokens_total`). *Before*: for each of the same steps, what `refine.step` would have padded with every
+    live row in one pass, as the loop did before the planner (B × T over all the step's rows, `scheduler.pass_tokens`
+    over one group). The rows are the same in both (prompts chunked as now; before the planner a prompt was prefilled
+    whole, which pads more still).
+
+Both parts run for each `--max-num-tokens` (config.pbtxt's per-pass budget; prompts longer than it are prefilled in
+chunks of it): 1024 is one whole prefill per pass (no chunking of a 991-token prompt), 512 is the shipped value,
+64 the least this artifact allows (one block of its longest, --max-block).
+Part (a) also runs as an experiment with each step's passes in the order fewest tokens first (the planner orders
+them longest first, so a short prompt arriving mid-prefill waits for the next chunk too); `--no-experiment` skips it.
+
+    python scripts/bench_prefill.py [--max-num-tokens 1024 512 256 128 64] [--repeats 21] [--requests 48]
+        [--threads N] [--no-experiment] [--out docs/bench_prefill]
+
+Writes bench_prefill.json to --out and prints the markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dlm.scheduler as scheduler_module  # noqa: E402
+from dlm.planner import MAX_PADDING, PassLimits  # noqa: E402
+from dlm.refine import GenerationParams, TokenSpec  # noqa: E402
+from dlm.runtime import OnnxRuntime  # noqa: E402
+from dlm.scheduler import Job, Scheduler, pass_tokens  # noqa: E402
+from dlm.special_tokens import end_token_ids  # noqa: E402
+from dlm.text import TextCodec  # noqa: E402
+from export.tasks import held_out_set  # noqa: E402
+
+VERSION = ROOT / "model_repository" / "dlm" / "1"
+CONFIG_PBTXT = ROOT / "model_repository" / "dlm" / "config.pbtxt"
+MODES = ("ar", "diffusion", "speculative")
+TARGETS = {"ttfb_ratio": 3.0, "padding": MAX_PADDING}  # issue 11: busy ÷ idle at most; padded share at most
+
+
+def parameter(key: str) -> str:
+    """A config.pbtxt parameter's string value, as Triton hands it to model.py."""
+    match = re.search(rf'key: "{key}", value: {{ string_value: "([^"]*)"', CONFIG_PBTXT.read_text())
+    if match is None:
+        raise KeyError(f"config.pbtxt has no parameter {key}")
+    return match.group(1)
+
+
+class Done:
+    """A consumer that only waits for the end."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: Exception | None = None
+
+    def cancelled(self) -> bool:
+        return False
+
+    def update(self, job: Job) -> bool:
+        if job.finished:
+            self.event.set()
+        return False
+
+    def fail(self, job: Job, error: Exception) -> None:
+        self.error = error
+        self.event.set()
+
+    def wait(self) -> None:
+        if not self.event.wait(300):
+            raise TimeoutError("a request did not finish within 300 s")
+        if self.error is not None:
+            raise self.error
+
+
+class Observer:
+    """The scheduler's observer: every pass's tokens, admissions, and a hook called after each pass."""
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[float, int, int, int]] = []  # seconds, rows, real tokens, padding tokens
+        self.admitted_event = threading.Event()
+        self.after_pass: Any = None
+        self.hook_errors: list[Exception] = []
+
+    def step(self, seconds: float, rows: int, real_tokens: int, padding_tokens: int) -> None:
+        self.passes.append((seconds, rows, real_tokens, padding_tokens))
+        if self.after_pass is not None:
+            try:
+                self.after_pass(len(self.passes))
+            except Exception as e:  # noqa: BLE001 - reported by the run, never swallowed by the scheduler
+                self.hook_errors.append(e)
+
+    def admitted(self, job: Job) -> None:
+        self.admitted_event.set()
+
+    def first_block(self, job: Job) -> None: ...
+
+    def kv_positions(self, positions: int) -> None: ...
+
+    def occupancy(self, live: int, waiting: int) -> None: ...
+
+    def finished(self, job: Job) -> None: ...
+
+    def rejected(self, params: GenerationParams) -> None: ...
+
+
+class Server:
+    """What model.py builds, without Triton: the artifact, tokenizer and scheduler limits of the repository."""
+
+    def __init__(self, threads: int | None):
+        config = json.loads((VERSION / "tokenizer" / "config.json").read_text())
+        self.codec = TextCodec(VERSION / "tokenizer")
+        self.spec = TokenSpec.from_config(config, end_token_ids(VERSION / "tokenizer"))
+        spin = parameter("runtime_spin").strip().lower() in ("1", "true", "yes")
+        self.runtime = OnnxRuntime(VERSION / "engine", config, threads=threads, spin=spin)
+        self.profile = self.runtime.contract.profile
+        self.context = int(parameter("context") or self.profile.max_context)
+        self.max_live = int(parameter("max_live") or 16)
+        self.pad = int(config.get("pad_token_id") or 0)
+        self.block = self.spec.block_size
+
+    def scheduler(self, budget: int, observer: Observer) -> Scheduler:
+        return Scheduler(self.runtime, self.spec, max_live=self.max_live, max_queue=1024, context=self.context,
+                         observer=observer, pad_token_id=self.pad,
+                         limits=PassLimits.from_profile(self.profile, budget))
+
+
+def run_one(scheduler: Scheduler, prompt: list[int], params: GenerationParams) -> Job:
+    done = Done()
+    job = scheduler.submit(prompt, params, done)
+    done.wait()
+    return job
+
+
+def ttfb(job: Job) -> float:
+    assert job.first_block_at is not None
+    return job.first_block_at - job.submitted
+
+
+@contextlib.contextmanager
+def shortest_pass_first(enabled: bool) -> Iterator[None]:
+    """With `enabled`, the scheduler runs each step's passes fewest tokens first (the planner gives them longest
+    first): an experiment, not what the scheduler does. The order of a step's passes changes no request's tokens
+    (each sequence is in one pass of a step and reads its own cache only)."""
+    plan_step = scheduler_module.plan_step
+
+    def reordered(seqs: Any, limits: Any) -> Any:
+        return sorted(plan_step(seqs, limits), key=lambda group: max(len(plan.tokens) for plan in group[1]))
+
+    if enabled:
+        scheduler_module.plan_step = reordered
+    try:
+        yield
+    finally:
+        scheduler_module.plan_step = plan_step
+
+
+def first_block_during_prefill(server: Server, budget: int, repeats: int, shortest_first: bool = False
+                               ) -> dict[str, Any]:
+    """Part (a) at one per-pass budget."""
+    with shortest_pass_first(shortest_first):
+        return _first_block_during_prefill(server, budget, repeats) | {"shortest_pass_first": shortest_first}
+
+
+def _first_block_during_prefill(server: Server, budget: int, repeats: int) -> dict[str, Any]:
+    observer = Observer()
+    scheduler = server.scheduler(budget, observer)
+    short = server.codec.encode(held_out_set("upper", 1)[0].prompt)
+    short_params = GenerationParams("diffusion", max_tokens=48, threshold=0.9)
+    longest = server.context - 1 - server.block  # prompt + max_tokens 1 + one block = the context
+    long_prompt = (server.codec.encode("1+" * server.context) * 2)[:longest]
+    long_params = GenerationParams("diffusion", max_tokens=1, threshold=0.9)
+    try:
+        for _ in range(3):  # warm-up: both shapes through ONNX Runtime
+            run_one(scheduler, short, short_params)
+        prefills = []
+        for _ in range(5):
+            job = run_one(scheduler, long_prompt, long_params)
+            assert job.first_block_at is not None and job.admitted_at is not None
+            prefills.append(job.first_block_at - job.admitted_at)
+        prefill = statistics.median(prefills)
+        idle, busy, during, waits = [], [], [], []
+        for i in range(repeats):
+            idle.append(ttfb(run_one(scheduler, short, short_params)))
+            long_done, short_done = Done(), Done()
+            observer.admitted_event.clear()
+            long_job = scheduler.submit(long_prompt, long_params, long_done)
+            observer.admitted_event.wait(60)
+            time.sleep(0.9 * prefill * (i + 0.5) / repeats)  # spread over the long prompt's prefill
+            short_job = scheduler.submit(short, short_params, short_done)
+            long_done.wait()
+            short_done.wait()
+            assert long_job.first_block_at is not None
+            during.append(long_job.first_block_at > short_job.submitted)
+            busy.append(ttfb(short_job))
+            waits.append((short_job.admitted_at or short_job.submitted) - short_job.submitted)
+    finally:
+        scheduler.stop()
+    arrived = [t for t, d in zip(busy, during) if d] or busy  # what came while the long prompt was prefilled
+    idle_median, busy_median = statistics.median(idle), statistics.median(arrived)
+    chunk = PassLimits.from_profile(server.profile, budget).chunk
+    return {
+        "max_num_tokens": budget, "chunk": chunk, "long_prompt_tokens": len(long_prompt),
+        "prefill_passes": -(-len(long_prompt) // chunk), "short_prompt_tokens": len(short),
+        "long_prefill_ms": prefill * 1000, "repeats": repeats,
+        "idle_ms": [t * 1000 for t in idle], "busy_ms": [t * 1000 for t in busy],
+        "idle_p50_ms": idle_median * 1000, "busy_p50_ms": busy_median * 1000,
+        "idle_p90_ms": float(np.percentile(idle, 90)) * 1000,
+        "busy_p90_ms": float(np.percentile(arrived, 90)) * 1000,
+        "busy_queue_wait_p50_ms": statistics.median(waits) * 1000,
+        "ratio": busy_median / idle_median, "arrived_during_prefill": sum(during) / len(during),
+    }
+
+
+def workload(server: Server, count: int, seed: int) -> list[tuple[int, list[int], GenerationParams]]:
+    """(arrival pass, prompt, params) of the mixed workload: a quarter long prompts, the rest short ones."""
+    rng = random.Random(seed)
+    problems = held_out_set("upper", count) + held_out_set("addition", count)
+    rng.shuffle(problems)
+    filler = server.codec.encode("1+" * server.context) * 2
+    requests, arrival = [], 0
+    for i in range(count):
+        mode = MODES[i % len(MODES)]
+        if rng.random() < 0.25:
+            length = rng.randint(256, min(900, server.context - 2 * server.block))
+            prompt, params = filler[:length], GenerationParams(mode, max_tokens=rng.randint(16, server.block))
+        else:
+            prompt, params = server.codec.encode(problems[i].prompt), GenerationParams(mode, max_tokens=40)
+        requests.append((arrival, prompt, params))
+        arrival += rng.randint(0, 3)
+    return requests
+
+
+def shares(passes: list[tuple[int, int]]) -> dict[str, Any]:
+    share = [padding / (real + padding) for real, padding in passes]
+    real, padding = sum(r for r, _ in passes), sum(p for _, p in passes)
+    return {
+        "passes": len(passes), "real_tokens": real, "padding_tokens": padding,
+        "padded_share": padding / (real + padding),  # of all the tokens the passes ran
+        "pass_share_p50": float(np.median(share)), "pass_share_p90": float(np.percentile(share, 90)),
+        "pass_share_max": max(share),
+        "passes_over_target": sum(s > TARGETS["padding"] for s in share) / len(share),
+    }
+
+
+def padding_in_mixed_workload(server: Server, budget: int, count: int, seed: int) -> dict[str, Any]:
+    """Part (b) at one per-pass budget."""
+    observer = Observer()
+    steps: list[tuple[int, int]] = []  # one group per step: what refine.step would have padded
+    plan_step = scheduler_module.plan_step
+
+    def recorded_plan_step(seqs: Any, limits: Any) -> Any:
+        groups = plan_step(seqs, limits)
+        steps.append(pass_tokens([plan for _, plans in groups for plan in plans]))
+        return groups
+
+    requests = workload(server, count, seed)
+    consumers = [Done() for _ in requests]
+    submitted = 0
+    lock = threading.Lock()
+
+    def arrive(passes_run: int, force: bool = False) -> None:
+        nonlocal submitted
+        with lock:
+            while submitted < len(requests) and (force or requests[submitted][0] <= passes_run):
+                _, prompt, params = requests[submitted]
+                scheduler.submit(prompt, params, consumers[submitted])
+                submitted += 1
+                force = False
+
+    scheduler_module.plan_step = recorded_plan_step
+    scheduler = server.scheduler(budget, observer)
+    start = time.perf_counter()
+    try:
+        observer.after_pass = arrive
+        arrive(0, force=True)
+        while submitted < len(requests):  # the scheduler went idle before the next arrival: it arrives now
+            time.sleep(0.01)
+            if scheduler.live == 0 and scheduler.waiting == 0:
+                arrive(len(observer.passes), force=True)
+        for consumer in consumers:
+            consumer.wait()
+        seconds = time.perf_counter() - start
+    finally:
+        scheduler.stop()
+        scheduler_module.plan_step = plan_step
+    if observer.hook_errors:
+        raise observer.hook_errors[0]
+    after = [(real, padding) for _, _, real, padding in observer.passes]
+    if sum(r for r, _ in after) != sum(r for r, _ in steps):
+        raise AssertionError("the planner's passes and the steps they came from ran different tokens")
+    long = sum(len(prompt) > 2 * server.block for _, prompt, _ in requests)
+    return {"max_num_tokens": budget, "requests": len(requests), "long_requests": long, "steps": len(steps),
+            "seconds": seconds, "before": shares(steps), "after": shares(after)}
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        lscpu = ""
+    cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "load_average": os.getloadavg()[0], "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+
+
+def targets(first_block: list[dict[str, Any]], padding: list[dict[str, Any]], shipped: int) -> list[dict[str, Any]]:
+    out = []
+    for a in first_block:
+        if a["shortest_pass_first"]:
+            continue  # an experiment, not the scheduler
+        out.append({"target": f"first block during a max-length prefill ÷ idle ≤ {TARGETS['ttfb_ratio']:g} "
+                              f"(max_num_tokens {a['max_num_tokens']})", "shipped": a["max_num_tokens"] == shipped,
+                    "measured": a["ratio"], "met": a["ratio"] <= TARGETS["ttfb_ratio"]})
+    for b in padding:
+        worst = b["after"]["pass_share_max"]
+        out.append({"target": f"padded share of a pass's tokens ≤ {TARGETS['padding']:.0%} "
+                              f"(max_num_tokens {b['max_num_tokens']})", "shipped": b["max_num_tokens"] == shipped,
+                    "measured": worst, "met": worst <= TARGETS["padding"]})
+    return out
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = ["| max_num_tokens | passes of a step | prefill passes of the long prompt | its prefill ms "
+             "| idle first block p50 / p90 ms | during the prefill p50 / p90 ms | ratio | arrived during prefill |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for a in record["first_block"]:
+        order = "fewest tokens first (experiment)" if a["shortest_pass_first"] else "planner's order"
+        lines.append(f"| {a['max_num_tokens']} | {order} | {a['prefill_passes']} × {a['chunk']} | "
+                     f"{a['long_prefill_ms']:.1f} | "
+                     f"{a['idle_p50_ms']:.1f} / {a['idle_p90_ms']:.1f} | {a['busy_p50_ms']:.1f} / "
+                     f"{a['busy_p90_ms']:.1f} | {a['ratio']:.2f} | {a['arrived_during_prefill']:.0%} |")
+    lines += ["", "| max_num_tokens | grouping | passes | padded share of all tokens | per pass p50 / p90 / max "
+              "| passes over 25 % |", "| --- | --- | --- | --- | --- | --- |"]
+    for b in record["padding"]:
+        for name, label in (("before", "one pass per step (before)"), ("after", "pass planner (after)")):
+            s = b[name]
+            lines.append(f"| {b['max_num_tokens']} | {label} | {s['passes']} | {s['padded_share']:.1%} | "
+                         f"{s['pass_share_p50']:.1%} / {s['pass_share_p90']:.1%} / {s['pass_share_max']:.1%} | "
+                         f"{s['passes_over_target']:.0%} |")
+    lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
+    for t in record["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']:.2f} | {'yes' if t['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-num-tokens", type=int, nargs="+", default=[1024, 512, 256, 128, 64])
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--requests", type=int, default=48, help="requests of the mixed workload")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-experiment", dest="experiment", action="store_false",
+                        help="skip part (a) with each step's passes run fewest tokens first")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_prefill")
+    args = parser.parse_args(argv)
+    if not (VERSION / "engine" / "model.onnx").is_file():
+        raise SystemExit(f"no artifact in {VERSION / 'engine'}: run scripts/prepare_repository.sh")
+    server = Server(args.threads)
+    start = time.perf_counter()
+    first_block = [first_block_during_prefill(server, budget, args.repeats, shortest)
+                   for budget in args.max_num_tokens for shortest in ([False, True] if args.experiment else [False])]
+    padding = [padding_in_mixed_workload(server, budget, args.requests, args.seed) for budget in args.max_num_tokens]
+    shipped = int(parameter("max_num_tokens") or server.profile.tokens[2])
+    record = {
+        "what": "scripts/bench_prefill.py: in-process Scheduler over model_repository/dlm/1/engine (ONNX Runtime)",
+        "machine": machine(), "seconds": time.perf_counter() - start,
+        "settings": {"max_live": server.max_live, "context": server.context, "shipped_max_num_tokens": shipped,
+                     "artifact_profile": {"batch": list(server.profile.batch), "tokens": list(server.profile.tokens),
+                                          "max_context": server.profile.max_context},
+                     "threads": args.threads, "seed": args.seed},
+        "first_block": first_block, "padding": padding, "targets": targets(first_block, padding, shipped),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_prefill.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(markdown(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()
