@@ -200,22 +200,31 @@ def _first_block_during_prefill(server: Server, budget: int, repeats: int) -> di
     long_prompt = (server.codec.encode("1+" * server.context) * 2)[:longest]
     long_params = GenerationParams("diffusion", max_tokens=1, threshold=0.9)
     try:
-        for _ in range(3):  # warm-up: both shapes through ONNX Runtime
+        for _ in range(3):  # warm-up (the long prompt warms up in the first long_alone runs)
             run_one(scheduler, short, short_params)
-        prefills = []
-        for _ in range(5):
+        prefills: list[float] = []
+
+        def long_alone() -> None:
             job = run_one(scheduler, long_prompt, long_params)
             assert job.first_block_at is not None and job.admitted_at is not None
             prefills.append(job.first_block_at - job.admitted_at)
-        prefill = statistics.median(prefills)
+
+        for _ in range(4):
+            long_alone()
+        # arrivals spread evenly over the prefill, in a shuffled order so that a change of the machine's load
+        # during the run does not line up with them
+        fractions = [(i + 0.5) / repeats for i in range(repeats)]
+        random.Random(budget).shuffle(fractions)
         idle, busy, during, waits = [], [], [], []
-        for i in range(repeats):
+        for fraction in fractions:
             idle.append(ttfb(run_one(scheduler, short, short_params)))
+            long_alone()  # the prefill's duration now: the last few alone
+            prefill = statistics.median(prefills[-5:])
             long_done, short_done = Done(), Done()
             observer.admitted_event.clear()
             long_job = scheduler.submit(long_prompt, long_params, long_done)
             observer.admitted_event.wait(60)
-            time.sleep(0.9 * prefill * (i + 0.5) / repeats)  # spread over the long prompt's prefill
+            time.sleep(0.9 * prefill * fraction)
             short_job = scheduler.submit(short, short_params, short_done)
             long_done.wait()
             short_done.wait()
@@ -231,7 +240,7 @@ def _first_block_during_prefill(server: Server, budget: int, repeats: int) -> di
     return {
         "max_num_tokens": budget, "chunk": chunk, "long_prompt_tokens": len(long_prompt),
         "prefill_passes": -(-len(long_prompt) // chunk), "short_prompt_tokens": len(short),
-        "long_prefill_ms": prefill * 1000, "repeats": repeats,
+        "long_prefill_ms": statistics.median(prefills) * 1000, "repeats": repeats,
         "idle_ms": [t * 1000 for t in idle], "busy_ms": [t * 1000 for t in busy],
         "idle_p50_ms": idle_median * 1000, "busy_p50_ms": busy_median * 1000,
         "idle_p90_ms": float(np.percentile(idle, 90)) * 1000,
