@@ -36,6 +36,13 @@ def wait_until(server, predicate, timeout: float = 20.0) -> dict[str, float]:
         time.sleep(0.1)
 
 
+def idle(server) -> dict[str, float]:
+    """The metrics once the server decodes nothing: a request an earlier test left behind would move them."""
+    metrics = wait_until(server, lambda m: m["dlm_live_slots"] == 0 and m["dlm_queue_depth"] == 0)
+    assert metrics["dlm_live_slots"] == 0 and metrics["dlm_queue_depth"] == 0
+    return metrics
+
+
 def first_response_seconds(url: str, prompt: str, mode: str) -> float:
     """Seconds from sending a streamed request to its first response, read from the stream as it comes."""
     client = grpcclient.InferenceServerClient(url)
@@ -63,14 +70,17 @@ def test_prompt_tokens_queue_wait_first_block_and_pass_tokens_move_with_requests
     codec = TextCodec(TOKENIZER)
     problems = held_out_set("upper", 3) + held_out_set("addition", 3)
     requests = [(p.prompt, MODES[i % 3]) for i, p in enumerate(problems)]
-    before = triton.metrics()
+    before = idle(triton)
     with ThreadPoolExecutor(len(requests)) as pool:  # together: several rows per step, some passes shared
         client_first = list(pool.map(lambda r: first_response_seconds(triton.grpc_url, *r), requests))
     sent = {mode: [i for i, (_, m) in enumerate(requests) if m == mode] for mode in MODES}
 
     def recorded(m: dict[str, float]) -> bool:
-        return all(delta(m, before, f'dlm_time_to_first_block_seconds_count{{mode="{mode}"}}') >= len(sent[mode])
-                   for mode in MODES)
+        """Every request's first block, then the KV positions back to 0: the updates queued after the last pass,
+        so every pass has been counted (the metrics thread applies them in order)."""
+        return m["dlm_kv_positions"] == 0 and all(
+            delta(m, before, f'dlm_time_to_first_block_seconds_count{{mode="{mode}"}}') >= len(sent[mode])
+            for mode in MODES)
 
     after = wait_until(triton, recorded)
     for mode, indices in sent.items():
@@ -101,6 +111,7 @@ def test_kv_positions_cover_a_live_request_and_return_to_zero(triton):
     prompt_tokens = len(TextCodec(TOKENIZER).encode(prompt))
     done = threading.Event()
     result: dict = {}
+    idle(triton)
 
     def decode() -> None:
         try:
