@@ -10,7 +10,8 @@ committed. A pass that raises fails only the requests that took part in it.
 
 An `Observer` (Triton's metrics) is told of every pass (its time, requests and tokens, padding included), of each
 request's admission and first committed block, and of the KV-cache positions in use. It is called on the scheduler
-thread, so it must be quick (model.py's queues its updates for a thread of its own), and a failing one is ignored.
+thread, so it must be quick (model.py's `Metrics` queues its updates for a thread of its own); a failing one is
+ignored.
 """
 
 from __future__ import annotations
