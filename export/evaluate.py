@@ -35,11 +35,11 @@ class Score:
     mode: str
     threshold: float | None
     steps: int | None
-    remask_threshold: float | None
     accuracy: float
     tokens_per_forward: float
     hallucination_rate: float | None  # share of problems ar gets right and this setting wrong
     seconds: float
+    remask_threshold: float | None = None  # last, so quality.json files written before it still load
 
 
 def settings() -> list[tuple[str, GenerationParams]]:
@@ -80,8 +80,8 @@ def evaluate(generator: InProcessGenerator, counts: dict[str, int], batch: int =
             score = Score(
                 task, name, params.mode, params.threshold if params.mode == "diffusion" else None,
                 params.steps if params.mode == "diffusion" and params.threshold is None else None,
-                params.remask_threshold, sum(correct) / len(problems), tokens / max(forwards, 1),
-                hallucinations if params.mode == "diffusion" else None, seconds,
+                sum(correct) / len(problems), tokens / max(forwards, 1),
+                hallucinations if params.mode == "diffusion" else None, seconds, params.remask_threshold,
             )
             scores.append(score)
             print(

@@ -19,14 +19,14 @@ config.pbtxt's `auto` picks on a CPU) with its tokenizer, end tokens, max_live a
     over one group). The rows are the same in both (prompts chunked as now; before the planner a prompt was prefilled
     whole, which pads more still).
 
-Both parts run for each `--max-num-tokens` (config.pbtxt's per-pass budget; prompts longer than it are prefilled in
-chunks of it): 1024 is one whole prefill per pass (no chunking of a 991-token prompt), 512 is the shipped value,
-64 the least this artifact allows (one block of its longest, --max-block).
-Part (a) also runs as an experiment with each step's passes in the order fewest tokens first (the planner orders
-them longest first, so a short prompt arriving mid-prefill waits for the next chunk too); `--no-experiment` skips it.
+Both parts run for each `--max-num-tokens` (config.pbtxt's per-pass budget): 1024 is one whole prefill per pass (no
+chunking of a 991-token prompt), 512 is the shipped value, 64 the least this artifact allows (one block of its
+longest, --max-block); prompts are prefilled in chunks of the budget. Part (a) runs also with each
+`--prefill-chunk` below the budget (config.pbtxt's `prefill_chunk`; the shipped 64 among them). A step runs its
+passes fewest tokens first.
 
-    python scripts/bench_prefill.py [--max-num-tokens 1024 512 256 128 64] [--repeats 21] [--requests 48]
-        [--threads N] [--no-experiment] [--out docs/bench_prefill]
+    python scripts/bench_prefill.py [--max-num-tokens 1024 512 256 128 64] [--prefill-chunk 64 32] [--repeats 21]
+        [--requests 48] [--threads N] [--out docs/bench_prefill]
 
 Writes bench_prefill.json to --out and prints the markdown tables.
 """
@@ -34,7 +34,6 @@ Writes bench_prefill.json to --out and prints the markdown tables.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -148,10 +147,10 @@ class Server:
         self.pad = int(config.get("pad_token_id") or 0)
         self.block = self.spec.block_size
 
-    def scheduler(self, budget: int, observer: Observer) -> Scheduler:
+    def scheduler(self, budget: int, observer: Observer, chunk: int | None = None) -> Scheduler:
         return Scheduler(self.runtime, self.spec, max_live=self.max_live, max_queue=1024, context=self.context,
                          observer=observer, pad_token_id=self.pad,
-                         limits=PassLimits.from_profile(self.profile, budget))
+                         limits=PassLimits.from_profile(self.profile, budget, chunk))
 
 
 def run_one(scheduler: Scheduler, prompt: list[int], params: GenerationParams) -> Job:
@@ -166,34 +165,14 @@ def ttfb(job: Job) -> float:
     return job.first_block_at - job.submitted
 
 
-@contextlib.contextmanager
-def shortest_pass_first(enabled: bool) -> Iterator[None]:
-    """With `enabled`, the scheduler runs each step's passes fewest tokens first (the planner gives them longest
-    first): an experiment, not what the scheduler does. The order of a step's passes changes no request's tokens
-    (each sequence is in one pass of a step and reads its own cache only)."""
-    plan_step = scheduler_module.plan_step
-
-    def reordered(seqs: Any, limits: Any) -> Any:
-        return sorted(plan_step(seqs, limits), key=lambda group: max(len(plan.tokens) for plan in group[1]))
-
-    if enabled:
-        scheduler_module.plan_step = reordered
-    try:
-        yield
-    finally:
-        scheduler_module.plan_step = plan_step
-
-
-def first_block_during_prefill(server: Server, budget: int, repeats: int, shortest_first: bool = False
+def first_block_during_prefill(server: Server, budget: int, repeats: int, chunk: int | None = None
                                ) -> dict[str, Any]:
-    """Part (a) at one per-pass budget."""
-    with shortest_pass_first(shortest_first):
-        return _first_block_during_prefill(server, budget, repeats) | {"shortest_pass_first": shortest_first}
+    return _first_block_during_prefill(server, budget, repeats, chunk)
 
 
-def _first_block_during_prefill(server: Server, budget: int, repeats: int) -> dict[str, Any]:
+def _first_block_during_prefill(server: Server, budget: int, repeats: int, chunk_tokens: int | None) -> dict[str, Any]:
     observer = Observer()
-    scheduler = server.scheduler(budget, observer)
+    scheduler = server.scheduler(budget, observer, chunk_tokens)
     short = server.codec.encode(held_out_set("upper", 1)[0].prompt)
     short_params = GenerationParams("diffusion", max_tokens=48, threshold=0.9)
     longest = server.context - 1 - server.block  # prompt + max_tokens 1 + one block = the context
@@ -236,7 +215,7 @@ def _first_block_during_prefill(server: Server, budget: int, repeats: int) -> di
         scheduler.stop()
     arrived = [t for t, d in zip(busy, during) if d] or busy  # what came while the long prompt was prefilled
     idle_median, busy_median = statistics.median(idle), statistics.median(arrived)
-    chunk = PassLimits.from_profile(server.profile, budget).chunk
+    chunk = PassLimits.from_profile(server.profile, budget, chunk_tokens).chunk
     return {
         "max_num_tokens": budget, "chunk": chunk, "long_prompt_tokens": len(long_prompt),
         "prefill_passes": -(-len(long_prompt) // chunk), "short_prompt_tokens": len(short),
@@ -346,29 +325,28 @@ def machine() -> dict[str, Any]:
             "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
 
 
-def targets(first_block: list[dict[str, Any]], padding: list[dict[str, Any]], shipped: int) -> list[dict[str, Any]]:
+def targets(first_block: list[dict[str, Any]], padding: list[dict[str, Any]], shipped: tuple[int, int]
+            ) -> list[dict[str, Any]]:
     out = []
     for a in first_block:
-        if a["shortest_pass_first"]:
-            continue  # an experiment, not the scheduler
         out.append({"target": f"first block during a max-length prefill ÷ idle ≤ {TARGETS['ttfb_ratio']:g} "
-                              f"(max_num_tokens {a['max_num_tokens']})", "shipped": a["max_num_tokens"] == shipped,
+                              f"(max_num_tokens {a['max_num_tokens']}, chunk {a['chunk']})",
+                    "shipped": (a["max_num_tokens"], a["chunk"]) == shipped,
                     "measured": a["ratio"], "met": a["ratio"] <= TARGETS["ttfb_ratio"]})
     for b in padding:
         worst = b["after"]["pass_share_max"]
         out.append({"target": f"padded share of a pass's tokens ≤ {TARGETS['padding']:.0%} "
-                              f"(max_num_tokens {b['max_num_tokens']})", "shipped": b["max_num_tokens"] == shipped,
+                              f"(max_num_tokens {b['max_num_tokens']})", "shipped": b["max_num_tokens"] == shipped[0],
                     "measured": worst, "met": worst <= TARGETS["padding"]})
     return out
 
 
 def markdown(record: dict[str, Any]) -> str:
-    lines = ["| max_num_tokens | passes of a step | prefill passes of the long prompt | its prefill ms "
+    lines = ["| max_num_tokens | prefill passes of the long prompt | its prefill ms "
              "| idle first block p50 / p90 ms | during the prefill p50 / p90 ms | ratio | arrived during prefill |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for a in record["first_block"]:
-        order = "fewest tokens first (experiment)" if a["shortest_pass_first"] else "planner's order"
-        lines.append(f"| {a['max_num_tokens']} | {order} | {a['prefill_passes']} × {a['chunk']} | "
+        lines.append(f"| {a['max_num_tokens']} | {a['prefill_passes']} × {a['chunk']} | "
                      f"{a['long_prefill_ms']:.1f} | "
                      f"{a['idle_p50_ms']:.1f} / {a['idle_p90_ms']:.1f} | {a['busy_p50_ms']:.1f} / "
                      f"{a['busy_p90_ms']:.1f} | {a['ratio']:.2f} | {a['arrived_during_prefill']:.0%} |")
@@ -392,8 +370,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--requests", type=int, default=48, help="requests of the mixed workload")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-experiment", dest="experiment", action="store_false",
-                        help="skip part (a) with each step's passes run fewest tokens first")
+    parser.add_argument("--prefill-chunk", type=int, nargs="*", default=[64, 32],
+                        help="part (a) also with these prefill chunks, where below the budget")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_prefill")
     args = parser.parse_args(argv)
@@ -401,14 +379,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"no artifact in {VERSION / 'engine'}: run scripts/prepare_repository.sh")
     server = Server(args.threads)
     start = time.perf_counter()
-    first_block = [first_block_during_prefill(server, budget, args.repeats, shortest)
-                   for budget in args.max_num_tokens for shortest in ([False, True] if args.experiment else [False])]
+    runs = [(budget, None) for budget in args.max_num_tokens]
+    runs += [(budget, chunk) for budget in args.max_num_tokens for chunk in args.prefill_chunk if chunk < budget]
+    first_block = [first_block_during_prefill(server, budget, args.repeats, chunk) for budget, chunk in runs]
     padding = [padding_in_mixed_workload(server, budget, args.requests, args.seed) for budget in args.max_num_tokens]
-    shipped = int(parameter("max_num_tokens") or server.profile.tokens[2])
+    shipped_budget = int(parameter("max_num_tokens") or server.profile.tokens[2])
+    shipped = (shipped_budget, PassLimits.from_profile(server.profile, shipped_budget,
+                                                       int(parameter("prefill_chunk") or 0) or None).chunk)
     record = {
         "what": "scripts/bench_prefill.py: in-process Scheduler over model_repository/dlm/1/engine (ONNX Runtime)",
         "machine": machine(), "seconds": time.perf_counter() - start,
-        "settings": {"max_live": server.max_live, "context": server.context, "shipped_max_num_tokens": shipped,
+        "settings": {"max_live": server.max_live, "context": server.context, "shipped_max_num_tokens": shipped[0],
+                     "shipped_prefill_chunk": shipped[1],
                      "artifact_profile": {"batch": list(server.profile.batch), "tokens": list(server.profile.tokens),
                                           "max_context": server.profile.max_context},
                      "threads": args.threads, "seed": args.seed},

@@ -14,11 +14,12 @@ def test_bench_prefill_writes_its_figures(tmp_path):
     prepare_repository()
     bench = load_script("bench_prefill")
     out = tmp_path / "bench"
-    record = bench.main(["--max-num-tokens", "512", "--repeats", "2", "--requests", "8", "--no-experiment",
+    record = bench.main(["--max-num-tokens", "512", "--prefill-chunk", "64", "--repeats", "2", "--requests", "8",
                          "--out", str(out)])
     assert json.loads((out / "bench_prefill.json").read_text()) == json.loads(json.dumps(record))
-    (a,) = record["first_block"]
+    a, chunked = record["first_block"]
     assert a["max_num_tokens"] == a["chunk"] == 512 and a["prefill_passes"] == 2 and a["long_prompt_tokens"] == 991
+    assert chunked["max_num_tokens"] == 512 and chunked["chunk"] == 64 and chunked["prefill_passes"] == 16
     assert len(a["idle_ms"]) == len(a["busy_ms"]) == 2 and a["idle_p50_ms"] > 0 and a["ratio"] > 0
     (b,) = record["padding"]
     before, after = b["before"], b["after"]
@@ -28,3 +29,4 @@ def test_bench_prefill_writes_its_figures(tmp_path):
     assert before["padding_tokens"] >= after["padding_tokens"]
     assert {t["met"] for t in record["targets"] if t["target"].startswith("padded")} == {True}
     assert record["machine"]["cores"] and record["settings"]["shipped_max_num_tokens"] == 512
+    assert record["settings"]["shipped_prefill_chunk"] == 64

@@ -41,6 +41,20 @@ def test_rows_that_cannot_share_a_pass_go_in_separate_passes():
     assert sorted(map(sorted, groups)) == [[0, 2], [1]]
 
 
+def test_a_step_runs_its_passes_fewest_tokens_first():
+    groups = group_rows([(24, 0), (1, 10), (16, 0), (1, 12)], LIMITS)
+    widths = [max([(24, 0), (1, 10), (16, 0), (1, 12)][i][0] for i in g) for g in groups]
+    assert widths == sorted(widths) and widths[0] == 1
+
+
+def test_the_prefill_chunk_can_be_smaller_than_the_budget():
+    limits = PassLimits(max_batch=4, max_tokens=24, max_context=96, max_block=16, token_budget=32, prefill_chunk=8)
+    assert limits.chunk == 8
+    assert PassLimits(4, 24, 96, 16, 32, prefill_chunk=100).chunk == 24  # never beyond the artifact's tokens
+    with pytest.raises(ValueError, match="prefill_chunk must be at least 1"):
+        PassLimits(4, 24, 96, 16, 32, prefill_chunk=0)
+
+
 def test_a_token_budget_below_one_block_is_refused():
     with pytest.raises(ValueError, match="token budget .* at least one block .* raise max_num_tokens"):
         PassLimits(max_batch=4, max_tokens=24, max_context=96, max_block=16, token_budget=8)

@@ -170,9 +170,10 @@ def test_saved_comparison_replays_on_the_quantized_graph(quantized):
 
 @pytest.mark.skipif(tensorrt_usable(), reason="TensorRT and a GPU are present")
 def test_engine_build_takes_the_fp8_graph_up_to_tensorrt(quantized, tmp_path, capsys):
-    rc = main(["engine", "--onnx", str(quantized["fp8"] / "model.onnx"), "--precision", "fp8",
-               "--out", str(tmp_path)])
-    assert rc == 1
+    command = ["engine", "--onnx", str(quantized["fp8"] / "model.onnx"), "--precision", "fp8", "--out", str(tmp_path)]
+    assert main(command) == 1  # quantized from the fp32 graph, its cache is float32: refused by default
+    assert "keeps its KV cache in float32 (fp8 graph)" in capsys.readouterr().err
+    assert main([*command, "--allow-fp32-cache"]) == 1
     assert "pip install .[tensorrt]" in capsys.readouterr().err  # past the manifest and precision checks
 
 

@@ -296,7 +296,7 @@ class TritonPythonModel:
         delay = float(parameters.get("cancelled_final_delay") or 0)
         self.cancelled_finals = DelayedCalls(delay, name="dlm-cancelled-finals")
         # what one engine pass may hold: the artifact's profile, and a token budget (B x T, padding included)
-        limits = PassLimits.from_profile(profile, integer("max_num_tokens"))
+        limits = PassLimits.from_profile(profile, integer("max_num_tokens"), integer("prefill_chunk"))
         # the memory plan: weights, engine memory, cache and staging against what the device has free
         fraction = float(parameters.get("free_memory_fraction") or 0.9)
         slots, plan = plan_for_runtime(runtime, model_config, max_live, context, limits.token_budget, fraction)

@@ -6,7 +6,8 @@ planner groups rows into passes of the same step such that each pass keeps B ≤
 P + T ≤ max context, B × T ≤ the per-pass token budget (TensorRT-LLM's `max_num_tokens`), and at most
 `MAX_PADDING` of its tokens padding. Prompts longer than one chunk are prefilled in chunks (causal passes with
 P > 0), a fixed `chunk` tokens per pass whatever else is running, so a request's tokens do not depend on its
-neighbours (batch invariance) and a long prompt neither fails nor stalls the others for long.
+neighbours (batch invariance) and a long prompt neither fails nor stalls the others for long; a step runs its
+passes fewest tokens first.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class PassLimits:
     max_context: int  # P + T
     max_block: int  # positions one row may predict from (N): the longest block
     token_budget: int  # B × T per pass, padding included
+    prefill_chunk: int | None = None  # prompt tokens per prefill pass (None: the budget)
 
     def __post_init__(self) -> None:
         if self.token_budget < self.max_block:
@@ -32,16 +34,21 @@ class PassLimits:
                 f"length this artifact allows ({self.max_block}); raise max_num_tokens"
             )
 
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+
     @classmethod
-    def from_profile(cls, profile: Any, token_budget: int | None = None) -> "PassLimits":
+    def from_profile(cls, profile: Any, token_budget: int | None = None,
+                     prefill_chunk: int | None = None) -> "PassLimits":
         """From an artifact's `dlm.contract.Profile`; the budget defaults to one longest prefill."""
         budget = token_budget or profile.tokens[2]
-        return cls(profile.batch[2], profile.tokens[2], profile.max_context, profile.max_block, budget)
+        return cls(profile.batch[2], profile.tokens[2], profile.max_context, profile.max_block, budget, prefill_chunk)
 
     @property
     def chunk(self) -> int:
-        """Prompt tokens per prefill pass."""
-        return min(self.token_budget, self.max_tokens)
+        """Prompt tokens per prefill pass: `prefill_chunk`, within the budget and the artifact's token axis. A
+        smaller chunk than the budget bounds how long the others' passes wait behind a long prompt's."""
+        return min(self.prefill_chunk or self.token_budget, self.token_budget, self.max_tokens)
 
 
 @dataclass
@@ -55,8 +62,10 @@ class _Pass:
 
 def group_rows(sizes: list[tuple[int, ...]], limits: PassLimits) -> list[list[int]]:
     """Sequences (each `(tokens, cache_length)` or `(tokens, cache_length, rows)`: a sequence may bring several
-    rows of the same size to a pass) grouped into passes within `limits`; the indices of each pass, longer rows
-    first. Every single sequence must fit on its own (admission and `refine.plan_step` guarantee it)."""
+    rows of the same size to a pass) grouped into passes within `limits`; the indices of each pass. The passes come
+    fewest tokens first: a step runs its short passes (decoding rows, short prompts) before a long prompt's chunk,
+    so they wait for it as little as possible (the order changes no request's tokens). Every single sequence must
+    fit on its own (admission and `refine.plan_step` guarantee it)."""
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i][0], i))
     passes: list[_Pass] = []
     for i in order:
@@ -77,4 +86,5 @@ def group_rows(sizes: list[tuple[int, ...]], limits: PassLimits) -> list[list[in
                 raise ValueError(f"{k} row(s) of {t} tokens after {p} cached positions cannot run in any pass of "
                                  f"{limits}")
             passes.append(_Pass([i], k, t, p, k * t))
+    passes.sort(key=lambda candidate: (candidate.tokens, candidate.batch))
     return [candidate.rows for candidate in passes]
