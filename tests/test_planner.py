@@ -41,6 +41,12 @@ def test_rows_that_cannot_share_a_pass_go_in_separate_passes():
     assert sorted(map(sorted, groups)) == [[0, 2], [1]]
 
 
+def test_prefill_chunks_and_decoding_rows_never_share_a_pass():
+    sizes = [(16, 0, 1, 1), (16, 20, 1, 0), (16, 30, 1, 0)]  # a chunk and two decoding blocks of the same size
+    groups = group_rows(sizes, LIMITS)
+    assert sorted(map(sorted, groups)) == [[0], [1, 2]]
+
+
 def test_a_step_runs_its_passes_fewest_tokens_first():
     groups = group_rows([(24, 0), (1, 10), (16, 0), (1, 12)], LIMITS)
     widths = [max([(24, 0), (1, 10), (16, 0), (1, 12)][i][0] for i in g) for g in groups]

@@ -53,6 +53,7 @@ class PassLimits:
 
 @dataclass
 class _Pass:
+    kind: int  # what its rows do: 0 decoding, 1 a prompt's prefill chunk
     rows: list[int]  # the sequences in it
     batch: int  # B: their rows
     tokens: int  # T: the longest row
@@ -61,16 +62,21 @@ class _Pass:
 
 
 def group_rows(sizes: list[tuple[int, ...]], limits: PassLimits) -> list[list[int]]:
-    """Sequences (each `(tokens, cache_length)` or `(tokens, cache_length, rows)`: a sequence may bring several
-    rows of the same size to a pass) grouped into passes within `limits`; the indices of each pass. The passes come
-    fewest tokens first: a step runs its short passes (decoding rows, short prompts) before a long prompt's chunk,
-    so they wait for it as little as possible (the order changes no request's tokens). Every single sequence must
-    fit on its own (admission and `refine.plan_step` guarantee it)."""
+    """Sequences (each `(tokens, cache_length[, rows[, kind]])`: a sequence may bring several rows of the same size
+    to a pass; kind 1 marks a prompt's prefill chunk, 0 decoding) grouped into passes within `limits`; the indices
+    of each pass. Prefill chunks and decoding rows never share a pass, and the passes come fewest tokens first: a
+    step runs its decoding passes and short prompts before a long prompt's chunk, so they never wait for more
+    than the chunk of the step before (on a CPU a pass costs in proportion to its tokens; the order changes no
+    request's tokens). Every single sequence must fit on its own (admission and `refine.plan_step` guarantee it)."""
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i][0], i))
     passes: list[_Pass] = []
     for i in order:
-        t, p, k = (*sizes[i], 1)[:3]
+        t, p = sizes[i][0], sizes[i][1]
+        k = sizes[i][2] if len(sizes[i]) > 2 else 1
+        kind = sizes[i][3] if len(sizes[i]) > 3 else 0
         for candidate in passes:
+            if candidate.kind != kind:
+                continue
             b, width = candidate.batch + k, max(candidate.tokens, t)
             if (b <= limits.max_batch and b * width <= limits.token_budget
                     and max(candidate.past, p) + width <= limits.max_context
@@ -85,6 +91,6 @@ def group_rows(sizes: list[tuple[int, ...]], limits: PassLimits) -> list[list[in
                     or k > limits.max_batch):
                 raise ValueError(f"{k} row(s) of {t} tokens after {p} cached positions cannot run in any pass of "
                                  f"{limits}")
-            passes.append(_Pass([i], k, t, p, k * t))
+            passes.append(_Pass(kind, [i], k, t, p, k * t))
     passes.sort(key=lambda candidate: (candidate.tokens, candidate.batch))
     return [candidate.rows for candidate in passes]

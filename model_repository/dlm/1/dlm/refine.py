@@ -502,7 +502,8 @@ def plan_step(seqs: list[Sequence], limits: PassLimits | None) -> list[tuple[lis
     plans = [seq.strategy.plan(seq) for seq in seqs]
     if limits is None:
         return [(seqs, plans)]
-    groups = group_rows([(len(p.tokens), s.cache_length, p.rows) for s, p in zip(seqs, plans)], limits)
+    groups = group_rows([(len(p.tokens), s.cache_length, p.rows, int(s.phase == "prefill"))
+                         for s, p in zip(seqs, plans)], limits)
     return [([seqs[i] for i in group], [plans[i] for i in group]) for group in groups]
 
 
