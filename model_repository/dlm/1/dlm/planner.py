@@ -53,7 +53,7 @@ class PassLimits:
 
 @dataclass
 class _Pass:
-    kind: int  # what its rows do: 0 decoding, 1 a prompt's prefill chunk
+    kind: int  # 1: chunks of long prompts that go on after them; 0: every other row
     rows: list[int]  # the sequences in it
     batch: int  # B: their rows
     tokens: int  # T: the longest row
@@ -63,11 +63,12 @@ class _Pass:
 
 def group_rows(sizes: list[tuple[int, ...]], limits: PassLimits) -> list[list[int]]:
     """Sequences (each `(tokens, cache_length[, rows[, kind]])`: a sequence may bring several rows of the same size
-    to a pass; kind 1 marks a prompt's prefill chunk, 0 decoding) grouped into passes within `limits`; the indices
-    of each pass. Prefill chunks and decoding rows never share a pass, and the passes come fewest tokens first: a
-    step runs its decoding passes and short prompts before a long prompt's chunk, so they never wait for more
-    than the chunk of the step before (on a CPU a pass costs in proportion to its tokens; the order changes no
-    request's tokens). Every single sequence must fit on its own (admission and `refine.plan_step` guarantee it)."""
+    to a pass; kind 1 marks a chunk of a long prompt that goes on after it, 0 anything else) grouped into passes
+    within `limits`; the indices of each pass. A long prompt's chunks never share a pass with the other rows, and
+    the passes come fewest tokens first: a step runs its decoding passes and short prompts before a long prompt's
+    chunk, so they never wait for more than the chunk of the step before (on a CPU a pass costs in proportion to
+    its tokens; the order changes no request's tokens). Every single sequence must fit on its own (admission and
+    `refine.plan_step` guarantee it)."""
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i][0], i))
     passes: list[_Pass] = []
     for i in order:

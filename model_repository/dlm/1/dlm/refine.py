@@ -502,8 +502,10 @@ def plan_step(seqs: list[Sequence], limits: PassLimits | None) -> list[tuple[lis
     plans = [seq.strategy.plan(seq) for seq in seqs]
     if limits is None:
         return [(seqs, plans)]
-    groups = group_rows([(len(p.tokens), s.cache_length, p.rows, int(s.phase == "prefill"))
-                         for s, p in zip(seqs, plans)], limits)
+    # a chunk of a prompt that goes on after it passes alone; a prompt's last (or only) chunk joins the rest
+    continuing = [int(s.phase == "prefill" and len(p.tokens) < prompt_left(s)) for s, p in zip(seqs, plans)]
+    groups = group_rows([(len(p.tokens), s.cache_length, p.rows, kind)
+                         for s, p, kind in zip(seqs, plans, continuing)], limits)
     return [([seqs[i] for i in group], [plans[i] for i in group]) for group in groups]
 
 
