@@ -12,6 +12,7 @@ passes fewest tokens first.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +62,7 @@ class _Pass:
     real: int  # tokens that are not padding
 
 
-def group_rows(sizes: list[tuple[int, ...]], limits: PassLimits) -> list[list[int]]:
+def group_rows(sizes: Sequence[tuple[int, ...]], limits: PassLimits) -> list[list[int]]:
     """Sequences (each `(tokens, cache_length[, rows[, kind]])`: a sequence may bring several rows of the same size
     to a pass; kind 1 marks a chunk of a long prompt that goes on after it, 0 anything else) grouped into passes
     within `limits`; the indices of each pass. A long prompt's chunks never share a pass with the other rows, and
