@@ -457,31 +457,31 @@ def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0, plans: l
     `plans` are the rows' plans when the caller has made them already (the pass planner has). A plan's `extra`
     rows (re-masking's verifying rows) run in the same pass, read the same cache slot and keep no columns."""
     plans = plans if plans is not None else [seq.strategy.plan(seq) for seq in seqs]
-    rows = [(seq, plan, False) for seq, plan in zip(seqs, plans)]
-    rows += [(seq, extra, True) for seq, plan in zip(seqs, plans) for extra in plan.extra]
-    b, t = len(rows), max(len(p.tokens) for _, p, _ in rows)
-    n = max(len(p.predict) for _, p, _ in rows)
+    rows = list(zip(seqs, plans))  # the main row of every sequence, then the verifying rows
+    rows += [(seq, extra) for seq, plan in zip(seqs, plans) for extra in plan.extra]
+    b, t = len(rows), max(len(p.tokens) for _, p in rows)
+    n = max(len(p.predict) for _, p in rows)
     input_ids = np.full((b, t), pad_token_id, dtype=np.int64)
     position_ids = np.zeros((b, t), dtype=np.int64)
     new_mask = np.zeros((b, t), dtype=np.int64)
     logit_positions = np.empty((b, n), dtype=np.int64)
     no_eos = np.zeros((b, n), dtype=bool)  # predictions for answer tokens at which no end token may be chosen
-    for i, (seq, p, _) in enumerate(rows):
+    for i, (seq, p) in enumerate(rows):
         k, m = len(p.tokens), len(p.predict)
         input_ids[i, :k], position_ids[i, :k], new_mask[i, :k] = p.tokens, p.positions, 1
         logit_positions[i, :m], logit_positions[i, m:] = p.predict, p.predict[-1]  # padding repeats a real one
         no_eos[i, :m] = p.targets < seq.params.eos_allowed_from
-    slots = np.array([seq.slot for seq, _, _ in rows], dtype=np.int64)
-    starts = np.array([seq.cache_length for seq, _, _ in rows], dtype=np.int64)
-    causal = np.array([p.causal for _, p, _ in rows])
+    slots = np.array([seq.slot for seq, _ in rows], dtype=np.int64)
+    starts = np.array([seq.cache_length for seq, _ in rows], dtype=np.int64)
+    causal = np.array([p.causal for _, p in rows])
     candidates = runtime.forward(slots, input_ids, position_ids, new_mask, starts, causal, logit_positions)
     eos_ids = np.fromiter(seqs[0].spec.eos_token_ids, dtype=np.int64)
-    picks = pick(candidates, [seq for seq, _, _ in rows], [len(p.predict) for _, p, _ in rows],
+    picks = pick(candidates, [seq for seq, _ in rows], [len(p.predict) for _, p in rows],
                  no_eos if no_eos.any() else None, eos_ids)
     counts = np.zeros(b, dtype=np.int64)
-    for i, (seq, plan, verifying) in enumerate(rows[len(seqs):], start=len(seqs)):
+    for i, (seq, plan) in enumerate(rows[len(seqs):], start=len(seqs)):
         BlockDiffusion.verify(seq, plan, picks[i])  # before the main rows: a token masked again is not committed
-    for i, (seq, plan, _) in enumerate(rows[: len(seqs)]):
+    for i, (seq, plan) in enumerate(rows[: len(seqs)]):
         seq.forwards += 1
         if seq.phase == "prefill" and len(plan.tokens) < prompt_left(seq):
             counts[i] = len(plan.tokens)  # a prefill chunk before the last: into the cache, nothing to choose
