@@ -208,8 +208,7 @@ class DiffusionLM(nn.Module):
         logit_positions: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The engine contract: (top_tokens [B, N, K], top_logits [B, N, K], logsumexp [B, N], present)."""
-        allowed = self.key_mask(input_ids, attention_mask, past_key_values, causal)
-        hidden, present = self.hidden_states(input_ids, position_ids, allowed, past_key_values)
+        hidden, present = self.contract_hidden_states(input_ids, position_ids, attention_mask, past_key_values, causal)
         # only the requested positions reach the head: [B, N, H], then [B, N, V] logits that never leave the graph
         index = logit_positions[:, :, None].expand(-1, -1, hidden.shape[-1])
         logits = self.head(torch.gather(hidden, 1, index))
@@ -227,9 +226,20 @@ class DiffusionLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The contract's inputs (without `logit_positions`), but float32 logits [B, T, V] at every position and
         the mask id included: for tests and tools that compare with other implementations, never exported."""
-        allowed = self.key_mask(input_ids, attention_mask, past_key_values, causal)
-        hidden, present = self.hidden_states(input_ids, position_ids, allowed, past_key_values)
+        hidden, present = self.contract_hidden_states(input_ids, position_ids, attention_mask, past_key_values, causal)
         return self.head(hidden), present
+
+    def contract_hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: torch.Tensor,
+        causal: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`hidden_states` under the contract's key mask (padding, and causal or bidirectional per row)."""
+        allowed = self.key_mask(input_ids, attention_mask, past_key_values, causal)
+        return self.hidden_states(input_ids, position_ids, allowed, past_key_values)
 
     @staticmethod
     def key_mask(

@@ -17,14 +17,7 @@ from dlm.refine import GenerationParams, Pass, TokenSpec
 from dlm.runtime import CacheLayout, TorchRuntime
 from dlm.scheduler import Job, Scheduler, pass_tokens
 
-PROMPTS = [[1, 5, 6, 7, 8], [1, 9], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 40, 41], [1, 7, 7]]
-PARAMS = [
-    GenerationParams("ar", max_tokens=12),
-    GenerationParams("diffusion", max_tokens=20, threshold=0.9),
-    GenerationParams("speculative", max_tokens=17),
-    GenerationParams("diffusion", max_tokens=9, threshold=None, steps=3),
-    GenerationParams("ar", max_tokens=5, temperature=0.8, seed=7),
-]
+from test_scheduler import PARAMS, PROMPTS  # the same requests as the scheduler's own tests
 
 
 class Consumer:

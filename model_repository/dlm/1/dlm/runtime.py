@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -96,7 +97,7 @@ def layout_of(contract: EngineContract) -> CacheLayout:
     return CacheLayout(contract.num_layers, contract.num_kv_heads, contract.head_dim)
 
 
-class EngineRuntime:
+class EngineRuntime(ABC):
     """The shared part of every runtime. A subclass provides `_zeros`/`_empty` (cache and staging memory on its
     device) and `_run` (the engine call); everything else, the cache bookkeeping included, lives here once."""
 
@@ -111,18 +112,19 @@ class EngineRuntime:
         self._present: Any = None
 
     # --- what a subclass provides ----------------------------------------------------------------------------
+    @abstractmethod
     def _zeros(self, shape: tuple[int, ...]) -> Any:
-        raise NotImplementedError
+        """A zeroed cache of this shape and the cache dtype, on the runtime's device."""
 
+    @abstractmethod
     def _empty(self, size: int) -> Any:
         """A flat staging buffer of the cache dtype, viewed with each pass's shape."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _run(self, feeds: dict[str, np.ndarray], past: Any, shape: tuple[int, int, int, int]) -> tuple[dict[str, Any], Any]:
         """Run one pass: host `feeds` (every input but the cache), the gathered `past`, and (B, T, P, N); return
         the three candidate outputs (arrays the loop reads on the host) and `present_key_values` (left on the
         device until `commit`)."""
-        raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------------------------
     activation_bytes: int | None = None  # the engine's own working memory, where the engine says it
