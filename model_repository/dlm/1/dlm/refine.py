@@ -351,7 +351,8 @@ class BlockDiffusion:
     def _denoise(seq: Sequence, picks: Picks) -> None:
         assert seq.block is not None and seq.tentative is not None and seq.pending is not None
         open_positions = seq.pending  # what the pass predicted; a token masked again just now waits for the next
-        picks = picks.subset(np.arange(len(open_positions)))
+        if len(open_positions) != len(picks.tokens):  # nothing was open: the row predicted the seed, unread
+            picks = picks.subset(np.arange(len(open_positions)))
         tokens, confidence = picks.tokens, picks.confidence
         p = seq.params
         last = BlockDiffusion._last_pass(seq)
