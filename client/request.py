@@ -38,6 +38,7 @@ INPUT_DTYPES: dict[str, Any] = {
     "min_tokens": np.int32,
     "min_length": np.int32,
     "ignore_eos": np.bool_,
+    "draft_adapter": np.bool_,
     "exclude_input_in_output": np.bool_,
     "sampling_parameters": np.object_,
 }
@@ -64,6 +65,7 @@ class Options:
     min_tokens: int | None = None  # no end token before this many tokens
     min_length: int | None = None  # TensorRT-LLM's name for min_tokens
     ignore_eos: bool | None = None  # no end token at all: decode to max_tokens
+    draft_adapter: bool | None = None  # speculative: False drafts with the base weights, not the draft-only LoRA
     exclude_input_in_output: bool | None = None  # False: the prompt's text comes before the answer
     sampling_parameters: str | dict[str, Any] | None = None  # vLLM's JSON of settings (a dict is written as JSON)
 

@@ -35,6 +35,12 @@ def add_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
                         help=f"candidates the graph returns per predicted position, at least 20 "
                              f"(default {DEFAULT_TOP_K}); sampling draws among them")
+    adapter = parser.add_mutually_exclusive_group()
+    adapter.add_argument("--draft-adapter", default="auto", metavar="DIR",
+                         help="draft-only LoRA (PEFT folder) for self-speculation's drafting rows; default: the "
+                              "checkpoint's linear_spec_lora/ when there is one. The graph then takes `draft [B]`")
+    adapter.add_argument("--no-draft-adapter", dest="draft_adapter", action="store_const", const=None,
+                         help="build without the draft adapter even when the checkpoint has one")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
 
             export_onnx(args.checkpoint, args.out, precision=args.precision, opset=args.opset,
                         max_batch=args.max_batch, max_context=args.max_context, max_tokens=args.max_tokens,
-                        max_block=args.max_block, top_k=args.top_k, tolerance=args.tolerance,
-                        torch_export=args.torch_export)
+                        max_block=args.max_block, top_k=args.top_k, draft_adapter=args.draft_adapter,
+                        tolerance=args.tolerance, torch_export=args.torch_export)
         elif args.command == "torch-export":
             from export.torch_export import export_torch
 
             path = export_torch(args.checkpoint, args.out, precision=args.precision, max_batch=args.max_batch,
                                 max_context=args.max_context, max_tokens=args.max_tokens,
-                                max_block=args.max_block, top_k=args.top_k)
+                                max_block=args.max_block, top_k=args.top_k, draft_adapter=args.draft_adapter)
             print(f"wrote {path}")
         elif args.command == "quantize":
             from export.quantize import quantize_onnx
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             build_engine(args.onnx, args.precision, args.out, opt_level=args.opt_level,
                          timing_cache=args.timing_cache, workspace_gib=args.workspace_gib,
                          allow_fp32_cache=args.allow_fp32_cache)
-    except (ArtifactError, EngineError, ExportError, QuantizeError, RuntimeUnavailable, ValueError) as e:
+    except (ArtifactError, EngineError, ExportError, QuantizeError, RuntimeUnavailable, ValueError) as e:  # AdapterError too
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -105,7 +105,7 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = torch_dtype(dtype)
-    tensors = {k: v.detach().to(target).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to(target).contiguous() for k, v in model.base_state_dict().items()}
     validate_state_dict(model.config, tensors)
     config_dict = model.config.to_dict() | {"dtype": dtype}
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")

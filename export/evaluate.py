@@ -40,10 +40,12 @@ class Score:
     hallucination_rate: float | None  # share of problems ar gets right and this setting wrong
     seconds: float
     remask_threshold: float | None = None  # last, so quality.json files written before it still load
+    acceptance_length: float | None = None  # speculative: tokens each verifying pass commits (accepted + bonus)
 
 
 def settings() -> list[tuple[str, GenerationParams]]:
-    out = [("ar", GenerationParams(mode="ar")), ("speculative", GenerationParams(mode="speculative"))]
+    out = [("ar", GenerationParams(mode="ar")), ("speculative", GenerationParams(mode="speculative")),
+           ("speculative without adapter", GenerationParams(mode="speculative", draft_adapter=False))]
     out += [(f"diffusion t={t}", GenerationParams(mode="diffusion", threshold=t)) for t in THRESHOLDS]
     out += [(f"diffusion steps={s}", GenerationParams(mode="diffusion", threshold=None, steps=s)) for s in STEPS]
     out += [(f"diffusion t={t} remask={r}", GenerationParams(mode="diffusion", threshold=t, remask_threshold=r))
@@ -77,16 +79,20 @@ def evaluate(generator: InProcessGenerator, counts: dict[str, int], batch: int =
             forwards = sum(r.num_forwards - 1 for r in results)
             hallucinations = sum(a and not c for a, c in zip(ar_correct, correct)) / len(problems)
             seconds = sum({id(r.seconds): r.seconds for r in results}.values())
+            verify_passes = sum(r.verify_passes for r in results)
+            acceptance = sum(r.verified_tokens for r in results) / verify_passes if verify_passes else None
             score = Score(
                 task, name, params.mode, params.threshold if params.mode == "diffusion" else None,
                 params.steps if params.mode == "diffusion" and params.threshold is None else None,
                 sum(correct) / len(problems), tokens / max(forwards, 1),
                 hallucinations if params.mode == "diffusion" else None, seconds, params.remask_threshold,
+                acceptance,
             )
             scores.append(score)
             print(
                 f"{task:9s} {name:20s} accuracy {score.accuracy:6.1%}  tokens/forward {score.tokens_per_forward:5.2f}"
-                + (f"  hallucination {score.hallucination_rate:5.1%}" if score.hallucination_rate is not None else ""),
+                + (f"  hallucination {score.hallucination_rate:5.1%}" if score.hallucination_rate is not None else "")
+                + (f"  acceptance {score.acceptance_length:5.2f}" if score.acceptance_length is not None else ""),
                 flush=True,
             )
     return scores
@@ -124,12 +130,13 @@ def plot(scores: list[Score], path: Path) -> None:
 
 def markdown_table(scores: list[Score]) -> str:
     lines = [
-        "| task | setting | exact match | tokens / forward | hallucination rate |",
-        "| --- | --- | --- | --- | --- |",
+        "| task | setting | exact match | tokens / forward | hallucination rate | acceptance length |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for s in scores:
         rate = "" if s.hallucination_rate is None else f"{s.hallucination_rate:.1%}"
-        lines.append(f"| {s.task} | {s.setting} | {s.accuracy:.1%} | {s.tokens_per_forward:.2f} | {rate} |")
+        accepted = "" if s.acceptance_length is None else f"{s.acceptance_length:.2f}"
+        lines.append(f"| {s.task} | {s.setting} | {s.accuracy:.1%} | {s.tokens_per_forward:.2f} | {rate} | {accepted} |")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from dlm.refine import GenerationParams, TokenSpec, generate
 from dlm.runtime import CacheLayout, TorchRuntime, load_runtime
 from dlm.special_tokens import check_bos, end_token_ids
+from export.adapter import attach_adapter
 from export.checkpoint import load_checkpoint, load_tokenizer
 
 
@@ -24,6 +25,8 @@ class TextGeneration:
     num_forwards: int
     finish_reason: str
     seconds: float
+    verify_passes: int = 0  # speculative: verifying passes, and the tokens they committed
+    verified_tokens: int = 0
 
     @property
     def tokens_per_forward(self) -> float:
@@ -42,14 +45,19 @@ class InProcessGenerator:
         device: str = "cpu",
         artifact: str | Path | None = None,
         runtime: str = "auto",
+        draft_adapter: str | Path | None = "auto",
     ):
+        """`draft_adapter` (eager PyTorch only; an artifact carries its own or none): "auto" attaches the
+        checkpoint's `linear_spec_lora/` when there is one, a path that adapter, None none."""
         checkpoint = Path(checkpoint)
         config = json.loads((checkpoint / "config.json").read_text())
         self.tokenizer = load_tokenizer(checkpoint)
         check_bos(self.tokenizer, checkpoint)
         self.spec = TokenSpec.from_config(config, end_token_ids(checkpoint))
         if artifact is None:
-            model = load_checkpoint(checkpoint, dtype=dtype).to(device)
+            model = load_checkpoint(checkpoint, dtype=dtype)
+            attach_adapter(model, checkpoint, draft_adapter)
+            model = model.to(device)
             self.runtime = TorchRuntime(model, CacheLayout.from_config(config), device=device)
         else:
             self.runtime = load_runtime(runtime, artifact, config)
@@ -66,7 +74,8 @@ class InProcessGenerator:
         results = generate(self.runtime, [self.encode(p) for p in prompts], params, self.spec)
         seconds = time.perf_counter() - start
         return [
-            TextGeneration(self.decode(r.tokens), r.tokens, r.num_tokens, r.num_forwards, r.finish_reason, seconds)
+            TextGeneration(self.decode(r.tokens), r.tokens, r.num_tokens, r.num_forwards, r.finish_reason, seconds,
+                           r.verify_passes, r.verified_tokens)
             for r in results
         ]
 

@@ -6,12 +6,17 @@ runs the `T` new tokens causally or bidirectionally (chosen per row by `causal`)
 log-sum-exp over the whole vocabulary, plus the keys (after RoPE) and values of the new tokens only; the caller owns
 the cache and writes them into it. No full-vocabulary tensor leaves the graph. `forward_with_mask` returns the full
 logits, for training and for comparisons with transformers.
+With a draft-only LoRA attached (`attach_draft_adapter`, the checkpoint's `linear_spec_lora/`), `forward` takes one
+more input, `draft [B]`: rows where it is true run `o_proj(x) + scale · B(A(x))` in every layer, the others the base
+weights, so self-speculation's drafting rows and every other row share one graph, one pass and one copy of the
+weights.
 Parameter names follow the checkpoint (`encoder.*`, `diffusion_head`), so a real state dict loads unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +81,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class DraftLoRA(nn.Module):
+    """The draft-only LoRA of one o_proj: B(A(x)), unscaled (the caller scales it per row or per token)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(x))
+
+
 class Attention(nn.Module):
     """GQA attention. Each KV head serves `group` query heads; the group is folded into the query axis
     ([B, KV, group·T, D] against [B, KV, S, D]), so keys and values are never copied per query head.
@@ -94,6 +111,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
+        self.draft_lora: DraftLoRA | None = None
 
     def forward(
         self,
@@ -104,7 +122,10 @@ class Attention(nn.Module):
         past_k: torch.Tensor,
         past_v: torch.Tensor,
         bias: torch.Tensor,
+        draft_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`draft_scale` ([B, 1, 1] or [B, T, 1], the LoRA's alpha / r where it applies, 0 elsewhere) switches the
+        draft-only LoRA on per row or per token."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -127,7 +148,10 @@ class Attention(nn.Module):
                     b, self.heads, s, -1)
             out = attention(q, keys, values, bias, scale)
         out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
-        return self.o_proj(out), k, v
+        projected = self.o_proj(out)
+        if self.draft_lora is not None and draft_scale is not None:
+            projected = projected + draft_scale * self.draft_lora(out)
+        return projected, k, v
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
@@ -183,6 +207,34 @@ class DiffusionLM(nn.Module):
         # (in bf16 the RoPE frequencies of the far dimensions would lose their precision).
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention_factor = attention_factor
+        self.draft_adapter: Any = None  # the attached `export.adapter.DraftAdapter`, if any
+
+    @property
+    def has_draft_adapter(self) -> bool:
+        return self.draft_adapter is not None
+
+    def attach_draft_adapter(self, adapter: Any) -> None:
+        """Add the draft-only LoRA (`export.adapter.DraftAdapter`) to every layer's o_proj, in the model's dtype."""
+        for layer, a, b in zip(self.encoder.layers, adapter.lora_a, adapter.lora_b):
+            assert isinstance(layer, DecoderLayer)  # for the type checker: nn.ModuleList yields nn.Module
+            attn = layer.self_attn
+            lora = DraftLoRA(a.shape[1], b.shape[0], adapter.rank).to(device=a.device, dtype=self.dtype)
+            with torch.no_grad():
+                lora.lora_A.weight.copy_(a)
+                lora.lora_B.weight.copy_(b)
+            attn.draft_lora = lora
+        self.draft_adapter = adapter
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors: the state dict without an attached draft adapter."""
+        return {k: v for k, v in self.state_dict().items() if ".draft_lora." not in k}
+
+    def draft_scale(self, draft: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, 1, 1] (from `draft [B]`) or [B, T, 1] (from `draft [B, T]`): alpha / r where the LoRA applies."""
+        if self.draft_adapter is None or draft is None:
+            return None
+        scale = draft.to(self.dtype) * self.draft_adapter.scale
+        return scale[:, None, None] if scale.dim() == 1 else scale[:, :, None]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -206,9 +258,12 @@ class DiffusionLM(nn.Module):
         past_key_values: torch.Tensor,
         causal: torch.Tensor,
         logit_positions: torch.Tensor,
+        draft: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The engine contract: (top_tokens [B, N, K], top_logits [B, N, K], logsumexp [B, N], present)."""
-        hidden, present = self.contract_hidden_states(input_ids, position_ids, attention_mask, past_key_values, causal)
+        """The engine contract: (top_tokens [B, N, K], top_logits [B, N, K], logsumexp [B, N], present).
+        `draft [B]`: the rows that run the draft-only LoRA (only with an adapter attached)."""
+        hidden, present = self.contract_hidden_states(
+            input_ids, position_ids, attention_mask, past_key_values, causal, draft)
         # only the requested positions reach the head: [B, N, H], then [B, N, V] logits that never leave the graph
         index = logit_positions[:, :, None].expand(-1, -1, hidden.shape[-1])
         logits = self.head(torch.gather(hidden, 1, index))
@@ -223,10 +278,12 @@ class DiffusionLM(nn.Module):
         attention_mask: torch.Tensor,
         past_key_values: torch.Tensor,
         causal: torch.Tensor,
+        draft: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The contract's inputs (without `logit_positions`), but float32 logits [B, T, V] at every position and
         the mask id included: for tests and tools that compare with other implementations, never exported."""
-        hidden, present = self.contract_hidden_states(input_ids, position_ids, attention_mask, past_key_values, causal)
+        hidden, present = self.contract_hidden_states(
+            input_ids, position_ids, attention_mask, past_key_values, causal, draft)
         return self.head(hidden), present
 
     def contract_hidden_states(
@@ -236,10 +293,11 @@ class DiffusionLM(nn.Module):
         attention_mask: torch.Tensor,
         past_key_values: torch.Tensor,
         causal: torch.Tensor,
+        draft: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`hidden_states` under the contract's key mask (padding, and causal or bidirectional per row)."""
         allowed = self.key_mask(input_ids, attention_mask, past_key_values, causal)
-        return self.hidden_states(input_ids, position_ids, allowed, past_key_values)
+        return self.hidden_states(input_ids, position_ids, allowed, past_key_values, self.draft_scale(draft))
 
     @staticmethod
     def key_mask(
@@ -271,10 +329,11 @@ class DiffusionLM(nn.Module):
         position_ids: torch.Tensor,
         allowed: torch.Tensor,
         past_key_values: torch.Tensor | None = None,
+        draft: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Full logits [B, T, V] and present with an explicit `allowed [B, T, P+T]` key mask (training uses the
-        block-causal one)."""
-        hidden, present = self.hidden_states(input_ids, position_ids, allowed, past_key_values)
+        block-causal one); `draft [B, T]` switches the draft-only LoRA on per token (training the adapter)."""
+        hidden, present = self.hidden_states(input_ids, position_ids, allowed, past_key_values, self.draft_scale(draft))
         return self.head(hidden), present
 
     def hidden_states(
@@ -283,6 +342,7 @@ class DiffusionLM(nn.Module):
         position_ids: torch.Tensor,
         allowed: torch.Tensor,
         past_key_values: torch.Tensor | None = None,
+        draft_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's last hidden states [B, T, H] (before the final norm) and the new keys and values."""
         if past_key_values is None:
@@ -312,6 +372,7 @@ class DiffusionLM(nn.Module):
                 past_key_values[:, i, 0],
                 past_key_values[:, i, 1],
                 bias,
+                draft_scale,
             )
             x = x + attn
             x = x + layer.mlp(layer.post_attention_layernorm(x))

@@ -23,6 +23,8 @@ from export.model import DiffusionLM
 from export.torch_export import (
     DEFAULT_MAX_BATCH,
     TORCH_EXPORT_FILE,
+    adapter_option,
+    adapter_record,
     contract_for,
     limits_options,
     load_for_export,
@@ -243,6 +245,7 @@ def export_onnx(
     max_tokens: int | None = None,
     max_block: int | None = None,
     top_k: int = DEFAULT_TOP_K,
+    draft_adapter: str | Path | None = "auto",
     tolerance: float | None = None,
     torch_export: bool = False,
     log: Callable[[str], None] = print,
@@ -253,13 +256,16 @@ def export_onnx(
     if opset < 18:
         raise ValueError(f"opset {opset} is not supported: the dynamo exporter writes opset 18 or newer")
     out.mkdir(parents=True, exist_ok=True)
-    model = load_for_export(checkpoint, precision, top_k)
+    model = load_for_export(checkpoint, precision, top_k, draft_adapter)
     profile = profile_for(model.config, max_batch, max_context, max_tokens, max_block)
     contract = contract_for(model, precision, profile)
     command = (
         f"python -m export onnx --checkpoint {checkpoint} --out {out} --precision {precision} --opset {opset} "
-        + limits_options(profile, contract.top_k)
+        + limits_options(profile, contract.top_k) + adapter_option(model)
     )
+    if model.draft_adapter is not None:
+        log(f"with the draft-only LoRA of {model.draft_adapter.path} (rank {model.draft_adapter.rank}, "
+            f"alpha {model.draft_adapter.alpha:g}): the graph takes `draft [B]`")
 
     log(f"tracing {checkpoint} ({precision}) with torch.export")
     program = trace(model, contract)
@@ -271,7 +277,7 @@ def export_onnx(
 
     limit = TOLERANCE[precision] if tolerance is None else tolerance
     if precision == "bf16":  # ONNX Runtime's CPU kernels have no bfloat16: the bf16 model against fp32 instead
-        report = validate_bf16(model, load_for_export(checkpoint, "fp32", top_k), contract, limit, log)
+        report = validate_bf16(model, load_for_export(checkpoint, "fp32", top_k, draft_adapter), contract, limit, log)
         polygraphy = None
     else:
         report = validate(model, path, contract, limit, out, log)
@@ -289,10 +295,12 @@ def export_onnx(
         opset=opset,
         validation=report,
         polygraphy=polygraphy,
+        **adapter_record(model),
     )
     saved = f", {POLYGRAPHY_INPUTS}, {POLYGRAPHY_OUTPUTS}" if polygraphy else ""
     log(f"wrote {', '.join(files)}{saved} and manifest.json to {out}")
     if torch_export:
-        save_torch_export(program, out, checkpoint, precision, contract, command + " --torch-export")
+        save_torch_export(program, out, checkpoint, precision, contract, command + " --torch-export",
+                          **adapter_record(model))
         log(f"wrote {out / TORCH_EXPORT_FILE}")
     return entry

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from dlm.contract import BATCH, DEFAULT_TOP_K, MIN_TOP_K, PAST, PAST_PLUS_TOKENS, POSITIONS, TOKENS, EngineContract, Profile
+from export.adapter import attach_adapter
 from export.checkpoint import load_checkpoint
 from export.config import ModelConfig
 from export.manifest import checkpoint_sha256, write_entry
@@ -59,6 +61,7 @@ def sample_inputs(
     if batch > 1 and past > 1:
         mask[1, : past // 2] = 0  # a shorter cached prefix on row 1
     cache_shape = (batch, contract.num_layers, 2, contract.num_kv_heads, past, contract.head_dim)
+    draft = {"draft": np.arange(batch) % 2 == 1} if contract.draft_adapter else {}  # the bidirectional rows draft
     return {
         "input_ids": rng.integers(0, contract.vocab_size, (batch, tokens), dtype=np.int64),
         "position_ids": np.broadcast_to(position_ids, (batch, tokens)).copy(),
@@ -67,6 +70,7 @@ def sample_inputs(
         "causal": np.arange(batch) % 2 == 0,
         "logit_positions": np.stack([rng.permutation(tokens)[:n] if n <= tokens else rng.integers(0, tokens, n)
                                      for _ in range(batch)]).astype(np.int64),
+        **draft,
     }
 
 
@@ -101,13 +105,32 @@ def trace(model: DiffusionLM, contract: EngineContract) -> torch.export.Exported
 
 def contract_for(model: DiffusionLM, precision: str, profile: Profile) -> EngineContract:
     config = model.config.to_dict()
-    return EngineContract.from_config(config, PRECISIONS[precision], profile, model.top_k)
+    return EngineContract.from_config(config, PRECISIONS[precision], profile, model.top_k, model.has_draft_adapter)
 
 
-def load_for_export(checkpoint: str | Path, precision: str, top_k: int = DEFAULT_TOP_K) -> DiffusionLM:
+def adapter_record(model: DiffusionLM) -> dict[str, Any]:
+    """What a manifest entry records of the draft adapter the graph carries (nothing without one)."""
+    adapter = model.draft_adapter
+    if adapter is None:
+        return {}
+    return {"draft_adapter": {"sha256": adapter.sha256, "rank": adapter.rank, "alpha": adapter.alpha,
+                              "path": str(adapter.path)}}
+
+
+def adapter_option(model: DiffusionLM) -> str:
+    """The command-line option that rebuilds the graph with the same adapter choice."""
+    return f" --draft-adapter {model.draft_adapter.path}" if model.draft_adapter else " --no-draft-adapter"
+
+
+def load_for_export(
+    checkpoint: str | Path, precision: str, top_k: int = DEFAULT_TOP_K, draft_adapter: str | Path | None = "auto",
+) -> DiffusionLM:
+    """The model to trace. `draft_adapter`: "auto" attaches the checkpoint's `linear_spec_lora/` when there is one,
+    a path attaches that adapter, None none."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision '{precision}' cannot be exported: expected one of {', '.join(PRECISIONS)}")
     model = load_checkpoint(checkpoint, dtype=PRECISIONS[precision])
+    attach_adapter(model, checkpoint, draft_adapter)
     if not MIN_TOP_K <= top_k < model.config.vocab_size:
         raise ValueError(
             f"--top-k must be in [{MIN_TOP_K}, {model.config.vocab_size - 1}] (at least 20 for OpenAI's "
@@ -124,8 +147,9 @@ def save_torch_export(
     precision: str,
     contract: EngineContract,
     command: str,
+    **extra: Any,
 ) -> Path:
-    """Write `model.pt2` and its manifest entry."""
+    """Write `model.pt2` and its manifest entry (`extra`: more fields of the entry, the draft adapter's record)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / TORCH_EXPORT_FILE
     torch.export.save(program, str(path))
@@ -138,6 +162,7 @@ def save_torch_export(
         precision=precision,
         contract=contract,
         command=command,
+        **extra,
     )
     return path
 
@@ -152,13 +177,15 @@ def export_torch(
     max_tokens: int | None = None,
     max_block: int | None = None,
     top_k: int = DEFAULT_TOP_K,
+    draft_adapter: str | Path | None = "auto",
 ) -> Path:
     """Checkpoint → `model.pt2` and its manifest entry."""
     checkpoint, out = Path(checkpoint), Path(out)
-    model = load_for_export(checkpoint, precision, top_k)
+    model = load_for_export(checkpoint, precision, top_k, draft_adapter)
     contract = contract_for(model, precision, profile_for(model.config, max_batch, max_context, max_tokens, max_block))
     command = (
         f"python -m export torch-export --checkpoint {checkpoint} --out {out} --precision {precision} "
-        + limits_options(contract.profile, contract.top_k)
+        + limits_options(contract.profile, contract.top_k) + adapter_option(model)
     )
-    return save_torch_export(trace(model, contract), out, checkpoint, precision, contract, command)
+    return save_torch_export(trace(model, contract), out, checkpoint, precision, contract, command,
+                             **adapter_record(model))

@@ -7,17 +7,26 @@ tokens attend causally, each noised block attends to the clean prefix before it 
 decoding, a block's first token (the seed, which the causal pass predicts) is never masked, and answers are padded
 with end tokens to a whole number of blocks, so the model learns to fill a block's tail with end tokens.
 
-Seeded and deterministic on a given machine: `python scripts/train_miniature.py` reproduces the shipped checkpoint.
+Version 2 adds a curriculum: half of the additions are drawn with carrying digits (carries and carry chains are
+what most-significant-digit-first addition gets wrong, and every held-out sum carries out of its units column), and
+the upper-casing task draws any length from 1 to 48 letters. The shipped v2 weights continue from the v1 weights
+(`--init`, recorded with their hash in `training.json`); without `--init` the model starts from random weights.
+
+Seeded and deterministic on a given machine, and resumable: the full training state (fp32 weights, optimizer,
+schedule, data stream, step, log) is saved every `--save-every` steps to `--state`, and `--resume` continues from it,
+so a long run can be split across sessions and gives the same weights as an unbroken one.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,10 +36,10 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.checkpoint import save_checkpoint  # noqa: E402
+from export.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from export.config import ModelConfig  # noqa: E402
 from export.model import DiffusionLM  # noqa: E402
-from export.tasks import TASKS, sample  # noqa: E402
+from export.tasks import TASKS, UPPER_LENGTHS, held_out_set, sample  # noqa: E402
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"]
 VOCAB_SIZE = 128
@@ -70,8 +79,10 @@ MINIATURE_CONFIG = {
     "use_cache": True,
     "dtype": "bfloat16",
 }
-TASK_WEIGHTS = {"addition": 0.8, "upper": 0.2}
+TASK_WEIGHTS = {"addition": 0.85, "upper": 0.15}
 BLOCK_CHOICES = (32, 32, 16, 8)  # mostly the config's block size; smaller ones so block_length can be turned
+CARRY_RICH = 0.5  # share of additions drawn with carrying digits
+DEFAULT_STATE = ROOT / "build" / "miniature_training" / "state.pt"
 
 
 def build_tokenizer() -> Tokenizer:
@@ -122,7 +133,8 @@ def make_batch(
     eos, mask_id = config.eos_token_id, config.mask_token_id
     rows = []
     for _ in range(size):
-        problem = sample(task, rng, held_out=False)
+        length = rng.randint(*UPPER_LENGTHS) if task == "upper" else None
+        problem = sample(task, rng, held_out=False, carry_rich=CARRY_RICH, length=length)
         prompt = tokenizer.encode(problem.prompt).ids
         answer = tokenizer.encode(problem.answer, add_special_tokens=False).ids + [eos]
         padded = answer + [eos] * (-len(answer) % block)
@@ -181,6 +193,98 @@ def loss_on(model: DiffusionLM, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     return ar + dlm, ar.item(), dlm.item()
 
 
+@dataclass
+class Recipe:
+    steps: int
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 200
+    seed: int = 0
+
+
+def lr_factor(recipe: Recipe, step: int) -> float:
+    """Linear warm-up, then cosine decay to 5 % of the peak at the last step."""
+    warm = min(1.0, (step + 1) / max(1, recipe.warmup))
+    return warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, recipe.steps) / recipe.steps)))
+
+
+def held_out_accuracy(model: DiffusionLM, tokenizer: Tokenizer, count: int = 200) -> dict[str, float]:
+    """Greedy `ar` and diffusion (threshold 0.9) exact match on held-out additions: the log's progress signal."""
+    from dlm.refine import GenerationParams, TokenSpec, generate
+    from dlm.runtime import CacheLayout, TorchRuntime
+
+    config = model.config.to_dict()
+    runtime = TorchRuntime(model, CacheLayout.from_config(config))
+    spec = TokenSpec.from_config(config)
+    problems = held_out_set("addition", count)
+    prompts = [tokenizer.encode(p.prompt).ids for p in problems]
+    out = {}
+    for mode in ("ar", "diffusion"):
+        results = generate(runtime, prompts, GenerationParams(mode=mode, threshold=0.9, max_tokens=8), spec)
+        texts = [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in results]
+        out[mode] = round(sum(t == p.answer for t, p in zip(texts, problems)) / count, 4)
+    return out
+
+
+class Trainer:
+    """Model, optimizer, schedule and data stream; `state()` / `load_state()` make a run resumable."""
+
+    def __init__(self, config_dict: dict, recipe: Recipe, init: Path | None = None):
+        self.recipe = recipe
+        torch.manual_seed(recipe.seed)
+        self.rng = random.Random(recipe.seed)
+        self.config = ModelConfig.from_dict(config_dict)
+        self.tokenizer = build_tokenizer()
+        self.model = DiffusionLM(self.config).float()
+        if init is None:
+            for p in self.model.parameters():
+                if p.dim() == 2:
+                    torch.nn.init.normal_(p, std=0.02)
+        else:
+            self.model.load_state_dict(load_checkpoint(init, dtype="float32").state_dict())
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(recipe, s))
+        self.step = 0
+        self.losses: list[float] = []
+        self.log: list[dict] = []
+        self.seconds = 0.0  # training time over all sessions of the run
+
+    def state(self) -> dict:
+        return {
+            "recipe": asdict(self.recipe), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(), "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+            "step": self.step, "losses": self.losses, "log": self.log, "seconds": self.seconds,
+        }
+
+    def load_state(self, state: dict) -> None:
+        if state["recipe"] != asdict(self.recipe):
+            raise SystemExit(f"the saved state was made with {state['recipe']}, not {asdict(self.recipe)}: "
+                             "resume with the same options")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.losses, self.log, self.seconds = state["step"], state["losses"], state["log"], state["seconds"]
+
+    def train_step(self) -> dict:
+        tasks, weights = zip(*TASK_WEIGHTS.items())
+        task = self.rng.choices(tasks, weights)[0]
+        block = min(self.rng.choice(BLOCK_CHOICES), self.config.block_size)
+        batch = make_batch(self.tokenizer, self.config, task, self.recipe.batch_size, block, self.rng)
+        self.model.train()
+        loss, ar, dlm = loss_on(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.schedule.step()
+        self.model.eval()
+        self.losses.append(loss.item())
+        self.step += 1
+        return {"loss": loss.item(), "ar": ar, "diffusion": dlm, "task": task, "block": block}
+
+
 def train(
     config_dict: dict,
     steps: int,
@@ -188,89 +292,91 @@ def train(
     lr: float = 2e-3,
     seed: int = 0,
     log_every: int = 100,
-    on_checkpoint=None,
-    checkpoint_every: int = 0,
 ) -> tuple[DiffusionLM, list[float]]:
-    """Train from scratch; returns the model (fp32) and the loss of every step."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    config = ModelConfig.from_dict(config_dict)
-    tokenizer = build_tokenizer()
-    model = DiffusionLM(config).float()
-    for name, p in model.named_parameters():
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, std=0.02)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = max(1, min(200, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    )
-    tasks, weights = zip(*TASK_WEIGHTS.items())
-    losses: list[float] = []
-    start = time.time()
-    model.train()
-    for step in range(steps):
-        task = rng.choices(tasks, weights)[0]
-        block = min(rng.choice(BLOCK_CHOICES), config.block_size)
-        batch = make_batch(tokenizer, config, task, batch_size, block, rng)
-        loss, ar, dlm = loss_on(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:6d}  loss {float(loss):.4f}  ar {ar:.4f}  diffusion {dlm:.4f}  {task:8s} "
-                  f"block {block:2d}  {time.time() - start:7.1f}s", flush=True)
-        if on_checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            model.eval()
-            on_checkpoint(model, step + 1)
-            model.train()
-    model.eval()
-    return model, losses
+    """Train from scratch in one go; returns the model (fp32) and the loss of every step."""
+    trainer = Trainer(config_dict, Recipe(steps, batch_size, lr, max(1, min(200, steps // 10)), seed))
+    while trainer.step < steps:
+        trainer.train_step()
+    return trainer.model, trainer.losses
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "export" / "miniature")
+    parser.add_argument("--init", type=Path, help="start from this checkpoint's weights instead of random ones")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--checkpoint-every", type=int, default=500, help="also write the checkpoint every N steps")
+    parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="where the resumable training state lives")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --state")
+    parser.add_argument("--save-every", type=int, default=250, help="save the training state every N steps")
+    parser.add_argument("--eval-every", type=int, default=500, help="log held-out accuracy every N steps (0: never)")
+    parser.add_argument("--stop-after", type=float, help="save the state and stop after this many minutes")
     args = parser.parse_args()
     assert set(TASK_WEIGHTS) == set(TASKS)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    started = time.time()
+    recipe = Recipe(args.steps, args.batch_size, args.lr, args.warmup, args.seed)
+    trainer = Trainer(MINIATURE_CONFIG, recipe, init=None if args.resume else args.init)
+    init_record = None
+    if args.init is not None:
+        weights = args.init / "model.safetensors"
+        init_record = {"checkpoint": str(args.init), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+        if (args.init / "training.json").is_file():
+            init_record["training"] = json.loads((args.init / "training.json").read_text())
+    if args.resume:
+        state = torch.load(args.state, weights_only=False)
+        trainer.load_state(state)
+        init_record = state.get("init", init_record)
+        print(f"resumed at step {trainer.step} of {recipe.steps} from {args.state}", flush=True)
+    args.state.parent.mkdir(parents=True, exist_ok=True)
+
+    def save_state() -> None:
+        tmp = args.state.with_suffix(".tmp")
+        torch.save(trainer.state() | {"init": init_record}, tmp)
+        tmp.replace(args.state)
+
+    session_start = time.time()
+    seconds_before = trainer.seconds
+    while trainer.step < recipe.steps:
+        info = trainer.train_step()
+        trainer.seconds = seconds_before + time.time() - session_start
+        step = trainer.step
+        if step % 100 == 0 or step == recipe.steps:
+            entry = {"step": step, "loss_mean_last_100": round(sum(trainer.losses[-100:]) / len(trainer.losses[-100:]), 4),
+                     "lr": round(trainer.schedule.get_last_lr()[0], 6), "minutes": round(trainer.seconds / 60, 1)}
+            if args.eval_every and (step % args.eval_every == 0 or step == recipe.steps):
+                entry["held_out_200_additions"] = held_out_accuracy(trainer.model, trainer.tokenizer)
+            trainer.log.append(entry)
+            print(json.dumps(entry), flush=True)
+        if step % args.save_every == 0 or step == recipe.steps:
+            save_state()
+        if args.stop_after and (time.time() - session_start) / 60 >= args.stop_after and step < recipe.steps:
+            save_state()
+            print(f"stopped at step {step}; continue with --resume", flush=True)
+            return
+
     args.out.mkdir(parents=True, exist_ok=True)
     write_tokenizer_files(build_tokenizer(), args.out, MINIATURE_CONFIG)
-
-    def checkpoint(model: DiffusionLM, step: int) -> None:
-        save_checkpoint(model, args.out, dtype="bfloat16")
-        print(f"checkpoint at step {step} written to {args.out}", flush=True)
-
-    model, losses = train(
-        MINIATURE_CONFIG, args.steps, args.batch_size, args.lr, args.seed,
-        on_checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
-    )
-    minutes = (time.time() - started) / 60
-    save_checkpoint(model, args.out, dtype="bfloat16")
+    save_checkpoint(trainer.model, args.out, dtype="bfloat16")
     record = {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "seed": args.seed,
+        "version": 2,
+        "recipe": asdict(recipe),
         "threads": args.threads,
-        "training_minutes": round(minutes, 1),
-        "final_loss_mean_last_100": round(sum(losses[-100:]) / len(losses[-100:]), 4),
+        "init": init_record,
+        "training_minutes": round(trainer.seconds / 60, 1),
+        "final_loss_mean_last_100": round(sum(trainer.losses[-100:]) / len(trainer.losses[-100:]), 4),
         "task_weights": TASK_WEIGHTS,
+        "carry_rich": CARRY_RICH,
+        "upper_lengths": UPPER_LENGTHS,
         "block_choices": BLOCK_CHOICES,
+        "log": trainer.log,
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out} after {minutes:.1f} min of training")
+    print(f"wrote {args.out} after {trainer.seconds / 60:.1f} min of training")
 
 
 if __name__ == "__main__":

@@ -114,8 +114,9 @@ class Profile:
 
 @dataclass(frozen=True)
 class EngineContract:
-    """The denoiser's inputs and outputs for one model and cache dtype, plus the profile it is built for and the
-    number of candidates `top_k` (K) it returns per requested position."""
+    """The denoiser's inputs and outputs for one model and cache dtype, plus the profile it is built for, the
+    number of candidates `top_k` (K) it returns per requested position, and whether the graph carries a draft-only
+    LoRA (`draft_adapter`: then it takes one more input, `draft [B]`, the rows the LoRA applies to)."""
 
     num_layers: int
     num_kv_heads: int
@@ -124,6 +125,7 @@ class EngineContract:
     cache_dtype: str  # "float32" or "float16"
     profile: Profile
     top_k: int = DEFAULT_TOP_K
+    draft_adapter: bool = False
 
     def __post_init__(self) -> None:
         if not MIN_TOP_K <= self.top_k < self.vocab_size:
@@ -134,7 +136,8 @@ class EngineContract:
 
     @classmethod
     def from_config(
-        cls, config: dict[str, Any], cache_dtype: str, profile: Profile, top_k: int = DEFAULT_TOP_K
+        cls, config: dict[str, Any], cache_dtype: str, profile: Profile, top_k: int = DEFAULT_TOP_K,
+        draft_adapter: bool = False,
     ) -> "EngineContract":
         """From a checkpoint's config.json content."""
         return cls(
@@ -145,11 +148,13 @@ class EngineContract:
             cache_dtype,
             profile,
             top_k,
+            draft_adapter,
         )
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         cache = (BATCH, self.num_layers, 2, self.num_kv_heads, PAST, self.head_dim)
+        draft = (TensorSpec("draft", "bool", (BATCH,)),) if self.draft_adapter else ()
         return (
             TensorSpec("input_ids", "int64", (BATCH, TOKENS)),
             TensorSpec("position_ids", "int64", (BATCH, TOKENS)),
@@ -157,6 +162,7 @@ class EngineContract:
             TensorSpec("past_key_values", CACHE_DTYPE, cache),
             TensorSpec("causal", "bool", (BATCH,)),
             TensorSpec("logit_positions", "int64", (BATCH, POSITIONS)),
+            *draft,
         )
 
     @property
@@ -235,6 +241,7 @@ class EngineContract:
             str(data["cache_dtype"]),
             Profile.from_dict(data["profile"]),
             int(data["top_k"]),
+            bool(data.get("draft_adapter", False)),  # absent in artifacts built before adapters were supported
         )
 
 

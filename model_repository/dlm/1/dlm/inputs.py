@@ -130,7 +130,7 @@ SAMPLING_KEYS: dict[str, tuple[str, str]] = {
     # the DLM controls
     "mode": ("mode", "text"), "block_length": ("block_length", "int"), "threshold": ("threshold", "float"),
     "steps": ("steps", "int"), "remask_threshold": ("remask_threshold", "float"),
-    "max_remasks": ("max_remasks", "int"),
+    "max_remasks": ("max_remasks", "int"), "draft_adapter": ("draft_adapter", "bool"),
 }
 # an input's values compared in its tensor's dtype, so 0.7 as JSON equals 0.7 as FP32
 FP32_INPUTS = frozenset({"temperature", "top_p", "threshold", "remask_threshold"})
@@ -323,12 +323,14 @@ def parse_request(
 
     seed = value("seed")
     seed = None if seed is None else _integer("seed", seed, 0, UINT64_MAX)
+    draft_adapter = value("draft_adapter")
     stream, exclude = value("stream"), value("exclude_input_in_output")
     params = GenerationParams(
         mode=mode, max_tokens=max_tokens, block_length=block_length, threshold=threshold, steps=steps,
         temperature=temperature, seed=seed, top_k=top_k, top_p=top_p, logprobs=logprobs,
         min_tokens=min_tokens, ignore_eos=bool(ignore_eos) if ignore_eos is not None else False,
         max_block_passes=max_block_passes, remask_threshold=remask_threshold, max_remasks=max_remasks,
+        draft_adapter=True if draft_adapter is None else bool(draft_adapter),
     )
     if stop is not None:
         stop_words = [_text("stop_words", w) for w in stop.reshape(-1)]

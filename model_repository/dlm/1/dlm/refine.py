@@ -71,6 +71,8 @@ class GenerationParams:
     # confidence then falls below this is masked again and re-predicted (self-correction)
     remask_threshold: float | None = None
     max_remasks: int | None = None  # re-maskings allowed per block (None: the block length)
+    # speculative: draft with the engine's draft-only LoRA, when it has one (False: the base weights draft)
+    draft_adapter: bool = True
 
     @property
     def eos_allowed_from(self) -> int:
@@ -120,6 +122,7 @@ class Pass:
     targets: np.ndarray
     # more rows of the same sequence in the same pass, reading the same cache: re-masking's verifying rows
     extra: list["Pass"] = field(default_factory=list)
+    draft: bool = False  # a drafting pass of self-speculation: the draft-only LoRA applies, where there is one
 
     @property
     def rows(self) -> int:
@@ -156,6 +159,9 @@ class Sequence:
     tentative: np.ndarray | None = None
     committed_confidence: np.ndarray | None = None
     pending: np.ndarray | None = None
+    # speculative: verifying passes run and the tokens they committed (accepted drafts plus the bonus token)
+    verify_passes: int = 0
+    verified_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.params.validate()
@@ -411,7 +417,9 @@ class SelfSpeculative:
         assert seq.block is not None
         if seq.phase == "verify":  # every position: prediction i checks draft i + 1, the last gives the bonus
             return block_pass(seq, True, np.arange(len(seq.block), dtype=np.int64))
-        return block_pass(seq, False, np.arange(1, len(seq.block), dtype=np.int64))
+        drafting = block_pass(seq, False, np.arange(1, len(seq.block), dtype=np.int64))
+        drafting.draft = seq.params.draft_adapter
+        return drafting
 
     @staticmethod
     def update(seq: Sequence, picks: Picks) -> int:
@@ -431,8 +439,11 @@ class SelfSpeculative:
         keep = 1 + accepted  # the seed and the accepted drafts are now in the cache
         bonus = int(predicted[accepted])
         scores = [seq.score(picks, j) for j in range(accepted)] if seq.scored else []
+        before = len(seq.tokens)
         if not seq.finish_with(drafts[:accepted], scores):
             SelfSpeculative._open(seq, bonus, keep, seq.score(picks, accepted))
+        seq.verify_passes += 1
+        seq.verified_tokens += len(seq.tokens) - before
         return keep
 
     @staticmethod
@@ -475,7 +486,8 @@ def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0, plans: l
     slots = np.array([seq.slot for seq, _ in rows], dtype=np.int64)
     starts = np.array([seq.cache_length for seq, _ in rows], dtype=np.int64)
     causal = np.array([p.causal for _, p in rows])
-    candidates = runtime.forward(slots, input_ids, position_ids, new_mask, starts, causal, logit_positions)
+    draft = np.array([p.draft for _, p in rows])
+    candidates = runtime.forward(slots, input_ids, position_ids, new_mask, starts, causal, logit_positions, draft)
     eos_ids = np.fromiter(seqs[0].spec.eos_token_ids, dtype=np.int64)
     picks = pick(candidates, [seq for seq, _ in rows], [len(p.predict) for _, p in rows],
                  no_eos if no_eos.any() else None, eos_ids)
@@ -518,6 +530,8 @@ class Generation:
     finish_reason: str
     logprobs: list[float] = field(default_factory=list)  # per generated token, when asked for
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    verify_passes: int = 0  # speculative: verifying passes, and the tokens they committed
+    verified_tokens: int = 0
 
 
 def generate(
@@ -548,6 +562,6 @@ def generate(
         live = [s for s in live if not s.done]
     return [
         Generation(s.output, len(s.tokens), s.forwards, s.finish_reason or "length", s.logprobs[: len(s.output)],
-                   s.top_logprobs[: len(s.output)])
+                   s.top_logprobs[: len(s.output)], s.verify_passes, s.verified_tokens)
         for s in seqs
     ]

@@ -72,6 +72,7 @@ class Runtime(Protocol):
         cache_lengths: np.ndarray,
         causal: np.ndarray,
         logit_positions: np.ndarray,
+        draft: np.ndarray | None = None,
     ) -> Candidates: ...
 
     def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None: ...
@@ -104,6 +105,7 @@ class EngineRuntime(ABC):
     layout: CacheLayout
     profile: Profile | None = None  # None: no artifact profile to respect (a plain module in tests)
     max_block: int | None = None  # positions a pass may predict from (the profile's N), None: unbounded
+    has_draft_adapter: bool = False  # the engine takes `draft [B]` and runs the draft-only LoRA on those rows
 
     def __init__(self) -> None:
         self.slots = 0
@@ -168,7 +170,10 @@ class EngineRuntime(ABC):
         cache_lengths: np.ndarray,
         causal: np.ndarray,
         logit_positions: np.ndarray,
+        draft: np.ndarray | None = None,
     ) -> Candidates:
+        """`draft [B]`: the rows that run the draft-only LoRA; ignored by an engine without one (those rows then
+        draft with the base weights, as without an adapter)."""
         assert self.cache is not None, "allocate the cache before the first pass"
         b, t = input_ids.shape
         p = int(cache_lengths.max(initial=0))
@@ -182,6 +187,9 @@ class EngineRuntime(ABC):
             "causal": np.ascontiguousarray(causal, dtype=bool).reshape(b),
             "logit_positions": np.ascontiguousarray(logit_positions, dtype=np.int64),
         }
+        if self.has_draft_adapter:
+            feeds["draft"] = (np.zeros(b, dtype=bool) if draft is None
+                              else np.ascontiguousarray(draft, dtype=bool).reshape(b))
         size = b * p * self.layout.per_position
         if size > len(self._past):  # only without a profile (a plain module): grow to this pass's rows
             self._past = self._empty(size)
@@ -209,6 +217,7 @@ class TorchRuntime(EngineRuntime):
         self.layout = layout
         self.device = torch.device(device)
         self.dtype = dtype or next(module.parameters()).dtype
+        self.has_draft_adapter = bool(getattr(module, "has_draft_adapter", False))
 
     def _zeros(self, shape: tuple[int, ...]) -> Any:
         return self._torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -220,9 +229,10 @@ class TorchRuntime(EngineRuntime):
         torch = self._torch
         inputs = {name: torch.as_tensor(array, device=self.device) for name, array in feeds.items()}
         with torch.inference_mode():
+            draft = (inputs["draft"],) if "draft" in inputs else ()
             tokens, logits, lse, present = self.module(
                 inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], past, inputs["causal"],
-                inputs["logit_positions"],
+                inputs["logit_positions"], *draft,
             )
         outputs = {"top_tokens": tokens.cpu().numpy(), "top_logits": logits.float().cpu().numpy(),
                    "logsumexp": lse.float().cpu().numpy()}
@@ -245,6 +255,7 @@ class TorchExportRuntime(TorchRuntime):
             program = move_to_device_pass(program, device)
         super().__init__(program.module(), layout_of(self.contract), device, getattr(torch, self.contract.cache_dtype))
         self.profile = self.contract.profile
+        self.has_draft_adapter = self.contract.draft_adapter
 
 
 class OnnxRuntime(EngineRuntime):
@@ -261,6 +272,7 @@ class OnnxRuntime(EngineRuntime):
         self.artifact = load_artifact(artifact_dir, "onnx", config=config, verify_files=verify_files)
         self.contract = self.artifact.contract
         self.profile = self.contract.profile
+        self.has_draft_adapter = self.contract.draft_adapter
         self.layout = layout_of(self.contract)
         self.dtype = np.dtype(self.contract.cache_dtype)
         options = ort.SessionOptions()
@@ -360,6 +372,7 @@ class TensorRTRuntime(EngineRuntime):
         )
         self.contract = self.artifact.contract
         self.profile = self.contract.profile
+        self.has_draft_adapter = self.contract.draft_adapter
         self.layout = layout_of(self.contract)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._trt_runtime = trt.Runtime(self._logger)
