@@ -225,6 +225,15 @@ class DiffusionLM(nn.Module):
             attn.draft_lora = lora
         self.draft_adapter = adapter
 
+    def draft_loras(self) -> list[DraftLoRA]:
+        """The attached draft-only LoRA of every layer, in order (empty without an adapter)."""
+        loras = []
+        for layer in self.encoder.layers:
+            assert isinstance(layer, DecoderLayer)
+            if layer.self_attn.draft_lora is not None:
+                loras.append(layer.self_attn.draft_lora)
+        return loras
+
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors: the state dict without an attached draft adapter."""
         return {k: v for k, v in self.state_dict().items() if ".draft_lora." not in k}

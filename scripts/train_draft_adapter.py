@@ -189,7 +189,7 @@ def main() -> None:
             print(json.dumps(entry), flush=True)
 
     model.eval()
-    layers = [layer.self_attn.draft_lora for layer in model.encoder.layers]
+    layers = model.draft_loras()
     save_adapter(out, [lo.lora_A.weight.detach() for lo in layers], [lo.lora_B.weight.detach() for lo in layers],
                  args.rank, args.alpha, base_model=str(args.checkpoint))
     with torch.no_grad():

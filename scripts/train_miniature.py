@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -346,8 +347,10 @@ def main() -> None:
         trainer.seconds = seconds_before + time.time() - session_start
         step = trainer.step
         if step % 100 == 0 or step == recipe.steps:
-            entry = {"step": step, "loss_mean_last_100": round(sum(trainer.losses[-100:]) / len(trainer.losses[-100:]), 4),
-                     "lr": round(trainer.schedule.get_last_lr()[0], 6), "minutes": round(trainer.seconds / 60, 1)}
+            recent = trainer.losses[-100:]
+            entry: dict[str, Any] = {
+                "step": step, "loss_mean_last_100": round(sum(recent) / len(recent), 4),
+                "lr": round(float(trainer.schedule.get_last_lr()[0]), 6), "minutes": round(trainer.seconds / 60, 1)}
             if args.eval_every and (step % args.eval_every == 0 or step == recipe.steps):
                 entry["held_out_200_additions"] = held_out_accuracy(trainer.model, trainer.tokenizer)
             trainer.log.append(entry)

@@ -16,7 +16,7 @@ from conftest import random_tiny_model
 from dlm.refine import GenerationParams, TokenSpec, generate
 from dlm.runtime import CacheLayout, TorchRuntime, load_runtime
 from export.__main__ import main
-from export.adapter import ADAPTER_DIR, find_adapter, load_adapter, save_adapter
+from export.adapter import ADAPTER_DIR, load_adapter, save_adapter
 from export.checkpoint import load_checkpoint, save_checkpoint
 from export.config import ModelConfig
 from export.torch_export import sample_inputs, to_torch
@@ -63,10 +63,14 @@ def spec(config):
     return dataclasses.replace(TokenSpec.from_config(config), eos_token_ids=frozenset())
 
 
+def artifact_runtime(name: str, built, config):
+    return load_runtime(name, built, config, threads=1) if name == "onnxruntime" else load_runtime(name, built, config)
+
+
 def eager(checkpoint, with_adapter: bool = True):
     model = load_checkpoint(checkpoint, "float32")
     if with_adapter:
-        model.attach_draft_adapter(load_adapter(find_adapter(checkpoint), model.config))
+        model.attach_draft_adapter(load_adapter(checkpoint / ADAPTER_DIR, model.config))
     return model
 
 
@@ -97,7 +101,7 @@ def test_the_switch_applies_the_lora_to_draft_rows_only(checkpoint):
 
 def test_the_graph_takes_draft_and_the_manifest_records_the_adapter(built, checkpoint):
     manifest = json.loads((built / "manifest.json").read_text())
-    adapter = load_adapter(find_adapter(checkpoint), ModelConfig.from_file(checkpoint))
+    adapter = load_adapter(checkpoint / ADAPTER_DIR, ModelConfig.from_file(checkpoint))
     for name in ("model.onnx", "model.pt2"):
         entry = manifest["artifacts"][name]
         assert entry["contract"]["draft_adapter"] is True
@@ -112,7 +116,7 @@ def test_the_graph_takes_draft_and_the_manifest_records_the_adapter(built, check
 
 @pytest.mark.parametrize("runtime_name", ["onnxruntime", "torch"])
 def test_artifact_runtimes_match_pytorch_on_mixed_draft_rows(built, checkpoint, config, runtime_name):
-    runtime = load_runtime(runtime_name, built, config, **({"threads": 1} if runtime_name == "onnxruntime" else {}))
+    runtime = artifact_runtime(runtime_name, built, config)
     reference = TorchRuntime(eager(checkpoint), CacheLayout.from_config(config))
     for r in (runtime, reference):
         r.allocate(4, 64)
@@ -128,7 +132,7 @@ def test_artifact_runtimes_match_pytorch_on_mixed_draft_rows(built, checkpoint, 
 
 @pytest.mark.parametrize("runtime_name", ["onnxruntime", "torch"])
 def test_speculative_with_the_adapter_equals_ar(built, config, spec, runtime_name):
-    runtime = load_runtime(runtime_name, built, config, **({"threads": 1} if runtime_name == "onnxruntime" else {}))
+    runtime = artifact_runtime(runtime_name, built, config)
     ar = generate(runtime, PROMPTS, GenerationParams(mode="ar", max_tokens=19), spec)
     with_adapter = generate(runtime, PROMPTS, GenerationParams(mode="speculative", max_tokens=19), spec)
     without = generate(runtime, PROMPTS, GenerationParams(mode="speculative", max_tokens=19, draft_adapter=False),
@@ -139,11 +143,11 @@ def test_speculative_with_the_adapter_equals_ar(built, config, spec, runtime_nam
 
 def test_only_speculative_drafting_passes_set_draft(checkpoint, config, spec):
     runtime = TorchRuntime(eager(checkpoint), CacheLayout.from_config(config))
-    seen = []
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
     forward = runtime.forward
 
     def record(*args):
-        seen.append((args[5].copy(), None if args[7] is None else args[7].copy()))
+        seen.append((args[5].copy(), args[7].copy()))
         return forward(*args)
 
     runtime.forward = record  # type: ignore[method-assign]

@@ -39,3 +39,37 @@ def test_batch_mask_is_block_causal():
     # a block's first token (the seed) is never masked
     assert ids[first_noisy] != config.mask_token_id and ids[first_noisy + 8] != config.mask_token_id
     assert noisy_cols.numel() > 0
+
+
+def test_a_run_split_by_resume_gives_the_same_weights_as_an_unbroken_one(tmp_path):
+    """The saved state (weights, optimizer, schedule, data stream, step) continues a run exactly."""
+    train = load_script("train_miniature")
+    config = dict(TINY_CONFIG, vocab_size=train.VOCAB_SIZE, mask_token_id=4, pad_token_id=3)
+    torch.set_num_threads(2)
+    recipe = train.Recipe(steps=6, batch_size=8, lr=3e-3, warmup=2, seed=0)
+    unbroken = train.Trainer(config, recipe)
+    for _ in range(6):
+        unbroken.train_step()
+    first = train.Trainer(config, recipe)
+    for _ in range(3):
+        first.train_step()
+    torch.save(first.state(), tmp_path / "state.pt")
+    resumed = train.Trainer(config, recipe)
+    resumed.load_state(torch.load(tmp_path / "state.pt", weights_only=False))
+    assert resumed.step == 3
+    for _ in range(3):
+        resumed.train_step()
+    for (name, a), b in zip(unbroken.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.losses == unbroken.losses
+
+
+def test_upper_casing_draws_every_length_and_additions_carry():
+    from export.tasks import UPPER_LENGTHS, sample
+
+    rng = random.Random(0)
+    lengths = {len(sample("upper", rng, held_out=False, length=rng.randint(*UPPER_LENGTHS)).answer) for _ in range(2000)}
+    assert lengths == set(range(UPPER_LENGTHS[0], UPPER_LENGTHS[1] + 1))
+    carrying = [sample("addition", rng, held_out=False, carry_rich=1.0) for _ in range(500)]
+    carries = sum((int(a) % 10 + int(b) % 10) >= 10 for a, b in (p.prompt[:-1].split("+") for p in carrying))
+    assert carries > 0.5 * len(carrying)
