@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per request)")
     parser.add_argument("--min-tokens", type=int, help="no end token before this many tokens")
     parser.add_argument("--ignore-eos", action="store_true", help="no end token at all: decode to --max-tokens")
+    parser.add_argument("--no-draft-adapter", action="store_true",
+                        help="speculative: draft with the base weights, not the engine's draft-only LoRA")
     parser.add_argument("--echo", action="store_true",
                         help="the prompt's text before the answer (sends exclude_input_in_output false)")
     parser.add_argument("--sampling-parameters", metavar="JSON",
@@ -74,6 +76,7 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
         "threshold": args.threshold, "steps": args.steps, "remask_threshold": args.remask_threshold,
         "max_remasks": args.max_remasks, "min_tokens": args.min_tokens, "ignore_eos": args.ignore_eos or None,
         "exclude_input_in_output": False if args.echo else None, "sampling_parameters": args.sampling_parameters,
+        "draft_adapter": False if args.no_draft_adapter else None,
     }
     if args.logprobs is not None:
         values.update(return_log_probs=True, top_logprobs=args.logprobs)

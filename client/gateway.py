@@ -94,6 +94,7 @@ class GenerationFields(BaseModel):
     block_length: int | None = None
     remask_threshold: float | None = None
     max_remasks: int | None = None
+    draft_adapter: bool | None = None  # speculative: false drafts with the base weights
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.n != 1:
@@ -116,7 +117,7 @@ class GenerationFields(BaseModel):
             "seed": self.seed, "stop_words": [self.stop] if isinstance(self.stop, str) else self.stop,
             "block_length": self.block_length, "threshold": self.threshold, "steps": self.steps,
             "remask_threshold": self.remask_threshold, "max_remasks": self.max_remasks,
-            "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos, "draft_adapter": self.draft_adapter,
         }
         alternatives = self.alternatives()
         if alternatives is not None:

@@ -46,7 +46,13 @@ from export.tasks import Problem, held_out_set  # noqa: E402
 
 MINIATURE = ROOT / "export" / "miniature"
 ENGINE = ROOT / "model_repository" / "dlm" / "1" / "engine"
-MODES = ("ar", "diffusion", "speculative")
+# each row of the sweep and the request options it sends: `speculative` drafts with the engine's draft-only LoRA
+# (the shipped miniature's artifact carries one), `speculative-base` with the base weights (draft_adapter false)
+MODE_OPTIONS: dict[str, dict[str, Any]] = {
+    "ar": {"mode": "ar"}, "diffusion": {"mode": "diffusion"}, "speculative": {"mode": "speculative"},
+    "speculative-base": {"mode": "speculative", "draft_adapter": False},
+}
+MODES = tuple(MODE_OPTIONS)
 BLOCK = 8  # requests in a row on one path of the overhead comparison
 TARGETS = {  # issue 4's serving targets
     "overhead": 1.15,  # end-to-end latency of one request over gRPC ÷ in-process, at most
@@ -105,7 +111,7 @@ async def run_cell(url: str, mode: str, concurrency: int, problems: list[Problem
                                                           and time.perf_counter() - start > duration):
                     return
                 problem = problems[i % len(problems)]
-                stream = client.generate_stream(problem.prompt, mode=mode, max_tokens=max_tokens)
+                stream = client.generate_stream(problem.prompt, max_tokens=max_tokens, **MODE_OPTIONS[mode])
                 async with stream:
                     async for _ in stream:
                         pass
@@ -142,17 +148,18 @@ def overhead(url: str, modes: list[str], problems: list[Problem], max_tokens: in
     out = {}
     with GrpcClient(url) as client:
         for mode in modes:
-            params = GenerationParams(mode=mode, max_tokens=max_tokens)
+            options = MODE_OPTIONS[mode]
+            params = GenerationParams(max_tokens=max_tokens, **options)
             for problem in problems[:2]:  # warm both paths up
                 generator.generate([problem.prompt], params)
-                client.generate(problem.prompt, mode=mode, max_tokens=max_tokens)
+                client.generate(problem.prompt, max_tokens=max_tokens, **options)
             local: list[float] = []
             served: list[float] = []
             same = 0
             for start in range(0, len(problems), BLOCK):  # alternate in blocks: neither path runs right after the
                 block = problems[start : start + BLOCK]  # other's last pass every time (ONNX Runtime's threads spin)
                 mine = [generator.generate([p.prompt], params)[0] for p in block]
-                theirs = [client.generate(p.prompt, mode=mode, max_tokens=max_tokens) for p in block]
+                theirs = [client.generate(p.prompt, max_tokens=max_tokens, **options) for p in block]
                 local += [m.seconds for m in mine]
                 served += [t.latency for t in theirs]
                 same += sum((m.text, m.num_forwards) == (t.text, t.num_forwards) for m, t in zip(mine, theirs))

@@ -24,7 +24,7 @@ SPEC = {  # the contract's dtypes (DESIGN §5)
     "stop_words": "BYTES", "mode": "BYTES", "block_length": "INT32", "threshold": "FP32", "steps": "INT32",
     "top_k": "INT32", "top_p": "FP32", "return_log_probs": "BOOL", "top_logprobs": "INT32",
     "remask_threshold": "FP32", "max_remasks": "INT32", "min_tokens": "INT32", "min_length": "INT32",
-    "ignore_eos": "BOOL", "exclude_input_in_output": "BOOL", "sampling_parameters": "BYTES",
+    "ignore_eos": "BOOL", "exclude_input_in_output": "BOOL", "sampling_parameters": "BYTES", "draft_adapter": "BOOL",
 }
 NUMPY: dict[str, Any] = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "FP32": np.float32,
          "FP64": np.float64, "UINT64": np.uint64}
@@ -49,7 +49,7 @@ SAMPLING = {
     "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=2)), "ignore_eos": st.booleans(),
     "mode": st.sampled_from(["ar", "diffusion", "speculative"]), "threshold": st.floats(0.05, 1.0),
     "steps": st.integers(1, 32), "block_length": st.integers(2, 64), "remask_threshold": st.floats(0.05, 0.95),
-    "max_remasks": st.integers(0, 8),
+    "max_remasks": st.integers(0, 8), "draft_adapter": st.booleans(),
 }
 sampling_json = st.fixed_dictionaries({}, optional={
     key: st.one_of(strategy, strategy.map(str)) if key in ("max_tokens", "min_tokens", "temperature") else strategy
@@ -81,6 +81,7 @@ values = {
     "min_length": mostly(st.integers(0, 8), int32),
     "ignore_eos": st.booleans(),
     "exclude_input_in_output": st.booleans(),
+    "draft_adapter": st.booleans(),
     "sampling_parameters": mostly(sampling_json, st.one_of(st.text(max_size=30), st.binary(max_size=30),
                                                            json_documents)),
 }

@@ -236,3 +236,9 @@ def test_a_setting_given_both_ways_must_agree():
 def test_invalid_new_inputs_are_named_with_their_range(inputs, message):
     with pytest.raises(InvalidInput, match=message):
         parse(text_input="a", **inputs)
+
+
+def test_draft_adapter_switch():
+    assert parse(text_input="a").params.draft_adapter
+    assert not parse(text_input="a", draft_adapter=False).params.draft_adapter
+    assert not parse(text_input="a", sampling_parameters='{"draft_adapter": false}').params.draft_adapter
