@@ -277,3 +277,10 @@ def attach_adapter(model: Any, checkpoint: str | Path, choice: str | Path | None
     adapter = load_adapter(directory, model.config, checkpoint)
     model.attach_draft_adapter(adapter)
     return adapter
+
+
+def adapter_sha256(directory: str | Path | None) -> str | None:
+    """The hash a manifest records for the adapter in `directory` (None for no adapter)."""
+    if directory is None:
+        return None
+    return _sha256(Path(directory) / CONFIG_FILE, Path(directory) / WEIGHTS_FILE)

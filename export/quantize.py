@@ -82,9 +82,11 @@ def _feed(
     contract: EngineContract, ids: list[int], start: int, past: np.ndarray, causal: bool
 ) -> dict[str, np.ndarray]:
     """One row of the engine contract: `ids` at positions `start...`, after a cache `past` of `start` positions,
-    predicting from its last positions (as many as the profile's N allows), so the head is calibrated too."""
+    predicting from its last positions (as many as the profile's N allows), so the head is calibrated too. With a
+    draft adapter in the graph, the bidirectional rows draft (so the LoRA's path is calibrated as well)."""
     n = len(ids)
     predict = np.arange(max(0, n - contract.profile.max_block), n, dtype=np.int64)
+    draft = {"draft": np.asarray([not causal])} if contract.draft_adapter else {}
     return {
         "input_ids": np.asarray([ids], dtype=np.int64),
         "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
@@ -92,6 +94,7 @@ def _feed(
         "past_key_values": np.ascontiguousarray(past, dtype=contract.cache_dtype),
         "causal": np.asarray([causal]),
         "logit_positions": predict[None],
+        **draft,
     }
 
 
