@@ -7,7 +7,8 @@ from the base's own causal decoding: for training-split prompts the base writes 
 (the teacher), and the adapter learns to draft any block of it in the drafting pass's exact input: the prompt and
 the continuation's first j tokens as clean context (causal, base weights: what the cache holds), then the block
 `[seed, mask, …, mask]` at positions j, j+1, … seen bidirectionally with the LoRA switched on, its targets the
-teacher's next tokens up to the end token. Only the LoRA's A and B train; the written files are PEFT's format, as
+teacher's next tokens up to the end token; and, for half the batches, the look-ahead row a verifying pass carries
+(the block being verified, then a block of masks that drafts the next one). Only the LoRA's A and B train; the written files are PEFT's format, as
 the family's instruct checkpoints ship them, and the base checkpoint is not touched.
 
     python scripts/train_draft_adapter.py [--checkpoint export/miniature] [--steps 1500] [--rank 32 --alpha 128]
@@ -41,6 +42,7 @@ from export.tasks import TASKS, UPPER_LENGTHS, held_out_set, sample  # noqa: E40
 
 TASK_WEIGHTS = {"addition": 0.7, "upper": 0.3}
 BLOCK_CHOICES = (32, 32, 16, 8)
+LOOK_AHEAD = 0.5  # share of batches of look-ahead rows (the rest: plain drafting rows)
 
 
 def teacher_continuations(model: DiffusionLM, tokenizer, count: int, rng: random.Random) -> list[tuple[list[int], list[int]]]:
@@ -65,29 +67,40 @@ def teacher_continuations(model: DiffusionLM, tokenizer, count: int, rng: random
     return pairs
 
 
-def make_batch(pairs, config, size: int, block: int, rng: random.Random) -> dict[str, torch.Tensor]:
-    """Rows of clean context (prompt + the continuation's first j tokens) then one drafting block
-    `[seed, mask × (block − 1)]`; `draft` marks the block's columns, where the LoRA applies."""
+def make_batch(pairs, config, size: int, block: int, rng: random.Random, look_ahead: bool) -> dict[str, torch.Tensor]:
+    """Rows of clean context (prompt + the continuation's first j tokens) then the drafting row's tokens, seen
+    bidirectionally with the LoRA on (`draft` marks their columns): `[seed, mask × (block − 1)]` (a drafting pass),
+    or with `look_ahead` the block being verified (the continuation's next `block` tokens, what its drafts are once
+    all accepted) then `block` masks, which draft the block after it (the look-ahead row of a verifying pass)."""
     rows = []
     for _ in range(size):
         prompt, answer = rng.choice(pairs)
-        j = rng.randrange(len(answer))  # the block's seed is answer[j], its first position len(prompt) + j
-        targets = [answer[j + i] if j + i < len(answer) else -100 for i in range(1, block)]
-        rows.append((prompt + answer[:j], answer[j], targets))
+        if look_ahead:  # the verified block holds no end token (else nothing follows it)
+            candidates = [(p, a) for p, a in (rng.choice(pairs) for _ in range(8)) if len(a) > block + 1]
+            prompt, answer = candidates[0] if candidates else (prompt, answer)
+        if look_ahead and len(answer) > block + 1:
+            j = rng.randrange(len(answer) - block)
+            known = answer[j : j + block]
+            targets = [answer[j + block + i] if j + block + i < len(answer) else -100 for i in range(block)]
+            drafting = known + [config.mask_token_id] * block
+            targets = [-100] * block + targets
+        else:
+            j = rng.randrange(len(answer))  # the block's seed is answer[j], its first position len(prompt) + j
+            drafting = [answer[j]] + [config.mask_token_id] * (block - 1)
+            targets = [-100] + [answer[j + i] if j + i < len(answer) else -100 for i in range(1, block)]
+        rows.append((prompt + answer[:j], drafting, targets))
     clean_width = max(len(c) for c, _, _ in rows)
-    width = clean_width + block
+    width = clean_width + max(len(d) for _, d, _ in rows)
     ids = torch.full((size, width), config.raw.get("pad_token_id", 0), dtype=torch.long)
     pos = torch.zeros(size, width, dtype=torch.long)
     target = torch.full((size, width), -100, dtype=torch.long)
     valid = torch.zeros(size, width, dtype=torch.bool)
-    for r, (clean, seed, targets) in enumerate(rows):
-        n = len(clean)
+    for r, (clean, drafting, targets) in enumerate(rows):
+        n, m = len(clean), len(drafting)
         ids[r, :n], pos[r, :n], valid[r, :n] = torch.tensor(clean), torch.arange(n), True
-        cols = slice(clean_width, width)
-        ids[r, cols] = torch.tensor([seed] + [config.mask_token_id] * (block - 1))
-        pos[r, cols] = n + torch.arange(block)
-        valid[r, cols] = True
-        target[r, clean_width + 1 :] = torch.tensor(targets)
+        cols = slice(clean_width, clean_width + m)
+        ids[r, cols], pos[r, cols], valid[r, cols] = torch.tensor(drafting), n + torch.arange(m), True
+        target[r, cols] = torch.tensor(targets)
     in_block = torch.zeros(width, dtype=torch.bool)
     in_block[clean_width:] = True
     index = torch.arange(width)
@@ -173,7 +186,8 @@ def main() -> None:
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     log, losses = [], []
     for step in range(1, args.steps + 1):
-        batch = make_batch(pairs, model.config, args.batch_size, rng.choice(BLOCK_CHOICES), rng)
+        batch = make_batch(pairs, model.config, args.batch_size, rng.choice(BLOCK_CHOICES), rng,
+                           look_ahead=rng.random() < LOOK_AHEAD)
         logits, _ = model.forward_with_mask(batch["ids"], batch["pos"], batch["allowed"], draft=batch["draft"])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
@@ -198,7 +212,7 @@ def main() -> None:
     record = {"checkpoint": str(args.checkpoint), "rank": args.rank, "alpha": args.alpha, "steps": args.steps,
               "batch_size": args.batch_size, "lr": args.lr, "teacher_prompts": args.teacher_prompts,
               "teacher_continuations": len(pairs), "seed": args.seed, "threads": args.threads,
-              "task_weights": TASK_WEIGHTS, "block_choices": BLOCK_CHOICES,
+              "task_weights": TASK_WEIGHTS, "block_choices": BLOCK_CHOICES, "look_ahead": LOOK_AHEAD,
               "training_minutes": round((time.time() - started) / 60, 1), "log": log,
               "held_out_200_speculative": report}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")

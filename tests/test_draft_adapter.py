@@ -187,3 +187,30 @@ def test_a_bad_adapter_is_refused_at_export_naming_file_and_tensor(checkpoint, t
     assert main(["onnx", "--checkpoint", str(bad), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "adapter_model.safetensors" in err and "lora_B" in err
+
+
+def test_verifying_passes_carry_a_look_ahead_row_within_the_limits(checkpoint, config, spec):
+    """With an adapter, each verifying pass also drafts the next block: a bidirectional drafting row of the block
+    plus as many masks, in the same pass; never where the pass limits leave no room for it."""
+    from dlm.planner import PassLimits
+
+    runtime = TorchRuntime(eager(checkpoint), CacheLayout.from_config(config))
+    block = spec.block_size
+    passes: list[tuple[np.ndarray, np.ndarray, int]] = []
+    forward = runtime.forward
+
+    def record(*args):
+        passes.append((args[5].copy(), args[7].copy(), args[1].shape[1]))
+        return forward(*args)
+
+    runtime.forward = record  # type: ignore[method-assign]
+    params = GenerationParams(mode="speculative", max_tokens=40)
+    generate(runtime, PROMPTS[:2], params, spec)
+    look_ahead = [(c, d) for c, d, t in passes if c.any() and (d & ~c).any() and t == 2 * block]
+    assert look_ahead, "no verifying pass carried a look-ahead row"
+    passes.clear()
+    generate(runtime, PROMPTS[:2], params, spec, limits=PassLimits(1, 64, 64, 2 * block, 64))
+    assert all(len(c) == 1 for c, _, _ in passes) and all(t <= block for _, d, t in passes if d.any())
+    passes.clear()
+    generate(runtime, PROMPTS[:2], dataclasses.replace(params, draft_adapter=False), spec)
+    assert not any(d.any() for _, d, _ in passes)

@@ -128,6 +128,11 @@ class Pass:
     def rows(self) -> int:
         return 1 + len(self.extra)
 
+    @property
+    def width(self) -> int:
+        """The most tokens any of its rows runs (the pass pads every row to it)."""
+        return max([len(self.tokens), *(len(e.tokens) for e in self.extra)])
+
 
 @dataclass
 class Sequence:
@@ -162,6 +167,11 @@ class Sequence:
     # speculative: verifying passes run and the tokens they committed (accepted drafts plus the bonus token)
     verify_passes: int = 0
     verified_tokens: int = 0
+    # speculative with a draft adapter: each verifying pass also drafts the next block (a look-ahead row), which
+    # saves that block's drafting pass when the whole block is accepted and the bonus token is the one foreseen
+    lookahead: bool = False
+    lookahead_draft: np.ndarray | None = None
+    limits: PassLimits | None = None  # the pass planner's limits (None: unbounded), so extra rows always fit
 
     def __post_init__(self) -> None:
         self.params.validate()
@@ -416,7 +426,10 @@ class SelfSpeculative:
             return prefill_pass(seq)
         assert seq.block is not None
         if seq.phase == "verify":  # every position: prediction i checks draft i + 1, the last gives the bonus
-            return block_pass(seq, True, np.arange(len(seq.block), dtype=np.int64))
+            verifying = block_pass(seq, True, np.arange(len(seq.block), dtype=np.int64))
+            if SelfSpeculative._look_ahead_fits(seq):
+                verifying.extra.append(SelfSpeculative._look_ahead_pass(seq))
+            return verifying
         drafting = block_pass(seq, False, np.arange(1, len(seq.block), dtype=np.int64))
         drafting.draft = seq.params.draft_adapter
         return drafting
@@ -440,11 +453,44 @@ class SelfSpeculative:
         bonus = int(predicted[accepted])
         scores = [seq.score(picks, j) for j in range(accepted)] if seq.scored else []
         before = len(seq.tokens)
+        foreseen, seq.lookahead_draft = seq.lookahead_draft, None
         if not seq.finish_with(drafts[:accepted], scores):
             SelfSpeculative._open(seq, bonus, keep, seq.score(picks, accepted))
+            if (foreseen is not None and accepted == len(drafts) and not seq.done and int(foreseen[0]) == bonus
+                    and len(seq.block) > 1):
+                seq.block[1:] = foreseen[1 : len(seq.block)]  # the look-ahead row drafted this block already
+                seq.phase = "verify"
         seq.verify_passes += 1
         seq.verified_tokens += len(seq.tokens) - before
         return keep
+
+    @staticmethod
+    def _look_ahead_pass(seq: Sequence) -> Pass:
+        """The block being verified (seed and drafts) then a block of masks, one bidirectional drafting row: its
+        predictions at the masks draft the next block, its first one the bonus token it expects."""
+        assert seq.block is not None
+        n = len(seq.block)
+        tokens = np.concatenate([seq.block, np.full(n, seq.spec.mask_token_id, dtype=np.int64)])
+        positions = seq.block_start + np.arange(2 * n, dtype=np.int64)
+        predict = np.arange(n, 2 * n, dtype=np.int64)
+        return Pass(tokens, positions, False, predict, len(seq.tokens) - 1 + predict, draft=True)
+
+    @staticmethod
+    def _look_ahead_fits(seq: Sequence) -> bool:
+        """Worth it (a next block can follow) and within the pass limits: two rows of twice the block."""
+        if not seq.lookahead or seq.block is None:
+            return False
+        n = len(seq.block)
+        if len(seq.tokens) - 1 + n >= seq.params.max_tokens:  # this block reaches max_tokens: nothing follows
+            return False
+        limits = seq.limits
+        return limits is None or (limits.max_batch >= 2 and 2 * n <= limits.max_tokens and 4 * n <= limits.token_budget
+                                  and n <= limits.max_block and seq.block_start + 2 * n <= limits.max_context)
+
+    @staticmethod
+    def look_ahead(seq: Sequence, picks: Picks) -> None:
+        """Keep the look-ahead row's draft of the next block for the verifying row's update."""
+        seq.lookahead_draft = np.array(picks.greedy)
 
     @staticmethod
     def _open(seq: Sequence, seed: int, written: int, score: Score | None) -> None:
@@ -492,8 +538,11 @@ def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0, plans: l
     picks = pick(candidates, [seq for seq, _ in rows], [len(p.predict) for _, p in rows],
                  no_eos if no_eos.any() else None, eos_ids)
     counts = np.zeros(b, dtype=np.int64)
-    for i, (seq, plan) in enumerate(rows[len(seqs):], start=len(seqs)):
-        BlockDiffusion.verify(seq, plan, picks[i])  # before the main rows: a token masked again is not committed
+    for i, (seq, plan) in enumerate(rows[len(seqs):], start=len(seqs)):  # before the main rows:
+        if plan.draft:
+            SelfSpeculative.look_ahead(seq, picks[i])  # the next block's draft, for the verifying row
+        else:
+            BlockDiffusion.verify(seq, plan, picks[i])  # a token masked again is not committed
     for i, (seq, plan) in enumerate(rows[: len(seqs)]):
         seq.forwards += 1
         if seq.phase == "prefill" and len(plan.tokens) < prompt_left(seq):
@@ -509,6 +558,7 @@ def plan_step(seqs: list[Sequence], limits: PassLimits | None) -> list[tuple[lis
     `limits` (None: one pass for all, as a plain module without a profile runs)."""
     if limits is not None:
         for seq in seqs:
+            seq.limits = limits
             seq.prefill_chunk = limits.chunk
             seq.verify_rows = max(0, min(seq.verify_rows, limits.max_batch - 1,
                                          limits.token_budget // seq.block_length - 1))
@@ -517,9 +567,15 @@ def plan_step(seqs: list[Sequence], limits: PassLimits | None) -> list[tuple[lis
         return [(seqs, plans)]
     # a chunk of a prompt that goes on after it passes alone; a prompt's last (or only) chunk joins the rest
     continuing = [int(s.phase == "prefill" and len(p.tokens) < prompt_left(s)) for s, p in zip(seqs, plans)]
-    groups = group_rows([(len(p.tokens), s.cache_length, p.rows, kind)
+    groups = group_rows([(p.width, s.cache_length, p.rows, kind)
                          for s, p, kind in zip(seqs, plans, continuing)], limits)
     return [([seqs[i] for i in group], [plans[i] for i in group]) for group in groups]
+
+
+def look_ahead_for(params: GenerationParams, runtime: Runtime) -> bool:
+    """Speculative requests look ahead (a drafting row in each verifying pass) where the engine has a draft
+    adapter and the request uses it: the adapter is trained for that row; the base weights' drafts are not."""
+    return params.mode == "speculative" and params.draft_adapter and bool(getattr(runtime, "has_draft_adapter", False))
 
 
 @dataclass
@@ -545,6 +601,8 @@ def generate(
     runtime's artifact profile, if it has one); rows that finish stop changing."""
     params_list = params if isinstance(params, list) else [params] * len(prompts)
     seqs = [Sequence(list(p), q, spec, slot=i) for i, (p, q) in enumerate(zip(prompts, params_list))]
+    for seq in seqs:
+        seq.lookahead = look_ahead_for(seq.params, runtime)
     context = max(s.context_needed for s in seqs)
     if context > spec.max_position_embeddings:
         raise ValueError(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from dlm.planner import PassLimits
-from dlm.refine import GenerationParams, Pass, Sequence, TokenSpec, plan_step, step
+from dlm.refine import GenerationParams, Pass, Sequence, TokenSpec, look_ahead_for, plan_step, step
 from dlm.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class Scheduler:
         """The request's decoding state; ValueError when it cannot run here: its parameters, its prompt, or a
         context beyond the cache."""
         seq = Sequence(list(prompt), params, self.spec)  # validates params and the prompt
+        seq.lookahead = look_ahead_for(params, self.runtime)
         if seq.context_needed > self.context:
             room = self.context - len(prompt) - seq.block_length
             raise ValueError(
