@@ -26,7 +26,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,8 @@ MINIATURE_CONFIG = {
     "use_cache": True,
     "dtype": "bfloat16",
 }
-TASK_WEIGHTS = {"addition": 0.65, "upper": 0.35}  # upper-casing of any length needs a copy circuit v1 never learned
+# upper-casing of any length needs a copy circuit v1 (36 letters only) never learned: a third of the batches
+UPPER_SHARE = 0.35
 BLOCK_CHOICES = (32, 32, 16, 8)  # mostly the config's block size; smaller ones so block_length can be turned
 CARRY_RICH = 0.5  # share of additions drawn with carrying digits
 DEFAULT_STATE = ROOT / "build" / "miniature_training" / "state.pt"
@@ -201,6 +202,11 @@ class Recipe:
     lr: float = 2e-3
     warmup: int = 200
     seed: int = 0
+    upper_share: float = UPPER_SHARE  # share of batches of the upper-casing task (the rest: additions)
+
+    @property
+    def task_weights(self) -> dict[str, float]:
+        return {"addition": 1 - self.upper_share, "upper": self.upper_share}
 
 
 def lr_factor(recipe: Recipe, step: int) -> float:
@@ -258,8 +264,10 @@ class Trainer:
         }
 
     def load_state(self, state: dict) -> None:
-        if state["recipe"] != asdict(self.recipe):
-            raise SystemExit(f"the saved state was made with {state['recipe']}, not {asdict(self.recipe)}: "
+        defaults = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}
+        saved = {**defaults, **state["recipe"]}  # a field added since the state was saved has its default
+        if saved != asdict(self.recipe):
+            raise SystemExit(f"the saved state was made with {saved}, not {asdict(self.recipe)}: "
                              "resume with the same options")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -269,7 +277,7 @@ class Trainer:
         self.step, self.losses, self.log, self.seconds = state["step"], state["losses"], state["log"], state["seconds"]
 
     def train_step(self) -> dict:
-        tasks, weights = zip(*TASK_WEIGHTS.items())
+        tasks, weights = zip(*self.recipe.task_weights.items())
         task = self.rng.choices(tasks, weights)[0]
         block = min(self.rng.choice(BLOCK_CHOICES), self.config.block_size)
         batch = make_batch(self.tokenizer, self.config, task, self.recipe.batch_size, block, self.rng)
@@ -310,6 +318,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--upper-share", type=float, default=UPPER_SHARE, help="share of upper-casing batches")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="where the resumable training state lives")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --state")
@@ -317,10 +326,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=500, help="log held-out accuracy every N steps (0: never)")
     parser.add_argument("--stop-after", type=float, help="save the state and stop after this many minutes")
     args = parser.parse_args()
-    assert set(TASK_WEIGHTS) == set(TASKS)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    recipe = Recipe(args.steps, args.batch_size, args.lr, args.warmup, args.seed)
+    recipe = Recipe(args.steps, args.batch_size, args.lr, args.warmup, args.seed, args.upper_share)
     trainer = Trainer(MINIATURE_CONFIG, recipe, init=None if args.resume else args.init)
     init_record = None
     if args.init is not None:
@@ -372,7 +380,7 @@ def main() -> None:
         "init": init_record,
         "training_minutes": round(trainer.seconds / 60, 1),
         "final_loss_mean_last_100": round(sum(trainer.losses[-100:]) / len(trainer.losses[-100:]), 4),
-        "task_weights": TASK_WEIGHTS,
+        "task_weights": recipe.task_weights,
         "carry_rich": CARRY_RICH,
         "upper_lengths": UPPER_LENGTHS,
         "block_choices": BLOCK_CHOICES,
