@@ -9,6 +9,8 @@ import pytest
 from conftest import MINIATURE
 from dlm.refine import GenerationParams
 from export.checkpoint import load_checkpoint, load_tokenizer
+from export.adapter import find_adapter, load_adapter
+from export.config import ModelConfig
 from export.evaluate import run_setting
 from export.model import expected_tensor_shapes
 from export.tasks import TASKS, held_out_set
@@ -54,3 +56,32 @@ def test_the_miniature_is_trained_and_decodes_blocks_in_parallel(miniature):
     speculative = run_setting(miniature, problems, GenerationParams(mode="speculative"), batch=64)
     ar = run_setting(miniature, problems, GenerationParams(mode="ar"), batch=64)
     assert sum(r.num_forwards for r in speculative) < sum(r.num_forwards for r in ar) / 3
+
+
+# every prompt of scripts/demo.sh and of the README's examples, with its answer
+EXAMPLES = {
+    "4821+377=": "5198", "12+30=": "42", "7+8=": "15", "57+8=": "65",
+    "upper:thequickbrownfox=": "THEQUICKBROWNFOX",
+    "upper:thequickbrownfoxjumpsoverthelazydogs=": "THEQUICKBROWNFOXJUMPSOVERTHELAZYDOGS",
+    "upper:thequickbrownfoxjumpsoverthelazydog=": "THEQUICKBROWNFOXJUMPSOVERTHELAZYDOG",
+    "upper:abcdefghijklmnopqrstuvwxyzabcdefghij=": "ABCDEFGHIJKLMNOPQRSTUVWXYZABCDEFGHIJ",
+}
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "speculative"])
+def test_the_demo_and_readme_examples_are_answered_in_every_mode(miniature, mode):
+    results = miniature.generate(list(EXAMPLES), GenerationParams(mode=mode, max_tokens=56))
+    wrong = {p: r.text for (p, want), r in zip(EXAMPLES.items(), results) if r.text != want}
+    assert not wrong
+
+
+def test_the_shipped_draft_adapter_loads_and_speeds_up_speculative(miniature):
+    adapter = load_adapter(find_adapter(MINIATURE) or MINIATURE / "linear_spec_lora", ModelConfig.from_file(MINIATURE))
+    assert adapter.lora_a[0].shape[1] == 128 and sum(p.stat().st_size for p in adapter.path.iterdir()) < 2**20
+    problems = held_out_set("upper", 40)
+
+    def rate(draft_adapter: bool) -> float:
+        results = run_setting(miniature, problems, GenerationParams(mode="speculative", draft_adapter=draft_adapter),
+                              batch=64)
+        return sum(r.num_tokens for r in results) / sum(r.num_forwards - 1 for r in results)
+    assert rate(True) > 1.2 * rate(False)
