@@ -73,12 +73,11 @@ def make_batch(pairs, config, size: int, block: int, rng: random.Random, look_ah
     or with `look_ahead` the block being verified (the continuation's next `block` tokens, what its drafts are once
     all accepted) then `block` masks, which draft the block after it (the look-ahead row of a verifying pass)."""
     rows = []
+    long_enough = [(p, a) for p, a in pairs if len(a) > block + 1]  # the verified block holds no end token
+    look_ahead = look_ahead and bool(long_enough)
     for _ in range(size):
-        prompt, answer = rng.choice(pairs)
-        if look_ahead:  # the verified block holds no end token (else nothing follows it)
-            candidates = [(p, a) for p, a in (rng.choice(pairs) for _ in range(8)) if len(a) > block + 1]
-            prompt, answer = candidates[0] if candidates else (prompt, answer)
-        if look_ahead and len(answer) > block + 1:
+        prompt, answer = rng.choice(long_enough if look_ahead else pairs)
+        if look_ahead:
             j = rng.randrange(len(answer) - block)
             known = answer[j : j + block]
             targets = [answer[j + block + i] if j + block + i < len(answer) else -100 for i in range(block)]
@@ -151,7 +150,7 @@ def speculative_report(model: DiffusionLM, tokenizer, count: int) -> dict[str, d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "export" / "miniature")
+    parser.add_argument("--checkpoint", type=Path, default=Path("export/miniature"))
     parser.add_argument("--out", type=Path, help=f"default: CHECKPOINT/{ADAPTER_DIR}")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=128.0)
