@@ -63,8 +63,9 @@ class _Pass:
 
 
 def group_rows(sizes: Sequence[tuple[int, ...]], limits: PassLimits) -> list[list[int]]:
-    """Sequences (each `(tokens, cache_length[, rows[, kind]])`: a sequence may bring several rows of the same size
-    to a pass; kind 1 marks a chunk of a long prompt that goes on after it, 0 anything else) grouped into passes
+    """Sequences (each `(tokens, cache_length[, rows[, kind[, real]]])`: a sequence may bring several rows to a
+    pass, `tokens` its widest and `real` their tokens in all (default rows × tokens); kind 1 marks a chunk of a long
+    prompt that goes on after it, 0 anything else) grouped into passes
     within `limits`; the indices of each pass. A long prompt's chunks never share a pass with the other rows, and
     the passes come fewest tokens first: a step runs its decoding passes and short prompts before a long prompt's
     chunk, so they never wait for more than the chunk of the step before (on a CPU a pass costs in proportion to
@@ -76,23 +77,24 @@ def group_rows(sizes: Sequence[tuple[int, ...]], limits: PassLimits) -> list[lis
         t, p = sizes[i][0], sizes[i][1]
         k = sizes[i][2] if len(sizes[i]) > 2 else 1
         kind = sizes[i][3] if len(sizes[i]) > 3 else 0
+        real = sizes[i][4] if len(sizes[i]) > 4 else k * t  # rows of one sequence may be shorter than its widest
         for candidate in passes:
             if candidate.kind != kind:
                 continue
             b, width = candidate.batch + k, max(candidate.tokens, t)
             if (b <= limits.max_batch and b * width <= limits.token_budget
                     and max(candidate.past, p) + width <= limits.max_context
-                    and candidate.real + k * t >= (1 - MAX_PADDING) * b * width):
+                    and candidate.real + real >= (1 - MAX_PADDING) * b * width):
                 candidate.rows.append(i)
                 candidate.batch += k
                 candidate.tokens, candidate.past = width, max(candidate.past, p)
-                candidate.real += k * t
+                candidate.real += real
                 break
         else:
             if (t > limits.max_tokens or p + t > limits.max_context or k * t > limits.token_budget
                     or k > limits.max_batch):
                 raise ValueError(f"{k} row(s) of {t} tokens after {p} cached positions cannot run in any pass of "
                                  f"{limits}")
-            passes.append(_Pass(kind, [i], k, t, p, k * t))
+            passes.append(_Pass(kind, [i], k, t, p, real))
     passes.sort(key=lambda candidate: (candidate.tokens, candidate.batch))
     return [candidate.rows for candidate in passes]

@@ -129,6 +129,11 @@ class Pass:
         return 1 + len(self.extra)
 
     @property
+    def real_tokens(self) -> int:
+        """Tokens of all its rows, padding excluded."""
+        return len(self.tokens) + sum(len(e.tokens) for e in self.extra)
+
+    @property
     def width(self) -> int:
         """The most tokens any of its rows runs (the pass pads every row to it)."""
         return max([len(self.tokens), *(len(e.tokens) for e in self.extra)])
@@ -567,7 +572,7 @@ def plan_step(seqs: list[Sequence], limits: PassLimits | None) -> list[tuple[lis
         return [(seqs, plans)]
     # a chunk of a prompt that goes on after it passes alone; a prompt's last (or only) chunk joins the rest
     continuing = [int(s.phase == "prefill" and len(p.tokens) < prompt_left(s)) for s, p in zip(seqs, plans)]
-    groups = group_rows([(p.width, s.cache_length, p.rows, kind)
+    groups = group_rows([(p.width, s.cache_length, p.rows, kind, p.real_tokens)
                          for s, p, kind in zip(seqs, plans, continuing)], limits)
     return [([seqs[i] for i in group], [plans[i] for i in group]) for group in groups]
 
