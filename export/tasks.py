@@ -53,14 +53,37 @@ def _carrying_operand(rng: random.Random, other: int) -> int:
     return int("".join(map(str, out[::-1])))
 
 
-def sample(task: str, rng: random.Random, held_out: bool, carry_rich: float = 0.0, length: int | None = None) -> Problem:
+def _boundary_operand(rng: random.Random, other: int) -> int:
+    """An operand whose digits mostly sum with `other`'s aligned digits to exactly 9 or 10: the cases that tell a
+    carry from none (9 + a carry in carries on, 9 alone does not; 10 carries whatever comes in)."""
+    digits = rng.randint(1, 4)
+    theirs = str(other)[::-1]
+    out = []
+    for i in range(digits):
+        low = 1 if i == digits - 1 and digits > 1 else 0
+        digit = rng.randint(low, 9)
+        if i < len(theirs) and rng.random() < 0.8:
+            digit = rng.choice((9, 10)) - int(theirs[i])
+            digit = digit if low <= digit <= 9 else rng.randint(low, 9)
+        out.append(digit)
+    return int("".join(map(str, out[::-1])))
+
+
+def sample(
+    task: str, rng: random.Random, held_out: bool, carry_rich: float = 0.0, length: int | None = None,
+    boundary: float = 0.0,
+) -> Problem:
     """One problem of `task`, from the held-out split or the training split. `carry_rich`: the share of additions
-    drawn with carrying digits (training's curriculum); `length`: the upper-casing's letters (default: the held-out
-    set's 36)."""
+    drawn with carrying digits, `boundary`: the share drawn with digit pairs summing to exactly 9 or 10 (training's
+    curriculum); `length`: the upper-casing's letters (default: the held-out set's 36)."""
     while True:
         if task == "addition":
             a = _operand(rng)
-            if carry_rich and rng.random() < carry_rich:
+            if boundary and rng.random() < boundary:
+                b = _boundary_operand(rng, a)
+                if rng.random() < 0.5:
+                    a, b = b, a
+            elif carry_rich and rng.random() < carry_rich:
                 b = _carrying_operand(rng, a)
                 if rng.random() < 0.5:
                     a, b = b, a

@@ -40,17 +40,19 @@ from export.checkpoint import load_checkpoint, load_tokenizer  # noqa: E402
 from export.model import DiffusionLM  # noqa: E402
 from export.tasks import TASKS, UPPER_LENGTHS, held_out_set, sample  # noqa: E402
 
-TASK_WEIGHTS = {"addition": 0.7, "upper": 0.3}
+UPPER_SHARE = 0.3  # share of the teacher's prompts that are upper-casing (the rest: additions)
 BLOCK_CHOICES = (32, 32, 16, 8)
 LOOK_AHEAD = 0.5  # share of batches of look-ahead rows (the rest: plain drafting rows)
 
 
-def teacher_continuations(model: DiffusionLM, tokenizer, count: int, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+def teacher_continuations(
+    model: DiffusionLM, tokenizer, count: int, rng: random.Random, upper_share: float = UPPER_SHARE
+) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, the base's greedy `ar` continuation ending with its end token) for `count` training prompts."""
     config = model.config.to_dict()
     runtime = TorchRuntime(model, CacheLayout.from_config(config))
     spec = TokenSpec.from_config(config)
-    tasks, weights = zip(*TASK_WEIGHTS.items())
+    tasks, weights = ("addition", "upper"), (1 - upper_share, upper_share)
     problems = []
     for _ in range(count):
         task = rng.choices(tasks, weights)[0]
@@ -158,6 +160,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--teacher-prompts", type=int, default=8192)
+    parser.add_argument("--upper-share", type=float, default=UPPER_SHARE,
+                        help="share of upper-casing prompts among the teacher's (the long answers look-ahead needs)")
+    parser.add_argument("--look-ahead", type=float, default=LOOK_AHEAD, help="share of batches of look-ahead rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -171,7 +176,7 @@ def main() -> None:
     model = load_checkpoint(args.checkpoint, dtype="float32")
     tokenizer = load_tokenizer(args.checkpoint)
     with torch.no_grad():
-        pairs = teacher_continuations(model, tokenizer, args.teacher_prompts, rng)
+        pairs = teacher_continuations(model, tokenizer, args.teacher_prompts, rng, args.upper_share)
     print(f"{len(pairs)} teacher continuations in {time.time() - started:.0f}s", flush=True)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -186,7 +191,7 @@ def main() -> None:
     log, losses = [], []
     for step in range(1, args.steps + 1):
         batch = make_batch(pairs, model.config, args.batch_size, rng.choice(BLOCK_CHOICES), rng,
-                           look_ahead=rng.random() < LOOK_AHEAD)
+                           look_ahead=rng.random() < args.look_ahead)
         logits, _ = model.forward_with_mask(batch["ids"], batch["pos"], batch["allowed"], draft=batch["draft"])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
@@ -211,7 +216,8 @@ def main() -> None:
     record = {"checkpoint": str(args.checkpoint), "rank": args.rank, "alpha": args.alpha, "steps": args.steps,
               "batch_size": args.batch_size, "lr": args.lr, "teacher_prompts": args.teacher_prompts,
               "teacher_continuations": len(pairs), "seed": args.seed, "threads": args.threads,
-              "task_weights": TASK_WEIGHTS, "block_choices": BLOCK_CHOICES, "look_ahead": LOOK_AHEAD,
+              "task_weights": {"addition": 1 - args.upper_share, "upper": args.upper_share},
+              "block_choices": BLOCK_CHOICES, "look_ahead": args.look_ahead,
               "training_minutes": round((time.time() - started) / 60, 1), "log": log,
               "held_out_200_speculative": report}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")

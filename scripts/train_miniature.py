@@ -129,14 +129,15 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: Path, config: dict) -> None
 
 
 def make_batch(
-    tokenizer: Tokenizer, config: ModelConfig, task: str, size: int, block: int, rng: random.Random
+    tokenizer: Tokenizer, config: ModelConfig, task: str, size: int, block: int, rng: random.Random,
+    carry_rich: float = CARRY_RICH, boundary: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Clean sequences and noised answer blocks side by side in one row, with the block-causal mask."""
     eos, mask_id = config.eos_token_id, config.mask_token_id
     rows = []
     for _ in range(size):
         length = rng.randint(*UPPER_LENGTHS) if task == "upper" else None
-        problem = sample(task, rng, held_out=False, carry_rich=CARRY_RICH, length=length)
+        problem = sample(task, rng, held_out=False, carry_rich=carry_rich, length=length, boundary=boundary)
         prompt = tokenizer.encode(problem.prompt).ids
         answer = tokenizer.encode(problem.answer, add_special_tokens=False).ids + [eos]
         padded = answer + [eos] * (-len(answer) % block)
@@ -203,6 +204,8 @@ class Recipe:
     warmup: int = 200
     seed: int = 0
     upper_share: float = UPPER_SHARE  # share of batches of the upper-casing task (the rest: additions)
+    carry_rich: float = CARRY_RICH  # share of additions drawn with carrying digits
+    boundary: float = 0.0  # share of additions whose digit pairs sum to exactly 9 or 10 (drawn before carry_rich)
 
     @property
     def task_weights(self) -> dict[str, float]:
@@ -280,7 +283,8 @@ class Trainer:
         tasks, weights = zip(*self.recipe.task_weights.items())
         task = self.rng.choices(tasks, weights)[0]
         block = min(self.rng.choice(BLOCK_CHOICES), self.config.block_size)
-        batch = make_batch(self.tokenizer, self.config, task, self.recipe.batch_size, block, self.rng)
+        batch = make_batch(self.tokenizer, self.config, task, self.recipe.batch_size, block, self.rng,
+                           self.recipe.carry_rich, self.recipe.boundary)
         self.model.train()
         loss, ar, dlm = loss_on(self.model, batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -319,6 +323,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--upper-share", type=float, default=UPPER_SHARE, help="share of upper-casing batches")
+    parser.add_argument("--carry-rich", type=float, default=CARRY_RICH,
+                        help="share of additions drawn with carrying digits")
+    parser.add_argument("--boundary", type=float, default=0.0,
+                        help="share of additions whose digit pairs sum to exactly 9 or 10")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="where the resumable training state lives")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --state")
@@ -328,7 +336,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    recipe = Recipe(args.steps, args.batch_size, args.lr, args.warmup, args.seed, args.upper_share)
+    recipe = Recipe(args.steps, args.batch_size, args.lr, args.warmup, args.seed, args.upper_share, args.carry_rich,
+                    args.boundary)
     trainer = Trainer(MINIATURE_CONFIG, recipe, init=None if args.resume else args.init)
     init_record = None
     if args.init is not None:
@@ -381,7 +390,8 @@ def main() -> None:
         "training_minutes": round(trainer.seconds / 60, 1),
         "final_loss_mean_last_100": round(sum(trainer.losses[-100:]) / len(trainer.losses[-100:]), 4),
         "task_weights": recipe.task_weights,
-        "carry_rich": CARRY_RICH,
+        "carry_rich": recipe.carry_rich,
+        "boundary": recipe.boundary,
         "upper_lengths": UPPER_LENGTHS,
         "block_choices": BLOCK_CHOICES,
         "log": trainer.log,

@@ -73,3 +73,15 @@ def test_upper_casing_draws_every_length_and_additions_carry():
     carrying = [sample("addition", rng, held_out=False, carry_rich=1.0) for _ in range(500)]
     carries = sum((int(a) % 10 + int(b) % 10) >= 10 for a, b in (p.prompt[:-1].split("+") for p in carrying))
     assert carries > 0.5 * len(carrying)
+
+
+def test_boundary_additions_sum_their_digits_to_nine_or_ten_and_stay_in_the_training_split():
+    from export.tasks import _is_held_out, sample
+
+    rng = random.Random(1)
+    problems = [sample("addition", rng, held_out=False, boundary=1.0) for _ in range(500)]
+    pairs = [tuple(map(int, p.prompt[:-1].split("+"))) for p in problems]
+    assert all(not _is_held_out("addition", a, b) and int(p.answer) == a + b for (a, b), p in zip(pairs, problems))
+    units = [a % 10 + b % 10 for a, b in pairs]
+    assert sum(u in (9, 10) for u in units) > 0.6 * len(units)
+    assert 0.3 < sum(u == 10 for u in units) / sum(u in (9, 10) for u in units) < 0.7  # both sides of the boundary
