@@ -85,3 +85,16 @@ def test_boundary_additions_sum_their_digits_to_nine_or_ten_and_stay_in_the_trai
     units = [a % 10 + b % 10 for a, b in pairs]
     assert sum(u in (9, 10) for u in units) > 0.6 * len(units)
     assert 0.3 < sum(u == 10 for u in units) / sum(u in (9, 10) for u in units) < 0.7  # both sides of the boundary
+
+
+def test_held_out_sets_are_those_every_figure_was_measured_on():
+    """The quality figures of v1, v2 and its stages compare on the same problems: pin them by hash."""
+    import hashlib
+
+    from export.tasks import held_out_set
+
+    def digest(task: str, count: int) -> str:
+        return hashlib.sha256("\n".join(p.prompt + p.answer for p in held_out_set(task, count)).encode()).hexdigest()
+
+    assert digest("addition", 500) == "38a5288b0fc422047ff9a6a6a01ce543d5d39d5e38fae0d6d60b7c2216dbafcf"
+    assert digest("upper", 200) == "eb1d0333f5668d90a44995210e076de570c613d1a32e57305fc04993b6e4e03f"
