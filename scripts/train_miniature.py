@@ -10,7 +10,9 @@ with end tokens to a whole number of blocks, so the model learns to fill a block
 Version 2 adds a curriculum: half of the additions are drawn with carrying digits (carries and carry chains are
 what most-significant-digit-first addition gets wrong, and every held-out sum carries out of its units column), and
 the upper-casing task draws any length from 1 to 48 letters. The shipped v2 weights continue from the v1 weights
-(`--init`, recorded with their hash in `training.json`); without `--init` the model starts from random weights.
+(`--init`, recorded with their hash in `training.json`); without `--init` the model starts from random weights. Its
+third stage adds `--boundary`: a share of additions whose aligned digit pairs sum to exactly 9 or 10, the pairs that
+tell a carry from none, where v2's remaining errors were.
 
 Seeded and deterministic on a given machine, and resumable: the full training state (fp32 weights, optimizer,
 schedule, data stream, step, log) is saved every `--save-every` steps to `--state`, and `--resume` continues from it,
