@@ -129,6 +129,40 @@ def fresh_adapter(model: DiffusionLM, rank: int, alpha: float, out: Path) -> Dra
     return DraftAdapter(out, rank, float(alpha), tuple(lora_a), tuple(lora_b), sha256="")
 
 
+def trainable_adapter(model: DiffusionLM, rank: int, alpha: float, out: Path) -> list[torch.nn.Parameter]:
+    """Freeze every base weight, attach a fresh draft adapter and return its parameters, the only ones that train."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.attach_draft_adapter(fresh_adapter(model, rank, alpha, out))
+    lora = [p for n, p in model.named_parameters() if ".draft_lora." in n]
+    for p in lora:
+        p.requires_grad_(True)
+    return lora
+
+
+def make_optimizer(lora: list[torch.nn.Parameter], lr: float, steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the adapter's parameters only, a linear warm-up over the first 5 % of the steps, then cosine."""
+    optimizer = torch.optim.AdamW(lora, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return optimizer, schedule
+
+
+def train_step(model: DiffusionLM, batch: dict[str, torch.Tensor], lora: list[torch.nn.Parameter],
+               optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """One step on one batch: cross-entropy of the drafting rows' targets, gradients clipped to norm 1; the loss."""
+    logits, _ = model.forward_with_mask(batch["ids"], batch["pos"], batch["allowed"], draft=batch["draft"])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1), ignore_index=-100)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(lora, 1.0)
+    optimizer.step()
+    schedule.step()
+    return float(loss.item())
+
+
 def speculative_report(model: DiffusionLM, tokenizer, count: int) -> dict[str, dict[str, float]]:
     """Held-out `speculative` with and without the adapter: accuracy, tokens per forward, acceptance length."""
     config = model.config.to_dict()
@@ -181,28 +215,13 @@ def main() -> None:
     with torch.no_grad():
         pairs = teacher_continuations(model, tokenizer, args.teacher_prompts, rng, args.upper_share)
     print(f"{len(pairs)} teacher continuations in {time.time() - started:.0f}s", flush=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.attach_draft_adapter(fresh_adapter(model, args.rank, args.alpha, out))
-    lora = [p for n, p in model.named_parameters() if ".draft_lora." in n]
-    for p in lora:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(lora, lr=args.lr, weight_decay=0.0)
-    warmup = max(1, args.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    lora = trainable_adapter(model, args.rank, args.alpha, out)
+    optimizer, schedule = make_optimizer(lora, args.lr, args.steps)
     log, losses = [], []
     for step in range(1, args.steps + 1):
         batch = make_batch(pairs, model.config, args.batch_size, rng.choice(BLOCK_CHOICES), rng,
                            look_ahead=rng.random() < args.look_ahead)
-        logits, _ = model.forward_with_mask(batch["ids"], batch["pos"], batch["allowed"], draft=batch["draft"])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1), ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(train_step(model, batch, lora, optimizer, schedule))
         if step % 100 == 0 or step == args.steps:
             entry = {"step": step, "loss_mean_last_100": round(sum(losses[-100:]) / len(losses[-100:]), 4),
                      "minutes": round((time.time() - started) / 60, 1)}

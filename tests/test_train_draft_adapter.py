@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 
+import pytest
 import torch
 
 from conftest import TINY_CONFIG, load_script
@@ -53,28 +55,32 @@ def test_look_ahead_rows_hold_a_whole_clean_block_then_masks_that_predict_the_ne
         assert [t for t in target[8:] if t != -100] == answer[j + 8 : j + 16]
 
 
-def test_a_few_steps_move_only_the_adapter():
+def test_the_trainers_own_steps_move_only_the_adapter(tmp_path):
+    """The script's freezing (`trainable_adapter`), optimizer and schedule (`make_optimizer`) and step
+    (`train_step`), as `main` runs them: the base weights never change, the adapter does, the loss falls."""
     adapter = load_script("train_draft_adapter")
     from export.model import DiffusionLM
 
     torch.manual_seed(0)
     model = DiffusionLM(config()).float()
     base = {k: v.clone() for k, v in model.base_state_dict().items()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.attach_draft_adapter(adapter.fresh_adapter(model, 4, 8.0, None))
-    lora = [p for n, p in model.named_parameters() if ".draft_lora." in n]
-    for p in lora:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(lora, lr=1e-2)
+    lora = adapter.trainable_adapter(model, 4, 8.0, tmp_path / "adapter")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".draft_lora." in n for n in trainable)  # every base weight frozen
+    assert {id(p) for p in lora} == {id(p) for n, p in model.named_parameters() if ".draft_lora." in n}
+    steps = 40  # a warm-up of 2 steps
+    optimizer, schedule = adapter.make_optimizer(lora, 1e-2, steps)
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in held} == {id(p) for p in lora}  # the optimizer holds the adapter only
     rng = random.Random(0)
-    for _ in range(3):
-        batch = adapter.make_batch(pairs(), model.config, 8, 8, rng, look_ahead=rng.random() < 0.5)
-        logits, _ = model.forward_with_mask(batch["ids"], batch["pos"], batch["allowed"], draft=batch["draft"])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1),
-                                                 ignore_index=-100)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    batch = adapter.make_batch(pairs(), model.config, 8, 8, rng, look_ahead=False)
+    losses, rates = [], []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        losses.append(adapter.train_step(model, batch, lora, optimizer, schedule))
     assert all(torch.equal(base[k], v) for k, v in model.base_state_dict().items())
-    assert any(lo.lora_B.weight.abs().sum() > 0 for lo in model.draft_loras())
+    assert all(lo.lora_B.weight.abs().sum() > 0 for lo in model.draft_loras())  # B starts at zero: it moved
+    assert losses[-1] < losses[0]  # the same batch, fitted
+    cosine = [0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(10)]
+    assert rates == pytest.approx([1e-2 * c * min(1.0, (s + 1) / 2) for s, c in enumerate(cosine)])  # warm-up, cosine
+    assert schedule.lr_lambdas[0](steps) == pytest.approx(0.0, abs=1e-12)  # down to 0 at the last step
