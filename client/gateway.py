@@ -25,7 +25,14 @@
   `GET /metrics` (no API key): the gateway's requests, errors, latency and tokens (`client/gateway_metrics.py`) and
   the same per-replica counters, in Prometheus' text format.
 - Chat messages become a prompt through the checkpoint's chat template (`--tokenizer`, default the model
-  repository's tokenizer folder); `usage.prompt_tokens` counts the prompt with that tokenizer.
+  repository's tokenizer folder), rendered as transformers renders it (`client/chat_template.py`), with vLLM's
+  `chat_template_kwargs` (e.g. `{"enable_thinking": true}`) and `documents` passed to the template; the rendered
+  prompt is sent with `add_special_tokens` false, so the tokenizer adds no second BOS (as transformers'
+  `apply_chat_template(..., tokenize=True)`). A completion prompt gets the tokenizer's special tokens.
+  `usage.prompt_tokens` counts the prompt exactly as the server encodes it.
+- Fields not honoured are refused with a 400 that names them (`NOT_HONOURED`: penalties, `logit_bias`,
+  `response_format` other than text, `tools`, `tool_choice`, ...; `echo`, `best_of`, `suffix`, `n` > 1), and so is
+  any field neither OpenAI nor vLLM defines; identifiers and hints (`user`, `metadata`, ...) are accepted.
 - Errors are OpenAI error objects: 400 for a malformed body or a value the server refuses (with Triton's message),
   401 for a missing or wrong API key (when `--api-key` or `DLM_GATEWAY_API_KEY` is set), 404 for an unknown model,
   503 when Triton cannot take the request, 504 on a timeout.
@@ -53,6 +60,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from client.chat_template import ChatTemplate, TemplateError
+from dlm.tokenizer_files import load_tokenizer
 from client.gateway_metrics import GatewayMetrics, MetricsMiddleware
 from client.grpc_client import AsyncBlockStream
 from client.openai_logprobs import MAX_LOGPROBS, CompletionLogprobs, chat_logprobs
@@ -69,9 +77,44 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
 
 
+# OpenAI fields that change nothing we could honour differently (identifiers and hints): accepted as they come
+ACCEPTED_AS_IS = frozenset({"user", "safety_identifier", "prompt_cache_key", "metadata"})
+# OpenAI fields not honoured yet, with the value that asks for nothing (accepted): any other value is refused by name
+NOT_HONOURED = {
+    "frequency_penalty": (0, "frequency_penalty is not supported yet (send 0 or leave it out)"),
+    "presence_penalty": (0, "presence_penalty is not supported yet (send 0 or leave it out)"),
+    "logit_bias": ({}, "logit_bias is not supported (send {} or leave it out)"),
+    "response_format": ({"type": "text"}, "response_format other than {\"type\": \"text\"} is not supported yet: "
+                                          "structured outputs are not implemented"),
+    "tools": ([], "tools are not supported yet: tool calls would come back as plain text, not as tool_calls"),
+    "tool_choice": ("none", "tool_choice other than \"none\" is not supported yet: tool calls are not implemented"),
+    "parallel_tool_calls": (None, "parallel_tool_calls is not supported yet: tool calls are not implemented"),
+    "functions": ([], "functions (the deprecated tools) are not supported"),
+    "function_call": ("none", "function_call (the deprecated tool_choice) is not supported"),
+    "store": (False, "store: true is not supported: this gateway stores no completions"),
+    "service_tier": ("auto", "service_tier other than \"auto\" or \"default\" is not supported"),
+    "modalities": (["text"], "only the text modality is supported"),
+    "audio": (None, "audio output is not supported"),
+    "prediction": (None, "predicted outputs (prediction) are not supported"),
+    "reasoning_effort": (None, "reasoning_effort is not supported: send chat_template_kwargs (e.g. "
+                               "{\"enable_thinking\": true}) to a template that has a thinking switch"),
+    "web_search_options": (None, "web_search_options is not supported"),
+    "verbosity": (None, "verbosity is not supported"),
+}
+
+
+def _asks_for_nothing(name: str, value: Any) -> bool:
+    default = NOT_HONOURED[name][0]
+    if name == "service_tier":
+        return value in (None, "auto", "default")
+    if name == "response_format":
+        return value is None or isinstance(value, dict) and value.get("type") == "text" and len(value) == 1
+    return value is None or value == default
+
+
 class GenerationFields(BaseModel):
-    """What both endpoints accept; fields OpenAI defines that do not apply here are accepted and ignored
-    (penalties, `user`, ...), except those whose meaning cannot be honoured, which are refused."""
+    """What both endpoints accept. Every field OpenAI defines that this gateway does not honour is refused by name
+    with a 400 when it asks for something (`NOT_HONOURED`), and so is any field neither OpenAI nor vLLM defines."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -97,6 +140,13 @@ class GenerationFields(BaseModel):
     draft_adapter: bool | None = None  # speculative: false drafts with the base weights
 
     def unsupported(self) -> tuple[str, str] | None:
+        for name, value in (self.model_extra or {}).items():
+            if name in NOT_HONOURED:
+                if not _asks_for_nothing(name, value):
+                    return name, NOT_HONOURED[name][1]
+            elif name not in ACCEPTED_AS_IS:
+                return name, f"unknown field '{name}': this gateway takes OpenAI's fields, vLLM's top_k, min_tokens, " \
+                             f"ignore_eos and chat_template_kwargs, and the DLM controls"
         if self.n != 1:
             return "n", "only n = 1 is supported"
         # checked here too: sent as FP32, a value just beyond a bound would round onto it and pass the server's check
@@ -110,6 +160,12 @@ class GenerationFields(BaseModel):
         """Alternatives per token the request asks for, or None for no log probs."""
         return None
 
+    @property
+    def add_special_tokens(self) -> bool:
+        """Whether the tokenizer adds its special tokens (a BOS) to the prompt: yes for a raw completion prompt,
+        no for a rendered chat template, as transformers encodes each."""
+        return not isinstance(self, ChatRequest)
+
     def options(self, max_tokens: int | None = None) -> dict[str, Any]:
         values = {
             "mode": self.mode, "max_tokens": max_tokens or self.max_tokens, "temperature": self.temperature,
@@ -122,6 +178,8 @@ class GenerationFields(BaseModel):
         alternatives = self.alternatives()
         if alternatives is not None:
             values.update(return_log_probs=True, top_logprobs=alternatives)
+        if not self.add_special_tokens:  # a rendered chat template: its special tokens are written already
+            values["add_special_tokens"] = False
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -175,6 +233,9 @@ class Message(BaseModel):
 
 class ChatRequest(GenerationFields):
     messages: list[Message] = Field(min_length=1)
+    # vLLM's: extra keywords for the chat template (e.g. enable_thinking), and documents for RAG templates
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None  # alternatives per token, 0 to 20; needs logprobs
@@ -239,9 +300,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.tokenizer = None
         if tokenizer is not None and (Path(tokenizer) / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json"))
+            self.tokenizer = load_tokenizer(tokenizer)  # as the server's model encodes prompts
         self.created = int(time.time())
         self._client: ReplicaPool | None = None
 
@@ -255,8 +314,10 @@ class Gateway:
     def client(self, client: ReplicaPool) -> None:
         self._client = client
 
-    def prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer.encode(prompt).ids) if self.tokenizer is not None else 0
+    def prompt_tokens(self, prompt: str, add_special_tokens: bool = True) -> int:
+        if self.tokenizer is None:
+            return 0
+        return len(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids)
 
     def check_model(self, name: str) -> None:
         if name != self.served_name:
@@ -386,8 +447,13 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         gateway.check_model(body.model)
         refuse_unsupported(body)
+        reserved = {"messages", "tools", "documents", "add_generation_prompt"} & set(body.chat_template_kwargs or {})
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs may not set {', '.join(sorted(reserved))}: give them as "
+                                f"their own fields", param="chat_template_kwargs")
         try:
-            prompt = gateway.template.render([m.as_dict() for m in body.messages])
+            prompt = gateway.template.render([m.as_dict() for m in body.messages], documents=body.documents,
+                                             **(body.chat_template_kwargs or {}))
         except TemplateError as error:
             raise APIError(400, str(error), param="messages") from error
         reply = Reply(gateway, "chatcmpl", "chat.completion", body, body.max_completion_tokens or body.max_tokens)
@@ -455,7 +521,7 @@ class Reply:
 
     def usage(self, prompts: list[str], results: list[Result]) -> dict[str, int]:
         """The usage of a finished response, counted in the gateway's metrics too."""
-        prompt_tokens = sum(self.gateway.prompt_tokens(p) for p in prompts)
+        prompt_tokens = sum(self.gateway.prompt_tokens(p, self.body.add_special_tokens) for p in prompts)
         completion_tokens = sum(r.num_tokens for r in results)
         self.gateway.metrics.tokens(self.endpoint, prompt_tokens, completion_tokens)
         return usage_of(prompt_tokens, completion_tokens)
@@ -503,7 +569,7 @@ class Reply:
         options = self.body.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = bool(options and options.continuous_usage_stats)  # vLLM's: the usage so far in every chunk
-        prompt_tokens = self.gateway.prompt_tokens(prompt)
+        prompt_tokens = self.gateway.prompt_tokens(prompt, self.body.add_special_tokens)
         arrived = request.scope.get("dlm.arrived", time.perf_counter())  # set by MetricsMiddleware
 
         def so_far(completion_tokens: int) -> dict[str, int] | None:

@@ -40,6 +40,7 @@ INPUT_DTYPES: dict[str, Any] = {
     "ignore_eos": np.bool_,
     "draft_adapter": np.bool_,
     "exclude_input_in_output": np.bool_,
+    "add_special_tokens": np.bool_,
     "sampling_parameters": np.object_,
 }
 
@@ -67,6 +68,7 @@ class Options:
     ignore_eos: bool | None = None  # no end token at all: decode to max_tokens
     draft_adapter: bool | None = None  # speculative: False drafts with the base weights, not the draft-only LoRA
     exclude_input_in_output: bool | None = None  # False: the prompt's text comes before the answer
+    add_special_tokens: bool | None = None  # False: the prompt is a rendered chat template (its BOS is written)
     sampling_parameters: str | dict[str, Any] | None = None  # vLLM's JSON of settings (a dict is written as JSON)
 
     @classmethod

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from dlm import tokenizer_files
 from export.config import ModelConfig
 from export.model import DiffusionLM, expected_tensor_shapes, yarn_inverse_frequencies
 
@@ -135,7 +136,8 @@ def save_checkpoint(
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    path = Path(directory) / "tokenizer.json"
-    if not path.is_file():
-        raise CheckpointError(f"missing tokenizer file {path}")
-    return Tokenizer.from_file(str(path))
+    """The checkpoint's tokenizer.json as transformers 5 runs it (`dlm.tokenizer_files`)."""
+    try:
+        return tokenizer_files.load_tokenizer(directory)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from e

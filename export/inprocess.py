@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dlm.refine import GenerationParams, TokenSpec, generate
 from dlm.runtime import CacheLayout, TorchRuntime, load_runtime
-from dlm.special_tokens import check_bos, end_token_ids
+from dlm.special_tokens import check_special_tokens, end_token_ids
 from export.adapter import attach_adapter
 from export.checkpoint import load_checkpoint, load_tokenizer
 
@@ -52,7 +52,7 @@ class InProcessGenerator:
         checkpoint = Path(checkpoint)
         config = json.loads((checkpoint / "config.json").read_text())
         self.tokenizer = load_tokenizer(checkpoint)
-        check_bos(self.tokenizer, checkpoint)
+        check_special_tokens(self.tokenizer, checkpoint)
         self.spec = TokenSpec.from_config(config, end_token_ids(checkpoint))
         if artifact is None:
             model = load_checkpoint(checkpoint, dtype=dtype)

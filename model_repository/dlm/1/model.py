@@ -17,18 +17,11 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlm.delayed import DelayedCalls  # noqa: E402
-from dlm.inputs import Defaults, InvalidInput, Limits, parse_request  # noqa: E402
-from dlm.memory_plan import plan_for_runtime  # noqa: E402
-from dlm.planner import PassLimits  # noqa: E402
-from dlm.refine import TokenSpec  # noqa: E402
-from dlm.special_tokens import check_bos, end_token_ids  # noqa: E402
-from dlm.runtime import choose_runtime, load_runtime  # noqa: E402
+from dlm.deployment import load_deployment  # noqa: E402
+from dlm.inputs import InvalidInput, parse_request  # noqa: E402
 from dlm.scheduler import Cancelled, Job, QueueFull, Scheduler, ShuttingDown  # noqa: E402
 from dlm.text import TextCodec, TextStream  # noqa: E402
 
-INPUTS = ("text_input", "max_tokens", "stream", "temperature", "seed", "stop_words", "mode", "block_length",
-          "threshold", "steps", "top_k", "top_p", "return_log_probs", "top_logprobs", "remask_threshold",
-          "max_remasks", "min_tokens", "min_length", "ignore_eos", "exclude_input_in_output", "sampling_parameters")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # seconds: per-request latencies, from a request's queue wait to its first block
 LATENCY_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
@@ -255,39 +248,18 @@ class TritonPythonModel:
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
 
-        def directory(key: str) -> Path:
-            return version_dir / parameters[key]  # an absolute value replaces version_dir
-
         def integer(key: str) -> int | None:
             return int(parameters[key]) if parameters.get(key, "").strip() else None
 
-        tokenizer_dir, artifact_dir = directory("tokenizer"), directory("artifact")
-        model_config = json.loads((tokenizer_dir / "config.json").read_text())
-        self.codec = TextCodec(tokenizer_dir)
-        check_bos(self.codec.tokenizer, tokenizer_dir)
-        self.spec = TokenSpec.from_config(model_config, end_token_ids(tokenizer_dir))
-        self.defaults = Defaults.from_parameters(parameters)
-        name = parameters.get("runtime", "auto")
-        name = choose_runtime(artifact_dir) if name == "auto" else name
-        options: dict[str, Any] = {}
-        if name == "onnxruntime":
-            spin = parameters.get("runtime_spin", "").strip().lower() in ("1", "true", "yes")
-            options = {"threads": integer("runtime_threads"), "spin": spin}
-        # one GPU per model instance: Triton says which (KIND_GPU, one instance per GPU); KIND_CPU runs on the host
+        # kind GPU: one GPU per model instance, the one Triton names (one instance per GPU); KIND_CPU: the host
         kind = args.get("model_instance_kind", "CPU")
         device = f"cuda:{int(args.get('model_instance_device_id') or 0)}" if kind == "GPU" else None
-        runtime = load_runtime(name, artifact_dir, model_config, device=device, **options)
-        profile = runtime.contract.profile
-        context = integer("context") or profile.max_context
-        max_live = integer("max_live") or 16
-        if max_live > profile.batch[2]:
-            raise ValueError(
-                f"config.pbtxt max_live = {max_live} exceeds the {profile.batch[2]} rows {artifact_dir} was built "
-                f"for; lower max_live or rebuild the artifact with --max-batch {max_live}"
-            )
+        loaded = load_deployment(version_dir, parameters, device, log=pb_utils.Logger.log_info,
+                                 warn=pb_utils.Logger.log_warn)
+        self.codec, self.spec, self.defaults, self.limits = loaded.codec, loaded.spec, loaded.defaults, loaded.limits
+        runtime, name, context, max_live = loaded.runtime, loaded.runtime_name, loaded.context, loaded.max_live
+        model_config, limits = loaded.model_config, loaded.pass_limits
         self.drain_seconds = float(parameters.get("drain_seconds") or 0)
-        self.limits = Limits(context=context, max_block_length=min(profile.max_block, context - 2),
-                             top_k=runtime.contract.top_k)
         self.metrics = Metrics()
         # The last response of a cancelled request waits `cancelled_final_delay` seconds (its slot is free at once).
         # Triton's gRPC frontend before the fix of triton-inference-server/server#8078 (2.51 included) frees a
@@ -295,23 +267,12 @@ class TritonPythonModel:
         # cancellation cut short.
         delay = float(parameters.get("cancelled_final_delay") or 0)
         self.cancelled_finals = DelayedCalls(delay, name="dlm-cancelled-finals")
-        # what one engine pass may hold: the artifact's profile, and a token budget (B x T, padding included)
-        limits = PassLimits.from_profile(profile, integer("max_num_tokens"), integer("prefill_chunk"))
-        # the memory plan: weights, engine memory, cache and staging against what the device has free
-        fraction = float(parameters.get("free_memory_fraction") or 0.9)
-        slots, plan = plan_for_runtime(runtime, model_config, max_live, context, limits.token_budget, fraction)
-        for line in plan.lines():
-            pb_utils.Logger.log_info(f"dlm memory plan: {line}")
-        if slots < max_live:
-            pb_utils.Logger.log_warn(f"dlm: max_live lowered from {max_live} to {slots} slots, what "
-                                     f"free_memory_fraction {fraction} of the free memory holds")
-            max_live = slots
         self.scheduler = Scheduler(
             runtime, self.spec, max_live=max_live, max_queue=integer("max_queue") or 0, context=context,
             observer=self.metrics, pad_token_id=int(model_config.get("pad_token_id") or 0), limits=limits,
         )
         pb_utils.Logger.log_info(
-            f"dlm: {name} runtime over {artifact_dir}, {max_live} slots of {context} positions, "
+            f"dlm: {name} runtime over {version_dir / parameters.get('artifact', 'engine')}, {max_live} slots of {context} positions, "
             f"default mode {self.defaults.mode}"
         )
 
@@ -335,7 +296,8 @@ class TritonPythonModel:
             responder = Responder(sender, self.codec, parsed.stream, parsed.stop_words, self.cancelled_finals,
                                   parsed.params.logprobs, parsed.text if parsed.echo else "")
             try:
-                self.scheduler.submit(self.codec.encode(parsed.text), parsed.params, responder)
+                self.scheduler.submit(self.codec.encode(parsed.text, parsed.add_special_tokens), parsed.params,
+                                      responder)
             except ValueError as e:  # the prompt does not fit the context
                 raise InvalidInput(f"input 'text_input': {e}") from e
         except (InvalidInput, QueueFull, ShuttingDown) as error:

@@ -86,6 +86,8 @@ class ParsedRequest:
     stream: bool = False
     stop_words: list[str] = field(default_factory=list)
     echo: bool = False  # exclude_input_in_output false: the prompt's text comes before the answer
+    # false: the prompt is a rendered chat template, whose special tokens the template wrote (vLLM's name)
+    add_special_tokens: bool = True
 
 
 def _one(name: str, array: np.ndarray) -> Any:
@@ -325,6 +327,7 @@ def parse_request(
     seed = None if seed is None else _integer("seed", seed, 0, UINT64_MAX)
     draft_adapter = value("draft_adapter")
     stream, exclude = value("stream"), value("exclude_input_in_output")
+    add_special_tokens = tensor("add_special_tokens")
     params = GenerationParams(
         mode=mode, max_tokens=max_tokens, block_length=block_length, threshold=threshold, steps=steps,
         temperature=temperature, seed=seed, top_k=top_k, top_p=top_p, logprobs=logprobs,
@@ -342,4 +345,5 @@ def parse_request(
             f"got {len(stop_words)} words of up to {max(len(w.encode()) for w in stop_words)} bytes"
         )
     return ParsedRequest(text, params, bool(stream) if stream is not None else False, stop_words,
-                         echo=exclude is not None and not bool(exclude))
+                         echo=exclude is not None and not bool(exclude),
+                         add_special_tokens=True if add_special_tokens is None else bool(add_special_tokens))

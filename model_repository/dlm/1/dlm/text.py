@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer
+from dlm.tokenizer_files import load_tokenizer
 
 BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece's byte tokens
 
@@ -41,14 +41,11 @@ def _decoder_types(decoder: Any) -> Iterator[str]:
 
 
 class TextCodec:
-    """The checkpoint's `tokenizer.json`: encode prompts, decode generated tokens without special tokens."""
+    """The checkpoint's `tokenizer.json` (as transformers 5 runs it, `dlm.tokenizer_files`): encode prompts, decode
+    generated tokens without special tokens."""
 
     def __init__(self, tokenizer_dir: str | Path):
-        path = Path(tokenizer_dir) / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no tokenizer.json in {tokenizer_dir}: copy the checkpoint's tokenizer files there")
-        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer = load_tokenizer(tokenizer_dir)
         decoders = set(_decoder_types(json.loads(self.tokenizer.to_str()).get("decoder")))
         self.byte_level = "ByteLevel" in decoders
         self.byte_fallback = "ByteFallback" in decoders
@@ -84,8 +81,10 @@ class TextCodec:
         """The bytes the token adds to decoded text (special tokens are left out of it)."""
         return b"" if token_id in self.special_ids else self.token_bytes(token_id)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The prompt's ids. `add_special_tokens` false: what the post-processor adds (a BOS) is left out, as
+        transformers' `apply_chat_template(..., tokenize=True)` encodes a rendered chat prompt."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
