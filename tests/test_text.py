@@ -143,3 +143,203 @@ def test_delivered_tokens_never_run_ahead_of_text_with_invalid_utf8(byte_level):
         if end == 6:
             assert delivered == 5  # 0xe6 opens a character that has not ended
     assert delivered == len(tokens) and stream.text == b"".join(pieces).decode("utf-8", errors="replace")
+
+
+# --- UTF-8 deltas and stop words on byte-level tokenizers, whose tokens split multi-byte characters -----------------
+@pytest.fixture(scope="module")
+def one_byte_per_token(tmp_path_factory):
+    """export/random_checkpoint.py's tokenizer (the real-vocabulary test checkpoint's): no merges, so real text is
+    one token per byte and every multi-byte character spans several tokens; its other tokens are 2-4 random bytes."""
+    from export.random_checkpoint import byte_level_tokenizer
+
+    directory = tmp_path_factory.mktemp("one_byte_per_token")
+    (directory / "tokenizer.json").write_text(byte_level_tokenizer(1024))
+    return TextCodec(directory)
+
+
+def stream_deltas(codec, tokens, chunk, stop_words=()):
+    """Feed `tokens` `chunk` at a time: (the deltas, the stream, the tokens fed at its end)."""
+    stream, deltas = TextStream(codec, list(stop_words)), []
+    for end in range(chunk, len(tokens) + chunk, chunk):
+        end = min(end, len(tokens))
+        delta, stopped = stream.update(tokens[:end], end == len(tokens))
+        deltas.append(delta)
+        if stopped or end == len(tokens):
+            return deltas, stream, tokens[:end]
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+@pytest.mark.parametrize("tokenizer", ["byte_level", "one_byte_per_token"])
+def test_streamed_deltas_never_hold_half_a_character(request, tokenizer, chunk):
+    codec = request.getfixturevalue(tokenizer)
+    tokens = codec.encode(MULTI_BYTE)
+    prefixes = [codec.decode(tokens[:end]) for end in range(chunk, len(tokens), chunk)]
+    assert any(p.endswith("\ufffd") for p in prefixes), "no prefix ends inside a character: the test tests nothing"
+    deltas, stream, _ = stream_deltas(codec, tokens, chunk, stop_words=["never in the text"])
+    assert not [d for d in deltas if "\ufffd" in d], deltas
+    assert "".join(deltas) == stream.text == MULTI_BYTE
+    assert sum(1 for d in deltas if d) > 10
+
+
+def test_deltas_of_random_bytes_only_ever_extend_the_final_text(one_byte_per_token):
+    """Tokens of random bytes (invalid UTF-8 included) mixed with pieces of real multi-byte text: what has been sent
+    is always the start of the final text, so a replacement character is sent only where the final text has one."""
+    import random
+
+    rng = random.Random(0)
+    ids = range(16, 1024)  # the byte tokens and the random 2-4 byte ones, no special token
+    real = one_byte_per_token.encode(MULTI_BYTE)[1:]  # without <s>
+    held_back = 0
+    for _ in range(200):
+        tokens: list[int] = []
+        while len(tokens) < rng.randint(1, 24):
+            start = rng.randrange(len(real))
+            tokens += [rng.choice(ids)] if rng.random() < 0.5 else real[start : start + rng.randint(1, 6)]
+        final, chunk = one_byte_per_token.decode(tokens), rng.randint(1, 4)
+        stream, sent = TextStream(one_byte_per_token), ""
+        for end in range(chunk, len(tokens) + chunk, chunk):
+            end = min(end, len(tokens))
+            sent += stream.update(tokens[:end], end == len(tokens))[0]
+            assert final.startswith(sent), (tokens, end, sent)
+            held_back += len(sent) < len(one_byte_per_token.decode(tokens[:end]))
+        assert sent == final == stream.text
+    assert held_back > 50  # deltas did wait for the rest of a character
+
+
+# a stop word that begins or ends inside a multi-character token: the text ends before it; the tokens delivered
+# (and so the log probs sent) are those that start before the cut, the token the cut falls in included
+STOPS = [("ascii wo", "plain "), ("n asc", "plai"), (" and", "plain ascii words"), ("lain", "p"),
+         ("本", "naïve café, 日"), ("語", "naïve café, 日本"), ("ve c", "naï"), ("😀", "naïve café, 日本語のテキスト, emoji ")]
+
+
+def covering(codec, tokens, text: str) -> int:
+    """The fewest of `tokens` whose bytes hold all of `text`'s."""
+    target, held = len(text.encode("utf-8")), b""
+    for n, token in enumerate(tokens):
+        if len(held) >= target:
+            return n
+        held += codec.text_bytes(token)
+    return len(tokens)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+@pytest.mark.parametrize("stop, text", STOPS, ids=[s for s, _ in STOPS])
+def test_a_stop_word_inside_a_token_cuts_the_text_and_delivers_the_token_it_falls_in(byte_level, stop, text, chunk):
+    tokens = byte_level.encode("plain ascii words and more plain words" if stop.isascii() and "ve" not in stop
+                               else MULTI_BYTE)
+    stream, delivered = TextStream(byte_level, [stop]), 0
+    deltas = []
+    for end in range(min(chunk, len(tokens)), len(tokens) + 1, chunk):
+        delta, stopped = stream.update(tokens[:end], end == len(tokens))
+        deltas.append(delta)
+        now = stream.delivered_tokens(tokens[:end])
+        assert delivered <= now
+        delivered = now
+        if stopped:
+            break
+        sent = stream.text[: stream.sent].encode("utf-8")
+        assert b"".join(byte_level.text_bytes(t) for t in tokens[:now]) == sent[: len(b"".join(
+            byte_level.text_bytes(t) for t in tokens[:now]))]  # no token runs ahead of the text sent
+    assert stopped and stream.text == "".join(deltas) == text
+    n = covering(byte_level, tokens, text)
+    assert delivered == n, (delivered, n, [byte_level.token_bytes(t) for t in tokens[: max(delivered, n) + 1]])
+    joined = b"".join(byte_level.text_bytes(t) for t in tokens[:n])
+    assert joined.startswith(text.encode("utf-8"))
+    straddles = len(joined) > len(text.encode("utf-8"))  # the last delivered token runs past the cut
+    assert straddles == (stop not in (" and", "😀"))
+
+
+def test_the_tests_stop_words_fall_inside_multi_character_tokens(byte_level):
+    """The cases above are what they claim: each cut but the two at a boundary falls inside a token of several
+    characters or several bytes."""
+    for stop, text in STOPS:
+        tokens = byte_level.encode("plain ascii words and more plain words" if stop.isascii() and "ve" not in stop
+                                   else MULTI_BYTE)
+        n = covering(byte_level, tokens, text)
+        last = byte_level.text_bytes(tokens[n - 1]) if n else b""
+        assert len(last) > 1 or stop in (" and", "😀"), (stop, last)
+
+
+# --- the log probs the model's responses carry (model.py's Responder, outside Triton) -------------------------------
+@pytest.fixture(scope="module")
+def triton_model():
+    """model_repository/dlm/1/model.py imported with a stand-in for Triton's `triton_python_backend_utils` that
+    records the tensors of each response."""
+    import importlib.util
+    import sys
+    import types
+
+    from conftest import ROOT
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None):
+            self.outputs = {t.name: t.array for t in output_tensors}
+            self.error = error
+
+    class TritonError:
+        INVALID_ARG = UNAVAILABLE = CANCELLED = INTERNAL = 0
+
+        def __init__(self, message, code=0):
+            self.message = message
+
+    stub = types.ModuleType("triton_python_backend_utils")
+    stub.__dict__.update(Tensor=Tensor, InferenceResponse=InferenceResponse, TritonError=TritonError,
+                         TRITONSERVER_RESPONSE_COMPLETE_FINAL=1)
+    saved = sys.modules.get("triton_python_backend_utils")
+    sys.modules["triton_python_backend_utils"] = stub
+    try:
+        spec = importlib.util.spec_from_file_location("dlm_triton_model", ROOT / "model_repository/dlm/1/model.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del sys.modules["triton_python_backend_utils"]
+        else:
+            sys.modules["triton_python_backend_utils"] = saved
+    return module
+
+
+def responses_for(model, codec, tokens, stop_words, chunk, stream=True):
+    """model.py's Responder fed `tokens` `chunk` at a time as a job commits them, each with log prob -i/100; the
+    responses it sent, each a dict of its outputs."""
+    from types import SimpleNamespace
+
+    sent = []
+    sender = SimpleNamespace(send=lambda response, flags=0: sent.append(response.outputs), is_cancelled=lambda: False)
+    responder = model.Responder(sender, codec, stream, list(stop_words), later=None, logprobs=0)
+    for end in range(chunk, len(tokens) + chunk, chunk):
+        end = min(end, len(tokens))
+        seq = SimpleNamespace(output=tokens[:end], tokens=tokens[:end], forwards=end, top_logprobs=[[]] * end,
+                              logprobs=[-i / 100 for i in range(end)])
+        job = SimpleNamespace(seq=seq, finished=end == len(tokens), outcome="length")
+        if responder.update(job):  # a stop word: the scheduler ends the job and asks for the final response
+            responder.update(SimpleNamespace(seq=seq, finished=True, outcome="stop"))
+            break
+    return sent
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("stop, text", STOPS, ids=[s for s, _ in STOPS])
+def test_responses_carry_the_log_probs_of_the_tokens_their_text_delivers(triton_model, byte_level, stop, text,
+                                                                         chunk, stream):
+    tokens = byte_level.encode("plain ascii words and more plain words" if stop.isascii() and "ve" not in stop
+                               else MULTI_BYTE)
+    sent = responses_for(triton_model, byte_level, tokens, [stop], chunk, stream)
+    assert "".join(r["text_output"][0].decode() for r in sent) == text
+    n = covering(byte_level, tokens, text)
+    log_probs = [float(p) for r in sent for p in r["output_log_probs"]]
+    assert log_probs == pytest.approx([-i / 100 for i in range(n)])  # each delivered token once, in order
+    assert [b for r in sent for b in r["output_tokens"]] == [byte_level.token_bytes(t) for t in tokens[:n]]
+    assert sent[-1]["finish_reason"][0] == b"stop"
+    text_so_far, tokens_so_far = b"", b""
+    for r in sent[:-1]:  # no response before the last carries a token its text (so far) does not hold
+        text_so_far += r["text_output"][0]
+        tokens_so_far += b"".join(r["output_tokens"])
+        assert text_so_far.startswith(tokens_so_far)

@@ -99,8 +99,10 @@ class TextStream:
         self.sent = 0  # characters delivered so far
         self.text = ""
         self.final = self.stopped = False
-        # per token seen so far: the characters of the text up to its end, or -1 when it ends mid-character
+        # per token seen so far: the characters of the text up to its end, or -1 when it ends mid-character; and
+        # the characters completed before it (the index of the character its first byte belongs to)
         self._ends: list[int] = []
+        self._starts: list[int] = []
         self._chars = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as the tokenizer decodes
 
@@ -122,21 +124,21 @@ class TextStream:
         bytes all lie in it. After a final update this is all of them, or, when a stop word cut the text, those up
         to the one the cut falls in."""
         for token in tokens[len(self._ends):]:
+            self._starts.append(self._chars)
             self._chars += len(self._decoder.decode(self.codec.text_bytes(token)))
             self._ends.append(-1 if self._decoder.getstate()[0] else self._chars)
         if self.final and not self.stopped:
             return len(tokens)
-        delivered, start = 0, 0  # start: the characters before the token (where its first character begins)
+        delivered = 0
         for i, end in enumerate(self._ends[: len(tokens)]):
             if self.final:  # cut by a stop word: the tokens that start before the cut
-                if start >= self.sent:
+                if self._starts[i] >= self.sent:
                     break
                 delivered = i + 1
             elif end > self.sent:
                 break
             elif end >= 0:
                 delivered = i + 1
-            start = max(start, end)
         return delivered
 
     def _safe_end(self, text: str) -> int:
