@@ -94,6 +94,27 @@ def test_max_tokens_reached_is_finish_reason_length(openai_client):
     assert completion.choices[0].text == PROBLEM.answer[:5] and completion.choices[0].finish_reason == "length"
 
 
+def test_a_list_of_prompts_is_answered_as_one_choice_each_in_order(openai_client, grpc):
+    """OpenAI's `prompt` as a list: one choice per prompt, `index` its place in the list, each the text gRPC gives
+    for that prompt alone, the usage summed over them; a list streamed is refused (one prompt per stream)."""
+    problems = held_out_set("upper", 3)
+    prompts = [problems[1].prompt, "57+8=", problems[0].prompt]
+    expected = [grpc.generate(p, mode="ar", max_tokens=64, temperature=0.0) for p in prompts]
+    assert len({e.text for e in expected}) == 3  # three different answers: a mix-up cannot pass
+    completion = openai_client.completions.create(model="dlm", prompt=prompts, max_tokens=64, temperature=0,
+                                                  extra_body={"mode": "ar"})
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    assert [c.text for c in completion.choices] == [e.text for e in expected]
+    assert [c.finish_reason for c in completion.choices] == [e.finish_reason for e in expected] == ["stop"] * 3
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == sum(e.num_tokens for e in expected)
+    single = openai_client.completions.create(model="dlm", prompt=prompts[1], max_tokens=64, temperature=0,
+                                              extra_body={"mode": "ar"})
+    assert single.usage is not None and completion.usage.prompt_tokens > single.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="a streamed completion takes exactly one prompt"):
+        openai_client.completions.create(model="dlm", prompt=prompts, max_tokens=4, stream=True)
+
+
 @pytest.mark.parametrize("path, body, message", [
     ("completions", '{"model": "dlm"}', r"^invalid request body: prompt: Field required$"),
     ("completions", '{"model": "dlm", "prompt": ', r"^the body is not valid JSON"),
