@@ -4,6 +4,8 @@
   torch-export  checkpoint → model.pt2 (torch.export program for the PyTorch runtime) + manifest
   quantize      model.onnx → FP8 / INT8 Q/DQ model.onnx + manifest (NVIDIA ModelOpt, calibrated on real prompts)
   engine        model.onnx → TensorRT model.plan + manifest (GPU host with TensorRT)
+  repository    checkpoint → a Triton model repository that serves it (artifact, tokenizer, chat template,
+                config.pbtxt), checked to load before the command returns
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import sys
 
 
-def add_limits(parser: argparse.ArgumentParser) -> None:
+def add_limits(parser: argparse.ArgumentParser, max_batch: int | None = None) -> None:
     from dlm.contract import DEFAULT_TOP_K
     from export.torch_export import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT
 
@@ -22,8 +24,8 @@ def add_limits(parser: argparse.ArgumentParser) -> None:
                         help="weights and KV cache dtype of the graph (default fp32, what ONNX Runtime on the CPU "
                              "runs; bf16, the checkpoints' own dtype, and fp16 are for TensorRT on a GPU); norms, "
                              "attention softmax and the selection stay in fp32")
-    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                        help=f"most rows in one pass (default {DEFAULT_MAX_BATCH})")
+    max_batch = max_batch or DEFAULT_MAX_BATCH
+    parser.add_argument("--max-batch", type=int, default=max_batch, help=f"most rows in one pass (default {max_batch})")
     parser.add_argument("--max-context", type=int, default=None,
                         help=f"most positions per sequence: prompt + answer + one block "
                              f"(default min(max_position_embeddings, {DEFAULT_MAX_CONTEXT}))")
@@ -56,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
                            "(default 1e-3 for fp32, 0.1 for fp16); for bf16, the largest mean difference of the "
                            "best candidates' probabilities against fp32 on decoded prompts (default 0.05)")
     onnx.add_argument("--torch-export", action="store_true", help="also write model.pt2 from the same trace")
+
+    repository = commands.add_parser(
+        "repository", help="checkpoint → a Triton model repository that serves it, checked to load")
+    add_limits(repository, max_batch=16)  # config.pbtxt's max_live: 16 slots
+    repository.description = ("--out is the repository folder (it gets dlm/config.pbtxt and dlm/1/); the artifact "
+                              "is the ONNX graph (build a TensorRT plan from dlm/1/engine/model.onnx on a GPU host)")
 
     torch_export = commands.add_parser("torch-export", help="checkpoint → torch.export program model.pt2 + manifest")
     add_limits(torch_export)
@@ -104,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                         max_batch=args.max_batch, max_context=args.max_context, max_tokens=args.max_tokens,
                         max_block=args.max_block, top_k=args.top_k, draft_adapter=args.draft_adapter,
                         tolerance=args.tolerance, torch_export=args.torch_export)
+        elif args.command == "repository":
+            from export.repository import build_repository
+
+            build_repository(args.checkpoint, args.out, precision=args.precision, max_batch=args.max_batch,
+                             max_context=args.max_context, max_tokens=args.max_tokens, max_block=args.max_block,
+                             top_k=args.top_k, draft_adapter=args.draft_adapter)
         elif args.command == "torch-export":
             from export.torch_export import export_torch
 
@@ -123,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             build_engine(args.onnx, args.precision, args.out, opt_level=args.opt_level,
                          timing_cache=args.timing_cache, workspace_gib=args.workspace_gib,
                          allow_fp32_cache=args.allow_fp32_cache)
-    except (ArtifactError, EngineError, ExportError, QuantizeError, RuntimeUnavailable, ValueError) as e:  # AdapterError too
+    except (ArtifactError, EngineError, ExportError, QuantizeError, RuntimeUnavailable, ValueError,
+            MemoryError) as e:  # AdapterError too
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
