@@ -2,7 +2,7 @@
 """Chunked prefill and pass padding on the shipped miniature, in this process through the `Scheduler` Triton runs
 (dlm/scheduler.py), over the server's own artifact (model_repository/dlm/1/engine/model.onnx, ONNX Runtime, as
 config.pbtxt's `auto` picks on a CPU) with its tokenizer, end tokens, max_live and context. Triton's own overhead
-(gRPC, the Python stub) is left out: it adds about the same to a request idle or busy (README, "Serving benchmark").
+(gRPC, the Python stub) is left out: it adds about the same to a request idle or busy (docs/benchmarks.md).
 
 (a) Time to first block of a short request (a held-out `upper:` problem, diffusion at threshold 0.9, the server's
     defaults) that arrives while a prompt of the maximum length (the context less one block and one token: 991 of
@@ -27,8 +27,9 @@ passes fewest tokens first.
 
     python scripts/bench_prefill.py [--max-num-tokens 1024 512 256 128 64] [--prefill-chunk 64 32] [--repeats 21]
         [--requests 48] [--threads N] [--out docs/bench_prefill]
+    python scripts/bench_prefill.py --plot [--out docs/bench_prefill]   # only redraw the plot from the JSON there
 
-Writes bench_prefill.json to --out and prints the markdown tables.
+Writes bench_prefill.json and bench_prefill.png (both parts plotted) to --out and prints the markdown tables.
 """
 
 from __future__ import annotations
@@ -364,6 +365,43 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(record: dict[str, Any], path: Path) -> None:
+    """Part (a): time to first block idle and during the long prefill, per setting; part (b): the padded share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shipped = (record["settings"]["shipped_max_num_tokens"], record["settings"]["shipped_prefill_chunk"])
+    fig, (first, padded) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    rows = record["first_block"]
+    xs = np.arange(len(rows))
+    first.bar(xs - 0.2, [a["idle_p50_ms"] for a in rows], 0.4, label="idle")
+    first.bar(xs + 0.2, [a["busy_p50_ms"] for a in rows], 0.4,
+              label=f"during a {rows[0]['long_prompt_tokens']}-token prefill" if rows else "during the prefill")
+    for x, a in zip(xs, rows):
+        first.annotate(f"{a['ratio']:.1f}×", (x + 0.2, a["busy_p50_ms"]), ha="center", va="bottom", fontsize=8)
+    first.set_xticks(xs, [f"{a['max_num_tokens']}\n{a['prefill_passes']} × {a['chunk']}"
+                          + ("\n(shipped)" if (a["max_num_tokens"], a["chunk"]) == shipped else "") for a in rows],
+                     fontsize=8)
+    first.set(title="(a) a short request's first block, p50", ylabel="ms",
+              xlabel="max_num_tokens, and the long prompt's prefill passes × chunk")
+    budgets = [b["max_num_tokens"] for b in record["padding"]]
+    xs = np.arange(len(budgets))
+    for offset, name, label in ((-0.2, "before", "every live row in one pass"), (0.2, "after", "pass planner")):
+        padded.bar(xs + offset, [100 * b[name]["padded_share"] for b in record["padding"]], 0.4, label=label)
+    padded.plot(xs + 0.2, [100 * b["after"]["pass_share_max"] for b in record["padding"]], "k_", markersize=14,
+                label="planner: worst pass")
+    padded.axhline(100 * TARGETS["padding"], color="grey", linestyle=":", linewidth=1)
+    padded.set_xticks(xs, [str(b) for b in budgets])
+    padded.set(title="(b) padded share of the tokens", ylabel="%", xlabel="max_num_tokens")
+    for ax in (first, padded):
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-num-tokens", type=int, nargs="+", default=[1024, 512, 256, 128, 64])
@@ -374,7 +412,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="part (a) also with these prefill chunks, where below the budget")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_prefill")
+    parser.add_argument("--plot", action="store_true",
+                        help="only redraw bench_prefill.png from the bench_prefill.json in --out")
     args = parser.parse_args(argv)
+    if args.plot:
+        record = json.loads((args.out / "bench_prefill.json").read_text())
+        plot(record, args.out / "bench_prefill.png")
+        print(f"wrote {args.out / 'bench_prefill.png'}", file=sys.stderr)
+        return record
     if not (VERSION / "engine" / "model.onnx").is_file():
         raise SystemExit(f"no artifact in {VERSION / 'engine'}: run scripts/prepare_repository.sh")
     server = Server(args.threads)
@@ -398,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_prefill.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot(record, args.out / "bench_prefill.png")
     print(markdown(record))
     return record
 

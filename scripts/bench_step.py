@@ -17,8 +17,9 @@ engine pass after the prefill it records:
 - `returned_bytes`: what the engine hands back to the loop (candidates and logsumexp; the new keys and values stay
   with the runtime), against what contract version 1 returned for the same pass (float32 logits, T × V per row).
 
-Medians over the passes, side by side in one run; JSON to --out. Usage:
+Medians over the passes, side by side in one run; JSON and a plot of it to --out. Usage:
     python scripts/bench_step.py [--layers 2] [--hidden 1024] [--batches 1,8,16] [--out docs/bench_step]
+    python scripts/bench_step.py --plot [--out docs/bench_step]   # only redraw bench_step.png from the JSON there
 """
 
 from __future__ import annotations
@@ -169,6 +170,38 @@ def measure(runtime: OnnxRuntime, spec: TokenSpec, params: GenerationParams, bat
     }
 
 
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Per mode against the batch: the engine's time, the host's time (runtime and loop), the bytes returned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (engine, host, returned) = plt.subplots(1, 3, figsize=(13, 4))
+    modes = sorted({key.split("/")[0] for key in report["results"]}, key=list(MODES).index)
+    for color, mode in zip(("C0", "C1", "C2"), modes):
+        rows = sorted(((int(k.split("/")[1]), r["decode"]) for k, r in report["results"].items()
+                       if k.split("/")[0] == mode))
+        batches = [b for b, _ in rows]
+        engine.plot(batches, [d["engine_ms"] for _, d in rows], "o-", color=color, label=mode)
+        host.plot(batches, [d["runtime_host_ms"] for _, d in rows], "o--", color=color, label=f"{mode}: runtime host")
+        host.plot(batches, [d["loop_replayed_ms"] for _, d in rows], "o-", color=color, label=f"{mode}: loop (replayed)")
+        returned.plot(batches, [d["returned_bytes"] / 1e3 for _, d in rows], "o-", color=color, label=f"{mode}: v2")
+        returned.plot(batches, [d["contract_v1_bytes"] / 1e3 for _, d in rows], "o:", color=color,
+                      label=f"{mode}: v1 (full logits)")
+    model = report["model"]
+    engine.set(title=f"engine (ONNX Runtime, {model['layers']} layers, V {model['vocab_size']:,})", ylabel="ms per pass")
+    host.set(title="host work per pass", ylabel="ms", yscale="log")
+    returned.set(title="returned to the loop per pass", ylabel="kB", yscale="log")
+    for ax in (engine, host, returned):
+        ax.set(xlabel="batch")
+        ax.set_xticks(sorted({int(key.split("/")[1]) for key in report["results"]}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
@@ -181,7 +214,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="where the checkpoint and graph go (default: a "
                         "temporary directory; an existing export there is reused)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_step")
+    parser.add_argument("--plot", action="store_true", help="only redraw bench_step.png from the bench_step.json in --out")
     args = parser.parse_args()
+    if args.plot:
+        plot(json.loads((args.out / "bench_step.json").read_text()), args.out / "bench_step.png")
+        print(f"wrote {args.out / 'bench_step.png'}", file=sys.stderr)
+        return
     batches = [int(b) for b in args.batches.split(",")]
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -226,7 +264,8 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_step.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out / 'bench_step.json'}", file=sys.stderr)
+    plot(report, args.out / "bench_step.png")
+    print(f"wrote {args.out / 'bench_step.json'} and bench_step.png", file=sys.stderr)
 
 
 if __name__ == "__main__":
