@@ -45,7 +45,7 @@ PROJECT_DIRS = ("scripts", "deploy", "export", "client", "tests", "docs", "model
 OUTPUT_FLAGS = {"--out", "--json", "-o", "-d", "--state", ">", ">>"}
 # Commands the documentation describes before they land; each with the issue that brings it. A pending command that
 # answers --help is checked like any other; remove its entry when it has landed.
-PENDING = {("export", "repository"): "python -m export repository lands with issue 21"}
+PENDING: dict[tuple[str, str], str] = {}  # e.g. {("export", "repository"): "lands with issue 21"}
 
 
 @dataclass(frozen=True)
