@@ -6,6 +6,7 @@ id for id; and the gateway's template rendering (`client.chat_template`) against
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -72,8 +73,15 @@ def tokenizers_dir(tmp_path_factory):
     return made
 
 
+@functools.lru_cache(maxsize=None)
 def reference(directory: Path):
+    """transformers' tokenizer for the files in `directory` (loaded once: Tekken's takes seconds)."""
     return transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+
+
+@functools.lru_cache(maxsize=None)
+def codec_of(directory: Path) -> TextCodec:
+    return TextCodec(directory)
 
 
 def served(directory: Path, tmp_path: Path) -> Path:
@@ -97,7 +105,7 @@ def test_plain_text_ids_equal_transformers(tokenizers_dir, tmp_path, name):
 def test_plain_tokenizers_need_no_resolution(tokenizers_dir):
     """A TokenizersBackend checkpoint's files serve as they are: the server's codec over the checkpoint itself."""
     for name in ("tekken", "instruct", "tekken-add-bos"):
-        tokenizer, codec = reference(tokenizers_dir[name]), TextCodec(tokenizers_dir[name])
+        tokenizer, codec = reference(tokenizers_dir[name]), codec_of(tokenizers_dir[name])
         assert all(codec.encode(t) == tokenizer(t).input_ids for t in TEXTS)
 
 
@@ -143,9 +151,14 @@ def test_the_mistral_regex_is_fixed_only_when_asked_as_transformers_does(tokeniz
     assert any("fix_mistral_regex" in w for w in warnings) == (fix is None)
 
 
+@functools.lru_cache(maxsize=None)
+def template_of(directory: Path) -> ChatTemplate:
+    return ChatTemplate.from_directory(directory)
+
+
 def render_both(directory: Path, messages, **options):
     """(ours, transformers') rendered text, or the exception each raised."""
-    ours_template = ChatTemplate.from_directory(directory)
+    ours_template = template_of(directory)
     tokenizer = reference(directory)
     results = []
     for render in (lambda: ours_template.render(messages, **options),
@@ -163,7 +176,7 @@ def render_both(directory: Path, messages, **options):
 def test_chat_prompts_equal_apply_chat_template(tokenizers_dir, name, conversation):
     directory = tokenizers_dir[name]
     messages = CONVERSATIONS[conversation]
-    tokenizer, codec = reference(directory), TextCodec(directory)
+    tokenizer, codec = reference(directory), codec_of(directory)
     for options in ({}, {"tools": TOOLS}, {"enable_thinking": True},
                     {"documents": [{"title": "Doc", "text": "Paris is in France."}]}):
         ours, theirs = render_both(directory, messages, **options)
