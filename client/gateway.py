@@ -160,13 +160,7 @@ class GenerationFields(BaseModel):
         """Alternatives per token the request asks for, or None for no log probs."""
         return None
 
-    @property
-    def add_special_tokens(self) -> bool:
-        """Whether the tokenizer adds its special tokens (a BOS) to the prompt: yes for a raw completion prompt,
-        no for a rendered chat template, as transformers encodes each."""
-        return not isinstance(self, ChatRequest)
-
-    def options(self, max_tokens: int | None = None) -> dict[str, Any]:
+    def options(self, max_tokens: int | None = None, add_special_tokens: bool = True) -> dict[str, Any]:
         values = {
             "mode": self.mode, "max_tokens": max_tokens or self.max_tokens, "temperature": self.temperature,
             "top_p": self.top_p, "top_k": self.top_k if self.top_k is not None and self.top_k > 0 else None,
@@ -178,7 +172,7 @@ class GenerationFields(BaseModel):
         alternatives = self.alternatives()
         if alternatives is not None:
             values.update(return_log_probs=True, top_logprobs=alternatives)
-        if not self.add_special_tokens:  # a rendered chat template: its special tokens are written already
+        if not add_special_tokens:  # a rendered chat template: its special tokens are written already
             values["add_special_tokens"] = False
         return {k: v for k, v in values.items() if v is not None}
 
@@ -456,7 +450,9 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
                                              **(body.chat_template_kwargs or {}))
         except TemplateError as error:
             raise APIError(400, str(error), param="messages") from error
-        reply = Reply(gateway, "chatcmpl", "chat.completion", body, body.max_completion_tokens or body.max_tokens)
+        # a prompt the checkpoint's template rendered holds its special tokens; the plain fallback's gets them added
+        reply = Reply(gateway, "chatcmpl", "chat.completion", body, body.max_completion_tokens or body.max_tokens,
+                      add_special_tokens=not gateway.template.templates)
         if body.stream:
             return await reply.stream(prompt, request)
         result = await unless_disconnected(request, reply.generate(prompt))
@@ -496,8 +492,10 @@ async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
 class Reply:
     """One OpenAI response (or its stream of chunks) for one endpoint."""
 
-    def __init__(self, gateway: Gateway, prefix: str, kind: str, body: GenerationFields, max_tokens: int | None):
+    def __init__(self, gateway: Gateway, prefix: str, kind: str, body: GenerationFields, max_tokens: int | None,
+                 add_special_tokens: bool = True):
         self.gateway, self.kind, self.body, self.max_tokens = gateway, kind, body, max_tokens
+        self.add_special_tokens = add_special_tokens  # false: a rendered chat template (as transformers encodes it)
         self.chat = kind == "chat.completion"
         self.chunk_kind = "chat.completion.chunk" if self.chat else "text_completion"
         self.id = f"{prefix}-{uuid.uuid4().hex}"
@@ -506,7 +504,7 @@ class Reply:
         self.endpoint = "/v1/chat/completions" if self.chat else "/v1/completions"  # for the metrics
 
     async def generate(self, prompt: str) -> Result:
-        return await self.gateway.client.generate(prompt, **self.body.options(self.max_tokens))
+        return await self.gateway.client.generate(prompt, **self.body.options(self.max_tokens, self.add_special_tokens))
 
     @staticmethod
     def finish_reason(result: Result) -> str:
@@ -521,7 +519,7 @@ class Reply:
 
     def usage(self, prompts: list[str], results: list[Result]) -> dict[str, int]:
         """The usage of a finished response, counted in the gateway's metrics too."""
-        prompt_tokens = sum(self.gateway.prompt_tokens(p, self.body.add_special_tokens) for p in prompts)
+        prompt_tokens = sum(self.gateway.prompt_tokens(p, self.add_special_tokens) for p in prompts)
         completion_tokens = sum(r.num_tokens for r in results)
         self.gateway.metrics.tokens(self.endpoint, prompt_tokens, completion_tokens)
         return usage_of(prompt_tokens, completion_tokens)
@@ -558,7 +556,7 @@ class Reply:
         error status rather than an error event."""
         try:
             stream: AsyncBlockStream = self.gateway.client.generate_stream(prompt,
-                                                                            **self.body.options(self.max_tokens))
+                                                                            **self.body.options(self.max_tokens, self.add_special_tokens))
         except DLMError as error:
             raise api_error(error) from None
         try:
@@ -569,7 +567,7 @@ class Reply:
         options = self.body.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = bool(options and options.continuous_usage_stats)  # vLLM's: the usage so far in every chunk
-        prompt_tokens = self.gateway.prompt_tokens(prompt, self.body.add_special_tokens)
+        prompt_tokens = self.gateway.prompt_tokens(prompt, self.add_special_tokens)
         arrived = request.scope.get("dlm.arrived", time.perf_counter())  # set by MetricsMiddleware
 
         def so_far(completion_tokens: int) -> dict[str, int] | None:

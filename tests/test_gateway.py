@@ -165,13 +165,16 @@ def test_the_checkpoint_chat_template_makes_the_prompt(triton, grpc, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "chat_template": template}))
     chat = ChatTemplate.from_directory(tmp_path)
     prompt = chat.render([{"role": "user", "content": PROBLEM.prompt[:-1]}])
-    assert prompt == PROBLEM.prompt  # the template's '=' ends it; its <s> is left to the server's tokenizer
+    assert prompt == "<s>" + PROBLEM.prompt  # the template writes the BOS; its '=' ends the prompt
     with pytest.raises(TemplateError, match="no system messages"):
         chat.render([{"role": "system", "content": "be brief"}])
     with TestClient(create_app(triton.grpc_url, tokenizer=tmp_path)) as client:
         messages = [{"role": "user", "content": [{"type": "text", "text": PROBLEM.prompt[:-1]}]}]
         response = client.post("/v1/chat/completions", json={"model": "dlm", "messages": messages, "max_tokens": 48})
-        assert response.json()["choices"][0]["message"]["content"] == grpc.generate(prompt, max_tokens=48).text
+        # sent with add_special_tokens false: one BOS (the template's), the ids a plain completion prompt gets
+        answer = response.json()["choices"][0]["message"]["content"]
+        assert answer == grpc.generate(prompt, max_tokens=48, add_special_tokens=False).text
+        assert answer == grpc.generate(PROBLEM.prompt, max_tokens=48).text
         response = client.post("/v1/chat/completions",
                                json={"model": "dlm", "messages": [{"role": "system", "content": "be brief"}]})
         assert response.status_code == 400 and response.json()["error"]["message"] == "no system messages"

@@ -1,4 +1,5 @@
-"""End tokens from config.json and generation_config.json, and the BOS check at load (`dlm.special_tokens`)."""
+"""End tokens from config.json and generation_config.json, and the special-token checks at load (`dlm.special_tokens`;
+the same rules held against transformers on real tokenizers: tests/test_tokenization.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from conftest import MINIATURE
-from dlm.special_tokens import check_bos, end_token_ids
+from dlm.special_tokens import check_special_tokens, end_token_ids
 
 
 @pytest.fixture
@@ -31,17 +32,28 @@ def test_end_tokens_are_the_union_of_config_and_generation_config(checkpoint):
         end_token_ids(checkpoint)
 
 
-def test_the_tokenizer_must_add_the_bos_the_checkpoint_asks_for(checkpoint):
+def test_the_post_processor_decides_the_bos_and_add_bos_token_only_warns(checkpoint):
+    """transformers 5 drops add_bos_token when tokenizer.json is present: a disagreeing setting is a warning that
+    says what happens instead, never a refusal; a tokenizer without a post-processor adds nothing, and loads."""
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    check_bos(tokenizer, checkpoint)  # the miniature's adds <s> (id 1), as its config asks
+    assert check_special_tokens(tokenizer, checkpoint) == []  # the miniature's adds <s> (id 1), its bos_token_id
     settings = json.loads((checkpoint / "tokenizer_config.json").read_text())
     (checkpoint / "tokenizer_config.json").write_text(json.dumps({**settings, "add_bos_token": False}))
-    with pytest.raises(ValueError, match="adds the BOS token 1 although tokenizer_config.json sets add_bos_token"):
-        check_bos(tokenizer, checkpoint)
-    (checkpoint / "tokenizer_config.json").write_text(json.dumps(settings))
-    tokenizer.post_processor = None  # a tokenizer.json without its post-processor adds nothing
-    with pytest.raises(ValueError, match=r"does not add the BOS token \(bos_token_id 1 in config.json\)"):
-        check_bos(tokenizer, checkpoint)
+    [warning] = check_special_tokens(tokenizer, checkpoint)
+    assert "add_bos_token false" in warning and "adds the BOS 1 to plain text" in warning
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({**settings, "add_bos_token": True}))
+    tokenizer.post_processor = None
+    [warning] = check_special_tokens(tokenizer, checkpoint)
+    assert "add_bos_token true" in warning and "adds no BOS" in warning
+
+
+def test_a_post_processor_that_adds_another_token_than_the_bos_is_refused(checkpoint):
+    from tokenizers import processors
+
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    with pytest.raises(ValueError, match=r"puts \[2\] in front of plain text, but config.json's bos_token_id is 1"):
+        check_special_tokens(tokenizer, checkpoint)
 
 
 def test_the_random_real_scale_tokenizer_adds_its_bos(tmp_path):
@@ -49,4 +61,5 @@ def test_the_random_real_scale_tokenizer_adds_its_bos(tmp_path):
 
     (tmp_path / "tokenizer.json").write_text(byte_level_tokenizer(2000))
     (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    check_bos(Tokenizer.from_file(str(tmp_path / "tokenizer.json")), tmp_path)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tokenizer.encode("a").ids[0] == 1 and check_special_tokens(tokenizer, tmp_path) == []
