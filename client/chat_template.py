@@ -47,7 +47,7 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 class ChatTemplate:
@@ -79,7 +79,7 @@ class ChatTemplate:
         elif isinstance(configured, str):
             templates = {"default": configured}
         if (directory / "chat_template.jinja").is_file():  # transformers: the file takes priority
-            templates["default"] = (directory / "chat_template.jinja").read_text()
+            templates["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         tokens = {name: token for name in SPECIAL_TOKEN_NAMES if (token := _token(config.get(name))) is not None}
         return cls(templates, tokens)
 

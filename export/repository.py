@@ -46,8 +46,8 @@ def resolve_tokenizer(checkpoint: Path, log: Callable[[str], None]) -> str:
     """tokenizer.json as transformers runs it for the checkpoint's files: for a class that rebuilds its pipeline in
     code (e.g. LlamaTokenizer) that is transformers' output, not the file. The tokenizer files are loaded from a
     copy whose config.json has no `auto_map`, so no remote code is looked for."""
-    source = (checkpoint / "tokenizer.json").read_text()
-    settings = json.loads((checkpoint / "tokenizer_config.json").read_text()) \
+    source = (checkpoint / "tokenizer.json").read_text(encoding="utf-8")
+    settings = json.loads((checkpoint / "tokenizer_config.json").read_text(encoding="utf-8")) \
         if (checkpoint / "tokenizer_config.json").is_file() else {}
     try:
         from transformers import AutoTokenizer
@@ -61,7 +61,7 @@ def resolve_tokenizer(checkpoint: Path, log: Callable[[str], None]) -> str:
         for name in TOKENIZER_FILES:
             if (checkpoint / name).is_file():
                 shutil.copy(checkpoint / name, folder)
-        config = json.loads((checkpoint / "config.json").read_text())
+        config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
         config.pop("auto_map", None)
         (Path(folder) / "config.json").write_text(json.dumps(config))
         verbosity = transformers_logging.get_verbosity()
@@ -91,7 +91,7 @@ def write_tokenizer(checkpoint: Path, folder: Path, log: Callable[[str], None]) 
         (folder / name).unlink(missing_ok=True)
         if (checkpoint / name).is_file():
             shutil.copy(checkpoint / name, folder / name)
-    (folder / "tokenizer.json").write_text(resolve_tokenizer(checkpoint, log))
+    (folder / "tokenizer.json").write_text(resolve_tokenizer(checkpoint, log), encoding="utf-8")
 
 
 def reusable_artifact(engine: Path, checkpoint: Path, precision: str, max_batch: int, max_context: int | None,
@@ -171,14 +171,14 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, precision: str 
                     max_tokens=max_tokens, max_block=max_block, draft_adapter=draft_adapter, log=log, **options)
     write_tokenizer(checkpoint, version_dir / "tokenizer", log)
 
-    template = (SOURCE / "config.pbtxt").read_text()
+    template = (SOURCE / "config.pbtxt").read_text(encoding="utf-8")
     if in_place:
         parameters = read_parameters(template)
     else:
         for name in [Path("model.py"), *(p.relative_to(SOURCE / "1") for p in (SOURCE / "1" / "dlm").glob("*.py"))]:
             (version_dir / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(SOURCE / "1" / name, version_dir / name)
-        manifest = json.loads((engine / "manifest.json").read_text())
+        manifest = json.loads((engine / "manifest.json").read_text(encoding="utf-8"))
         profile = next(iter(manifest["artifacts"].values()))["contract"]["profile"]
         budget = int(read_parameters(template).get("max_num_tokens") or profile["tokens"][2])
         from dlm.special_tokens import end_token_ids
@@ -191,7 +191,7 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, precision: str 
         values = {"block_length": str(config.block_size), "context": str(profile["past_plus_tokens"][2]),
                   "max_live": str(max_batch), "max_num_tokens": str(min(budget, profile["tokens"][2]))}
         text = config_pbtxt(template, values, header)
-        (model_dir / "config.pbtxt").write_text(text)
+        (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
         parameters = read_parameters(text)
     log(f"checking that {model_dir} loads as Triton will load it")
     try:

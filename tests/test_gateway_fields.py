@@ -4,6 +4,8 @@ values that ask for nothing are accepted, and so are identifiers and hints."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import openai
 import pytest
 
@@ -54,7 +56,7 @@ def client(gateway_process):
         yield c
 
 
-def send(client: openai.OpenAI, endpoint: str, fields: dict) -> object:
+def send(client: openai.OpenAI, endpoint: str, fields: dict) -> Any:
     if endpoint == "chat":
         return client.chat.completions.create(model="dlm", messages=[{"role": "user", "content": "12+34="}],
                                               max_tokens=4, extra_body=fields)

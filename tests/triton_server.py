@@ -163,7 +163,7 @@ def start_server(log: Path, repository: Path | None = None, extra_args: Sequence
 class Gateway:
     """`python -m client.gateway` as a child process in front of a running server."""
 
-    def __init__(self, triton_grpc_url: str, log: Path, api_key: str | None = None):
+    def __init__(self, triton_grpc_url: str, log: Path, api_key: str | None = None, tokenizer: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "wb")
@@ -172,6 +172,8 @@ class Gateway:
                    "--log-level", "warning"]
         if api_key:
             command += ["--api-key", api_key]
+        if tokenizer is not None:
+            command += ["--tokenizer", str(tokenizer)]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60.0) -> "Gateway":
@@ -206,6 +208,7 @@ def grpc_inputs(text: str, **values) -> list:
              "top_logprobs": ("INT32", np.int32), "remask_threshold": ("FP32", np.float32),
              "max_remasks": ("INT32", np.int32), "min_tokens": ("INT32", np.int32), "min_length": ("INT32", np.int32),
              "ignore_eos": ("BOOL", bool), "exclude_input_in_output": ("BOOL", bool),
+             "add_special_tokens": ("BOOL", bool),
              "sampling_parameters": ("BYTES", np.object_)}
     arrays = {"text_input": np.array([text.encode()], dtype=np.object_)}
     for name, value in values.items():

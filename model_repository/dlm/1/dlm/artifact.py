@@ -66,7 +66,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         return {"manifest_version": MANIFEST_VERSION, "artifacts": {}}
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild the artifacts of {directory}") from e
     if manifest.get("manifest_version") != MANIFEST_VERSION:

@@ -46,7 +46,7 @@ def load_deployment(version_dir: str | Path, parameters: dict[str, str], device:
     version_dir = Path(version_dir)
     tokenizer_dir = version_dir / parameters.get("tokenizer", "tokenizer")  # an absolute value replaces version_dir
     artifact_dir = version_dir / parameters.get("artifact", "engine")
-    model_config = json.loads((tokenizer_dir / "config.json").read_text())
+    model_config = json.loads((tokenizer_dir / "config.json").read_text(encoding="utf-8"))
     codec = TextCodec(tokenizer_dir)
     warnings = check_special_tokens(codec.tokenizer, tokenizer_dir)
     spec = TokenSpec.from_config(model_config, end_token_ids(tokenizer_dir))

@@ -30,11 +30,12 @@ MISTRAL_REGEX_MIN_VOCAB = 100_000  # transformers only looks at tokenizers large
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`; {} when the file is missing."""
+    """A JSON object from `path`; {} when the file is missing. Files are read as UTF-8 whatever the locale (Triton's
+    Python stub runs with an ASCII one, and real tokenizer files are not ASCII)."""
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
@@ -78,7 +79,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {directory}: the checkpoint's tokenizer files belong there")
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     settings = read_json(directory / "tokenizer_config.json")
     wants_fix = settings.get("fix_mistral_regex") is True
     if wants_fix and data.get("pre_tokenizer") and mistral_regex_applies(directory):
