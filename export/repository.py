@@ -11,7 +11,8 @@
 The checkpoint may be laid out as NVIDIA publishes it: sharded safetensors with an index, `auto_map` and remote-code
 `.py` files (ignored: nothing here runs them), `generation_config.json`, a draft-only LoRA in `linear_spec_lora/`.
 Before it returns, the repository is loaded exactly as Triton's model will load it (`dlm.deployment`: tokenizer and
-its checks, runtime, memory plan) and one short request is decoded through it.
+its checks, runtime, memory plan) and one short request is decoded through it; a bf16 or fp16 graph, which only
+TensorRT runs, gets the tokenizer checks and the command that builds its plan.
 
 Writing into this project's own `model_repository` (what `scripts/prepare_repository.sh` does) fills `1/engine` and
 `1/tokenizer` and keeps the tracked code and `config.pbtxt`, whose empty parameters read the same defaults at load.
@@ -132,6 +133,16 @@ def read_parameters(pbtxt: str) -> dict[str, str]:
     return {m.group("key"): m.group("value") for m in PARAMETER.finditer(pbtxt)}
 
 
+def check_tokenizer(folder: Path, log: Callable[[str], None]) -> None:
+    """What the server checks of the tokenizer at load: the special tokens against config.json, the end tokens."""
+    from dlm.special_tokens import check_special_tokens, end_token_ids
+    from dlm.text import TextCodec
+
+    for warning in check_special_tokens(TextCodec(folder).tokenizer, folder):
+        log(f"  warning: {warning}")
+    log(f"tokenizer checked: end tokens {sorted(end_token_ids(folder))}")
+
+
 def check_loads(version_dir: Path, parameters: dict[str, str], log: Callable[[str], None]) -> None:
     """Load the repository as Triton's model does and decode one short request through it."""
     from dlm.deployment import load_deployment
@@ -193,9 +204,15 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, precision: str 
         text = config_pbtxt(template, values, header)
         (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
         parameters = read_parameters(text)
-    log(f"checking that {model_dir} loads as Triton will load it")
     try:
-        check_loads(version_dir, parameters, log)
+        if precision == "fp32":
+            log(f"checking that {model_dir} loads as Triton will load it")
+            check_loads(version_dir, parameters, log)
+        else:  # ONNX Runtime's CPU kernels have no bf16/fp16 graph to run: the tokenizer is checked, the rest waits
+            check_tokenizer(version_dir / "tokenizer", log)
+            log(f"a {precision} graph runs under TensorRT: build its plan on the GPU host with `python -m export "
+                f"engine --onnx {engine / 'model.onnx'} --precision {precision} --out {version_dir / 'plan'}` and "
+                f"set config.pbtxt's artifact parameter to plan; the server checks the rest when it loads")
     except (ValueError, MemoryError, OSError, RuntimeError) as e:
         raise RepositoryError(f"the repository {out} does not load: {e}") from e
     log(f"wrote {model_dir}: serve it with scripts/serve.sh --model-repository {out}")
