@@ -155,6 +155,8 @@ class Auditor:
         max_tokens = prompt.max_tokens or self.max_tokens
         if max_tokens is not None:
             fields["max_tokens"] = max_tokens
+        if not prompt.add_special_tokens:
+            fields["add_special_tokens"] = False
         return fields
 
     def one(self, setting: Setting, prompt: AuditPrompt) -> Outcome:

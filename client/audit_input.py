@@ -68,6 +68,9 @@ class AuditPrompt:
     id: Any = None
     max_tokens: int | None = None
     messages: list[dict[str, Any]] | None = None
+    # false for messages the checkpoint's template rendered: its special tokens are in the text (as transformers'
+    # apply_chat_template(tokenize=True) encodes it); the plain fallback's prompt gets them like any other
+    add_special_tokens: bool = True
     pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     def correct(self, text: str) -> bool | None:
@@ -172,7 +175,9 @@ def parse_prompt(line: int, text: str, template: ChatTemplate, where: str) -> Au
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                    or max_tokens < 1):
         raise AuditInputError(f"{where}: 'max_tokens' must be a positive integer, got {max_tokens!r}")
-    return AuditPrompt(line, prompt, reference, scorer, item.get("id"), max_tokens, messages, pattern)
+    rendered = messages is not None and bool(template.templates)
+    return AuditPrompt(line, prompt, reference, scorer, item.get("id"), max_tokens, messages,
+                       add_special_tokens=not rendered, pattern=pattern)
 
 
 def load_prompts(path: str | Path, template: ChatTemplate) -> list[AuditPrompt]:

@@ -26,7 +26,7 @@ from client.result import InvalidRequest, Result
 from conftest import ROOT
 
 CONFIG = ROOT / "model_repository" / "dlm" / "config.pbtxt"
-NO_TEMPLATE = ChatTemplate(None, {})
+NO_TEMPLATE = ChatTemplate({}, {})
 
 
 def write_lines(path: Path, *lines: Any) -> Path:
@@ -57,9 +57,10 @@ def test_prompts_file_takes_prompts_messages_references_and_scorers(tmp_path):
     prompts = load_prompts(path, ChatTemplate.from_directory(folder))
     assert [p.line for p in prompts] == [1, 3, 4, 5]
     assert prompts[0] == AuditPrompt(1, "12+30=", "42", "number", "a")
-    # the gateway's rendering: its Message model joins text parts, the template adds the generation prompt, and the
-    # leading BOS is left to the server's tokenizer
-    assert prompts[1].prompt == "<|system|>Be brief.\n<|user|>upper:ab=\n<|assistant|>"
+    # the gateway's rendering: its Message model joins text parts, the template writes the BOS and the generation
+    # prompt, and the server is told to add no special tokens (as transformers encodes a rendered chat prompt)
+    assert prompts[1].prompt == "<s><|system|>Be brief.\n<|user|>upper:ab=\n<|assistant|>"
+    assert not prompts[1].add_special_tokens and prompts[0].add_special_tokens
     assert prompts[1].scorer == "exact" and prompts[1].messages == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "upper:ab="}]
     assert prompts[2].reference == "7" and prompts[2].max_tokens == 4
@@ -68,7 +69,7 @@ def test_prompts_file_takes_prompts_messages_references_and_scorers(tmp_path):
     # without a template (the miniature): one user message is sent as it is
     plain = load_prompts(write_lines(tmp_path / "chat.jsonl", {"messages": [{"role": "user", "content": "7+8="}]}),
                          NO_TEMPLATE)
-    assert plain[0].prompt == "7+8="
+    assert plain[0].prompt == "7+8=" and plain[0].add_special_tokens  # sent as a completion prompt would be
 
 
 BAD_LINES = [
