@@ -188,7 +188,7 @@ _CANCELLED = re.compile(r"\bcancel", re.IGNORECASE)
 _UNAVAILABLE = re.compile(r"queue is full|shutting down|shut down|not ready|unavailable|retry later", re.IGNORECASE)
 _INVALID = re.compile(
     r"\bmust (be|hold|agree)\b|\b(is|are) unknown\b|\bis missing\b|\bis empty\b|\bis not valid\b|\bexceeds\b|"
-    r"\bexpects\b|unexpected inference input|unable to parse|\binvalid\b",
+    r"\bexpects\b|unexpected inference input|unable to parse|\binvalid\b|\ballows at most\b|\bmore than the\b",
     re.IGNORECASE,
 )
 
