@@ -10,7 +10,9 @@
 - the init container's scripts run here over the project's own model repository, and a real tritonserver
   (the embedded 2.51) serves the repository they lay out with the chart's extra flags.
 
-The helm binary comes from scripts/helm.sh (a PyPI wheel, fetched once into build/tools/).
+The helm binary comes from scripts/helm.sh (a PyPI wheel, fetched once into build/tools/) and checkov from
+scripts/checkov.sh (its own environment there); where one cannot be had, the tests that need it are skipped saying
+so, and fail when CI is set (tests/required_tools.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml  # type: ignore[import-untyped]
+
+from required_tools import installed_by
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "helm" / "dlm"
@@ -69,11 +73,18 @@ VARIANTS: dict[str, list[str]] = {
 # --- helpers -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def helm() -> str:
-    done = subprocess.run([str(ROOT / "scripts" / "helm.sh"), "--path"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"scripts/helm.sh could not provide helm:\n{done.stderr}"
+    """The pinned helm binary, fetched once by scripts/helm.sh; where it cannot be had, skipped (failed in CI)."""
+    done = installed_by("helm.sh", ["--path"], timeout=600)
     path = done.stdout.strip().splitlines()[-1]
     assert os.access(path, os.X_OK), path
     return path
+
+
+@pytest.fixture(scope="session")
+def checkov() -> str:
+    """scripts/checkov.sh, its pinned environment installed once; where it cannot be, skipped (failed in CI)."""
+    installed_by("checkov.sh", ["--version"], timeout=900)
+    return str(ROOT / "scripts" / "checkov.sh")
 
 
 def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess:
@@ -605,12 +616,12 @@ ACCEPTED_CHECKOV = {
 
 
 @pytest.mark.slow
-def test_checkov_findings_are_fixed_or_accepted(helm, tmp_path):
+def test_checkov_findings_are_fixed_or_accepted(helm, checkov, tmp_path):
     for name in VARIANTS:
         done = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *VARIANTS[name])
         assert done.returncode == 0, done.stderr
         (tmp_path / f"{name}.yaml").write_text(done.stdout)
-    done = subprocess.run([str(ROOT / "scripts" / "checkov.sh"), "--framework", "kubernetes", "--skip-download",
+    done = subprocess.run([checkov, "--framework", "kubernetes", "--skip-download",
                            "--quiet", "--compact", "-o", "json", "-d", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert done.stdout.strip(), done.stderr[-3000:]
