@@ -14,16 +14,15 @@
   streamed (each chunk carries its own tokens'), in OpenAI's formats (`client/openai_logprobs.py`). An n beyond the
   engine's candidates is refused by the server, with its message.
 - Each request is one gRPC stream to Triton; a client that disconnects (streaming or not) cancels its request there.
-- Several Triton replicas (`client/replicas.py`): `--triton` takes comma-separated `host:port` entries (`dns:///` and
-  `grpc://` prefixes accepted); a name resolves to all its addresses (a Kubernetes headless Service: every pod),
-  re-resolved every 10 s. Each request goes to the healthy replica with the fewest requests in flight; one that fails
-  before its first byte on a replica's fault (unreachable, shutting down, not ready, stream dropped) or its load
-  (queue full) is sent once more to another replica, and a failed replica is ejected, then probed back in every 2 s.
-  A stream that has sent a block when its replica dies ends with an error event naming the replica; a request
-  with no healthy replica left to try gets 503.
-- `GET /health` (no API key): 200 while any replica is healthy, else 503, with every replica's state and counters;
-  `GET /metrics` (no API key): the gateway's requests, errors, latency and tokens (`client/gateway_metrics.py`) and
-  the same per-replica counters, in Prometheus' text format.
+- One gateway talks to one Triton (`--triton host:port`): on Kubernetes it runs beside Triton in the same pod, and
+  the pod's gateway port is what the llm-d router (the InferencePool's endpoint picker) routes to and scrapes.
+  Nothing here routes between replicas. A request Triton cannot take (down, not ready, queue full) gets 503.
+- `GET /health` (no API key): 200 while Triton's model is ready, else 503 (also while draining);
+  `GET /metrics` (no API key): the gateway's requests, errors, latency and tokens (`client/gateway_metrics.py`),
+  then the model-server protocol's gauges read from Triton's metrics port (`client/replica_gauges.py`:
+  `dlm:num_requests_waiting`, `dlm:num_requests_running`, `dlm:kv_cache_usage_perc`), in Prometheus' text format.
+- SIGTERM drains (`client/drain.py`): /health turns 503 at once, new requests get 503, running ones finish, and the
+  process exits when none is left or after `--drain-seconds`.
 - Chat messages become a prompt through the checkpoint's chat template (`--tokenizer`, default the model
   repository's tokenizer folder), rendered as transformers renders it (`client/chat_template.py`), with vLLM's
   `chat_template_kwargs` (e.g. `{"enable_thinking": true}`) and `documents` passed to the template; the rendered
@@ -62,9 +61,10 @@ from starlette.exceptions import HTTPException
 from client.chat_template import ChatTemplate, TemplateError
 from dlm.tokenizer_files import load_tokenizer
 from client.gateway_metrics import GatewayMetrics, MetricsMiddleware
-from client.grpc_client import AsyncBlockStream
+from client.drain import Drain, DrainGate, DrainingServer
+from client.grpc_client import AsyncBlockStream, AsyncGrpcClient
 from client.openai_logprobs import MAX_LOGPROBS, CompletionLogprobs, chat_logprobs
-from client.replicas import ReplicaPool
+from client.replica_gauges import ReplicaGauges, triton_metrics_url
 from client.result import Block, DLMError, InvalidRequest, Result, ServerUnavailable, Timeout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,24 +288,27 @@ class Gateway:
     """State shared by the endpoints: the Triton client, the tokenizer and chat template, the request defaults."""
 
     def __init__(self, triton_url: str, model: str, served_name: str, tokenizer: Path | None,
-                 timeout: float | None):
+                 timeout: float | None, triton_metrics: str | None = None, drain_seconds: float = 30.0):
         self.triton_url, self.model, self.served_name, self.timeout = triton_url, model, served_name, timeout
+        self.triton_metrics = triton_metrics or triton_metrics_url(triton_url)
+        self.drain = Drain(drain_seconds)
         self.template = ChatTemplate.from_directory(tokenizer)
         self.metrics = GatewayMetrics()
         self.tokenizer = None
         if tokenizer is not None and (Path(tokenizer) / "tokenizer.json").is_file():
             self.tokenizer = load_tokenizer(tokenizer)  # as the server's model encodes prompts
         self.created = int(time.time())
-        self._client: ReplicaPool | None = None
+        self._client: AsyncGrpcClient | None = None
+        self.gauges: ReplicaGauges | None = None  # set in the lifespan, like the client
 
     @property
-    def client(self) -> ReplicaPool:
+    def client(self) -> AsyncGrpcClient:
         if self._client is None:
             raise RuntimeError("the gateway's Triton client exists only while the app runs (its lifespan)")
         return self._client
 
     @client.setter
-    def client(self, client: ReplicaPool) -> None:
+    def client(self, client: AsyncGrpcClient) -> None:
         self._client = client
 
     def prompt_tokens(self, prompt: str, add_special_tokens: bool = True) -> int:
@@ -363,21 +366,26 @@ class BodyLimit:
 
 def create_app(triton_url: str, model: str = "dlm", served_name: str | None = None,
                tokenizer: str | Path | None = DEFAULT_TOKENIZER, api_key: str | None = None,
-               timeout: float | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    gateway = Gateway(triton_url, model, served_name or model, Path(tokenizer) if tokenizer else None, timeout)
+               timeout: float | None = None, max_body_bytes: int = 1 << 20, triton_metrics: str | None = None,
+               drain_seconds: float = 30.0) -> FastAPI:
+    gateway = Gateway(triton_url, model, served_name or model, Path(tokenizer) if tokenizer else None, timeout,
+                      triton_metrics, drain_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway.client = ReplicaPool(triton_url, model, timeout=timeout)  # inside the serving event loop
-        await gateway.client.start()
+        # inside the serving event loop
+        gateway.client = AsyncGrpcClient(triton_url, model, timeout=timeout, max_reconnect_backoff_ms=1000)
+        gateway.gauges = ReplicaGauges(gateway.triton_metrics)
         try:
             yield
         finally:
             await gateway.client.close()
+            await gateway.gauges.close()
 
     app = FastAPI(title="dlm OpenAI-compatible gateway", lifespan=lifespan)
     app.state.gateway = gateway
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(DrainGate, drain=gateway.drain)  # refuses new requests while draining, counts running ones
     app.add_middleware(MetricsMiddleware, metrics=gateway.metrics)  # outermost: it counts BodyLimit's 413s too
 
     @app.exception_handler(APIError)
@@ -404,15 +412,21 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        status = gateway.client.status()  # ready while any replica is healthy; every replica with its counters
-        return JSONResponse({"triton": gateway.triton_url, **status}, status_code=200 if status["ready"] else 503)
+        """Ready while Triton's model is ready and the gateway is not draining (the pod's readiness probe)."""
+        draining = gateway.drain.draining
+        triton_ready = False if draining else await gateway.client.is_ready()
+        ready = triton_ready and not draining
+        body = {"ready": ready, "triton": gateway.triton_url, "triton_ready": triton_ready, "draining": draining,
+                "running": gateway.drain.running}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus' text format, without the API key (like /health): the gateway's own requests, errors, latency
-        and tokens (client/gateway_metrics.py), then the replica pool's counters (requests, errors by cause,
-        ejections, in flight, healthy per replica; retries); other sections append theirs."""
-        sections = [gateway.metrics.text(), gateway.client.metrics_text()]
+        and tokens (client/gateway_metrics.py), then the model-server protocol's gauges read from Triton
+        (client/replica_gauges.py); other sections append theirs."""
+        gauges = gateway.gauges.text() if gateway.gauges is not None else None
+        sections = [gateway.metrics.text(), await gauges if gauges is not None else ""]
         return Response("".join(sections), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
@@ -622,9 +636,14 @@ async def anext_or_none(stream: AsyncBlockStream) -> Any:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m client.gateway", description=__doc__.split("\n\n")[0])
     parser.add_argument("--triton", default="localhost:8001",
-                        help="Triton's gRPC address(es): host:port, several separated by commas (port default 8001; "
-                             "dns:/// and grpc:// prefixes accepted); a name stands for all its addresses (a "
-                             "headless Service: every pod), resolved again every 10 s")
+                        help="Triton's gRPC address, host:port (grpc:// prefix accepted): the one Triton this "
+                             "gateway serves (on Kubernetes, the Triton container beside it in the pod)")
+    parser.add_argument("--triton-metrics",
+                        help="Triton's metrics URL, read for the model-server gauges on /metrics (default: "
+                             "http://<--triton's host>:8002/metrics)")
+    parser.add_argument("--drain-seconds", type=float, default=30.0,
+                        help="on SIGTERM, how long running requests may take before the gateway exits (new ones "
+                             "are refused at once; default 30)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--model", default="dlm", help="the Triton model to forward to")
@@ -645,8 +664,12 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     app = create_app(args.triton, args.model, args.served_model_name, args.tokenizer, args.api_key, args.timeout,
-                     args.max_body_bytes)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+                     args.max_body_bytes, args.triton_metrics, args.drain_seconds)
+    gateway: Gateway = app.state.gateway
+    # the drain has waited for the running requests; uvicorn's own wait only closes idle connections
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config, gateway.drain).run()
 
 
 if __name__ == "__main__":

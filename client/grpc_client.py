@@ -262,9 +262,26 @@ class AsyncGrpcClient:
     """asyncio client over one channel; any number of requests may run concurrently. Create it inside the event
     loop that uses it. Same options and timeout as `GrpcClient`."""
 
-    def __init__(self, url: str = "localhost:8001", model: str = "dlm", timeout: float | None = None):
+    def __init__(self, url: str = "localhost:8001", model: str = "dlm", timeout: float | None = None,
+                 max_reconnect_backoff_ms: int | None = None):
+        """`max_reconnect_backoff_ms`: the longest wait between reconnection attempts once Triton has gone (gRPC's
+        default grows to 2 minutes; the gateway beside Triton in a pod asks for 1 s, so a restarted Triton is
+        reached again at once)."""
         self.url, self.model, self.timeout = grpc_target(url), model, timeout
-        self._client = aiogrpcclient.InferenceServerClient(self.url)
+        channel_args = None
+        if max_reconnect_backoff_ms is not None:
+            keepalive = grpcclient.KeepAliveOptions()
+            channel_args = [  # tritonclient's defaults, plus the backoff
+                ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+                ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+                ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+                ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+                ("grpc.initial_reconnect_backoff_ms", min(200, max_reconnect_backoff_ms)),
+                ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms),
+            ]
+        self._client = aiogrpcclient.InferenceServerClient(self.url, channel_args=channel_args)
 
     async def generate(self, prompt: str, *, timeout: float | None = None, **options: Any) -> Result:
         return await self._open(prompt, options, False, timeout).drain()

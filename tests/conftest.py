@@ -150,6 +150,7 @@ def gateway_process(triton, tmp_path_factory):
     """`python -m client.gateway` (the command users run) in a child process, in front of the session's server."""
     from triton_server import Gateway
 
-    gateway = Gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log").wait_ready()
+    gateway = Gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log",
+                      triton_metrics=triton.metrics_url).wait_ready()
     yield gateway
     gateway.stop()

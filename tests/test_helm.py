@@ -2,11 +2,14 @@
 
 - `helm lint --strict` over the default values and each alternative below, and refusals of bad values;
 - `helm template` of each, every rendered document validated against the Kubernetes 1.30 JSON schemas
-  (kubernetes-validate, strict: unknown fields are errors). A kind without a schema fails, except the custom
-  resources named in CRD_KINDS, which are skipped by kind (no package ships their schemas);
-- what the chart must get right: the probes, the GPU, the Triton flags against scripts/serve.sh, the secret
-  references, the autoscaling metric (the one model.py exports), selectors that select what they should, the
-  network policy, security contexts and resources;
+  (kubernetes-validate, strict: unknown fields are errors), and each custom resource (InferencePool,
+  InferenceObjective, ScaledObject, ServiceMonitor, PodMonitor) against the schema converted from its published CRD
+  (tests/fixtures/crd_schemas/, scripts/crd_schema.py: strict likewise); a kind with neither fails, none is skipped;
+- what the chart must get right: the probes, the GPU, the Triton flags against scripts/serve.sh, the gateway beside
+  Triton in each pod (the InferencePool's target port, its drain), the pool and its router (the llm-d endpoint
+  picker, its configuration naming the gauges the gateway exports), the secret references, the autoscaling metric
+  (the one model.py exports), selectors that select what they should, the network policies, security contexts and
+  resources;
 - the init container's scripts run here over the project's own model repository, and a real tritonserver
   (the embedded 2.51) serves the repository they lay out with the chart's extra flags.
 
@@ -27,6 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml  # type: ignore[import-untyped]
@@ -39,34 +43,37 @@ SERVE_SH = ROOT / "scripts" / "serve.sh"
 K8S_VERSION = "1.30.0"
 NAMESPACE = "serving"
 RELEASE = "rel"
-# custom resources: no schema for them in kubernetes-validate; checked by kind and apiVersion only
-CRD_KINDS = {
-    "ServiceMonitor": "monitoring.coreos.com/v1",
-    "PodMonitor": "monitoring.coreos.com/v1",
-    "ScaledObject": "keda.sh/v1alpha1",
-}
+# custom resources: kubernetes-validate has no schema for them; each is validated against the schema converted from
+# its published CRD (their sources and versions are in each file's $comment)
+CRD_SCHEMAS = ROOT / "tests" / "fixtures" / "crd_schemas"
 TRITON = f"{RELEASE}-dlm-triton"
 GATEWAY = f"{RELEASE}-dlm-gateway"
+ROUTER = f"{RELEASE}-dlm-router"
+POOL = f"{RELEASE}-dlm"
 
 # name -> helm arguments; every test that renders runs over all of them where it applies
 VARIANTS: dict[str, list[str]] = {
     "default": [],
-    "keda": ["--set", "autoscaling.engine=keda", "--set", "metrics.serviceMonitor.enabled=true"],
-    "hpa-podmonitor": ["--set", "metrics.podMonitor.enabled=true", "--set", "triton.gpus=2"],
+    "hpa": ["--set", "autoscaling.engine=hpa", "--set", "metrics.serviceMonitor.enabled=true"],
+    "hpa-podmonitor": ["--set", "autoscaling.engine=hpa", "--set", "metrics.podMonitor.enabled=true",
+                       "--set", "triton.gpus=2"],
     "s3": ["--set", "modelRepository.source=s3", "--set", "modelRepository.s3.uri=s3://models-bucket/dlm",
            "--set", "modelRepository.s3.region=eu-west-1", "--set", "modelRepository.s3.credentialsSecret=aws-keys",
            "--set", "gateway.tokenizer.path=/app/tokenizer"],
     "gcs": ["--set", "modelRepository.source=gcs", "--set", "modelRepository.gcs.uri=gs://models-bucket/dlm",
             "--set", "modelRepository.gcs.credentialsSecret=gcs-key"],
-    "ingress": ["--set", "gateway.ingress.enabled=true", "--set", "gateway.ingress.className=nginx",
-                "--set-json", 'gateway.ingress.tls=[{"secretName":"dlm-tls","hosts":["dlm.example.com"]}]',
-                "--set", "gateway.servedModelName=nemotron-diffusion-8b", "--set", "gateway.timeoutSeconds=120"],
+    "objectives": ["--set-json", 'router.inferenceObjectives=[{"name":"chat","priority":10},'
+                                 '{"name":"batch","priority":-5}]',
+                   "--set", "router.replicas=2", "--set", "router.failureMode=FailClose",
+                   "--set", "gateway.servedModelName=nemotron-diffusion-8b", "--set", "gateway.timeoutSeconds=120"],
     "fixed": ["--set", "autoscaling.enabled=false", "--set", "triton.replicas=3",
               "--set", "triton.pipInstall.enabled=false", "--set", "triton.adminKey.existingSecret=my-admin",
               "--set", "gateway.apiKey.existingSecret=my-api", "--set", "modelRepository.pvc.subPath=repo",
               "--set", "triton.modelConfig.generate=false", "--set", "metrics.podAnnotations=false"],
-    "digests": ["--set", f"triton.image.digest=sha256:{'1' * 64}", "--set", f"gateway.image.digest=sha256:{'2' * 64}"],
-    "no-gateway": ["--set", "gateway.enabled=false", "--set", "networkPolicy.extraFrom[0].podSelector.matchLabels.app=bench"],
+    "digests": ["--set", f"triton.image.digest=sha256:{'1' * 64}", "--set", f"gateway.image.digest=sha256:{'2' * 64}",
+                "--set", f"router.image.digest=sha256:{'3' * 64}"],
+    "no-router": ["--set", "router.enabled=false", "--set", "gateway.service.enabled=false",
+                  "--set", "networkPolicy.extraFrom[0].podSelector.matchLabels.app=bench"],
 }
 
 
@@ -176,6 +183,52 @@ def test_bad_values_are_refused(helm, args, message):
     assert message in done.stderr, done.stderr
 
 
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """{(apiVersion, kind): JSON schema} of the custom resources, from tests/fixtures/crd_schemas/."""
+    schemas = {}
+    for path in sorted(CRD_SCHEMAS.glob("*.json")):
+        schema = json.loads(path.read_text())
+        jsonschema.Draft7Validator.check_schema(schema)
+        key = (schema["properties"]["apiVersion"]["const"], schema["properties"]["kind"]["const"])
+        assert key not in schemas, f"two schemas for {key}"
+        schemas[key] = schema
+    return schemas
+
+
+def crd_errors(doc: dict, schemas: dict[tuple[str, str], dict]) -> list[str]:
+    validator = jsonschema.Draft7Validator(schemas[(doc["apiVersion"], doc["kind"])])
+    return [f"{error.message} at {list(error.path)}" for error in validator.iter_errors(doc)]
+
+
+def test_the_crd_schemas_are_there_with_their_source_and_are_strict():
+    schemas = crd_schemas()
+    assert set(schemas) == {("inference.networking.k8s.io/v1", "InferencePool"),
+                            ("llm-d.ai/v1alpha2", "InferenceObjective"), ("keda.sh/v1alpha1", "ScaledObject"),
+                            ("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor")}
+    for schema in schemas.values():
+        assert re.search(r"converted by scripts/crd_schema.py from .* of \S+/\S+ v?\d", schema["$comment"])
+    spec: dict[str, Any] = {"selector": {"matchLabels": {"app": "x"}}, "targetPorts": [{"number": 9000}],
+                            "endpointPickerRef": {"name": "epp", "port": {"number": 9002}, "failureMode": "FailOpen"}}
+    pool: dict[str, Any] = {"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+                            "metadata": {"name": "p"}, "spec": spec}
+    assert crd_errors(pool, schemas) == []
+    bad = [
+        {**pool, "spec": {**spec, "targetPort": 9000}},  # misspelt: an unknown field
+        {**pool, "spec": {**spec, "targetPorts": []}},  # at least one port
+        {**pool, "spec": {**spec, "endpointPickerRef": {"name": "epp", "failureMode": "Open"}}},  # enum
+        {**pool, "spec": {k: v for k, v in spec.items() if k != "selector"}},  # required
+        {**pool, "apiVersion": "inference.networking.x-k8s.io/v1alpha2"},  # not the v1 pool
+        {**pool, "metadata": {"name": "p", "labelz": {}}},
+    ]
+    strict_pool = jsonschema.Draft7Validator(schemas[("inference.networking.k8s.io/v1", "InferencePool")])
+    for doc in bad:
+        assert list(strict_pool.iter_errors(doc)), doc
+    objective = {"apiVersion": "llm-d.ai/v1alpha2", "kind": "InferenceObjective", "metadata": {"name": "o"},
+                 "spec": {"priority": 1, "poolRef": {"name": "p"}}}
+    assert crd_errors(objective, schemas) == []
+    assert crd_errors({**objective, "spec": {"priority": "high", "poolRef": {"name": "p"}}}, schemas)
+
+
 def test_the_validator_is_not_vacuous():
     """The strict schemas refuse an unknown field and a wrong type, and a removed API has no schema at 1.30."""
     good = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"ports": [{"port": 80}]}}
@@ -190,30 +243,46 @@ def test_the_validator_is_not_vacuous():
                                       "metadata": {"name": "x"}, "spec": {}}, K8S_VERSION, strict=True)
 
 
+VALIDATED: dict[str, dict[str, int]] = {}  # variant -> kind -> documents validated (printed by the last test)
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_rendered_document_validates(helm, name):
+    """Every document against Kubernetes 1.30's schema or its CRD's: none skipped, 0 errors."""
     docs = variant(helm, name)
-    validated, skipped = [], []
+    schemas = crd_schemas()
+    validated: list[str] = []
     for doc in docs:
-        kind = doc["kind"]
-        if kind in CRD_KINDS:
-            assert doc["apiVersion"] == CRD_KINDS[kind], doc["apiVersion"]
-            assert doc["metadata"]["name"] and doc["spec"]
-            skipped.append(kind)
-            continue
-        try:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-        except kubernetes_validate.SchemaNotFoundError as missing:
-            pytest.fail(f"{kind} {doc['apiVersion']} has no schema in Kubernetes {K8S_VERSION}: {missing.message}")
-        except kubernetes_validate.ValidationError as error:
-            pytest.fail(f"{kind} {doc['metadata']['name']}: {error.message} at {list(error.path)}")
+        kind, where = doc["kind"], f"{doc['kind']} {doc['metadata']['name']}"
+        if (doc["apiVersion"], kind) in schemas:
+            errors = crd_errors(doc, schemas)
+            assert not errors, f"{where}: {errors}"
+        else:
+            try:
+                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            except kubernetes_validate.SchemaNotFoundError as missing:
+                pytest.fail(f"{kind} {doc['apiVersion']} has no schema in Kubernetes {K8S_VERSION} nor in "
+                            f"{CRD_SCHEMAS}: {missing.message}")
+            except kubernetes_validate.ValidationError as error:
+                pytest.fail(f"{where}: {error.message} at {list(error.path)}")
         validated.append(kind)
-    gateway = name != "no-gateway"
-    expected = {"Deployment": 1 + gateway, "Service": 2 + gateway, "PodDisruptionBudget": 1 + gateway,
-                "NetworkPolicy": 1 + gateway, "ServiceAccount": 1}
+    assert len(validated) == len(docs)
+    router = name != "no-router"
+    objectives = {"objectives": 2, "no-router": 0}.get(name, 1)
+    autoscaler = {"fixed": None, "hpa": "HorizontalPodAutoscaler", "hpa-podmonitor": "HorizontalPodAutoscaler"}.get(
+        name, "ScaledObject")
+    expected = {"Deployment": 1 + router, "Service": 2 + 2 * router, "PodDisruptionBudget": 1 + router,
+                "NetworkPolicy": 1 + router, "ServiceAccount": 1 + router, "Role": router, "RoleBinding": router,
+                "InferencePool": router, "InferenceObjective": objectives,
+                "ScaledObject": autoscaler == "ScaledObject",
+                "HorizontalPodAutoscaler": autoscaler == "HorizontalPodAutoscaler"}
     for kind, count in expected.items():
         assert validated.count(kind) == count, (kind, validated)
-    assert len(validated) >= 7
+    VALIDATED[name] = {kind: validated.count(kind) for kind in sorted(set(validated))}
+    if len(VALIDATED) == len(VARIANTS):
+        total = sum(sum(kinds.values()) for kinds in VALIDATED.values())
+        kinds = sorted({kind for kinds in VALIDATED.values() for kind in kinds})
+        print(f"validated: {len(VALIDATED)} variants, {total} documents of {len(kinds)} kinds, 0 errors: {kinds}")
 
 
 # --- Triton --------------------------------------------------------------------------------------------------------
@@ -335,10 +404,10 @@ def test_triton_headless_and_metrics_services(helm, name):
     docs = variant(helm, name)
     triton, headless = one(docs, "Deployment", TRITON), one(docs, "Service", TRITON)
     metrics = one(docs, "Service", f"{TRITON}-metrics")
-    container_ports = {p["name"] for p in container(triton, "triton")["ports"]}
+    container_ports = {p["name"] for c in ("triton", "gateway") for p in container(triton, c)["ports"]}
     assert headless["spec"]["clusterIP"] == "None"
     assert {p["name"] for p in headless["spec"]["ports"]} == {"http", "grpc"}
-    assert [p["name"] for p in metrics["spec"]["ports"]] == ["metrics"]
+    assert [p["name"] for p in metrics["spec"]["ports"]] == ["metrics", "gateway-metrics"]
     for service in (headless, metrics):
         assert matches(service["spec"]["selector"], pod_labels(triton))
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
@@ -348,12 +417,12 @@ def test_triton_headless_and_metrics_services(helm, name):
     for monitor in find(docs, "ServiceMonitor"):
         assert matches(monitor["spec"]["selector"]["matchLabels"], metrics["metadata"]["labels"])
         assert not matches(monitor["spec"]["selector"]["matchLabels"], headless["metadata"]["labels"])
-        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics", "gateway-metrics"]
         assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
     for monitor in find(docs, "PodMonitor"):
         assert matches(monitor["spec"]["selector"]["matchLabels"], pod_labels(triton))
-        assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
-    assert len(find(docs, "ServiceMonitor")) == (name == "keda")
+        assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics", "gateway"]
+    assert len(find(docs, "ServiceMonitor")) == (name == "hpa")
     assert len(find(docs, "PodMonitor")) == (name == "hpa-podmonitor")
 
 
@@ -393,7 +462,7 @@ def test_model_repository_sources(helm, name):
         scheme = {"s3": "s3://", "gcs": "gs://"}[name]
         assert repository == f"{scheme}models-bucket/dlm"
         assert "repository-source" not in volumes and "model-repository" not in inits
-        assert find(docs, "ConfigMap") == []
+        assert [c["metadata"]["name"] for c in find(docs, "ConfigMap")] == [ROUTER]  # no scripts
     if name == "s3":
         assert env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1"
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -406,7 +475,7 @@ def test_model_repository_sources(helm, name):
 
 # --- autoscaling -------------------------------------------------------------------------------------------------
 def test_hpa_on_queue_depth(helm):
-    docs = variant(helm, "default")
+    docs = variant(helm, "hpa")
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     hpa = one(docs, "HorizontalPodAutoscaler", TRITON)
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -424,7 +493,7 @@ def test_hpa_on_queue_depth(helm):
 
 
 def test_keda_on_queue_depth(helm):
-    docs = variant(helm, "keda")
+    docs = variant(helm, "default")  # KEDA is the default engine
     scaled = one(docs, "ScaledObject", TRITON)
     assert scaled["spec"]["scaleTargetRef"]["name"] == TRITON
     (trigger,) = scaled["spec"]["triggers"]
@@ -452,18 +521,19 @@ def test_the_metric_is_the_one_the_model_exports():
 
 
 # --- the gateway ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["default", "ingress", "s3", "fixed"])
-def test_gateway(helm, name):
+@pytest.mark.parametrize("name", ["default", "objectives", "s3", "fixed"])
+def test_the_gateway_runs_beside_triton_in_each_pod(helm, name):
     from client.gateway import parse_args
 
     docs = variant(helm, name)
-    gateway = one(docs, "Deployment", GATEWAY)
-    main = container(gateway, "gateway")
+    triton = one(docs, "Deployment", TRITON)
+    main, tr = container(triton, "gateway"), container(triton, "triton")
     assert main["command"] == ["python", "-m", "client.gateway"]
     given = flags(main["args"])
-    port = one(docs, "Service", TRITON)["spec"]["ports"]
-    grpc_port = [p["port"] for p in port if p["name"] == "grpc"][0]
-    assert given["--triton"] == f"{TRITON}.{NAMESPACE}.svc.cluster.local:{grpc_port}"
+    ports = {p["name"]: p["containerPort"] for p in tr["ports"]}
+    # its Triton is the one beside it, on localhost; the gauges come from that Triton's metrics port
+    assert given["--triton"] == f"localhost:{ports['grpc']}"
+    assert given["--triton-metrics"] == f"http://localhost:{ports['metrics']}/metrics"
     # the gateway's own parser accepts the arguments, and takes the key from the environment
     os.environ["DLM_GATEWAY_API_KEY"] = "from-the-secret"
     try:
@@ -471,7 +541,7 @@ def test_gateway(helm, name):
     finally:
         del os.environ["DLM_GATEWAY_API_KEY"]
     assert args.api_key == "from-the-secret" and args.host == "0.0.0.0"
-    assert args.port == main["ports"][0]["containerPort"]
+    assert args.port == main["ports"][0]["containerPort"] and main["ports"][0]["name"] == "gateway"
     secret = {"fixed": "my-api"}.get(name, f"{RELEASE}-dlm-gateway-api-key")
     assert env_of(main)["DLM_GATEWAY_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "api-key"}
     assert len(find(docs, "Secret", secret)) == (name != "fixed")
@@ -479,68 +549,153 @@ def test_gateway(helm, name):
     mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
     if name == "s3":
         assert args.tokenizer == "/app/tokenizer" and "/mnt/repository" not in mounts
-    else:
+    else:  # the repository's volume, read-only, as Triton mounts it
         assert args.tokenizer.startswith("/mnt/repository/") and mounts["/mnt/repository"]["readOnly"] is True
-    assert main["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    annotations = gateway["spec"]["template"]["metadata"].get("annotations", {})
-    scraped = {"prometheus.io/scrape": "true", "prometheus.io/port": str(args.port), "prometheus.io/path": "/metrics"}
-    assert annotations == ({} if name == "fixed" else scraped)  # the gateway's /metrics, on its HTTP port
-    service = one(docs, "Service", GATEWAY)
-    assert matches(service["spec"]["selector"], pod_labels(gateway))
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
-    if name == "ingress":
+        triton_mounts = {m["mountPath"]: m for m in tr["volumeMounts"]}
+        assert mounts["/mnt/repository"] == triton_mounts["/mnt/repository"]
+    if name == "objectives":
         assert args.served_model_name == "nemotron-diffusion-8b" and args.timeout == 120
-        ingress = one(docs, "Ingress", GATEWAY)
-        assert ingress["spec"]["ingressClassName"] == "nginx"
-        assert ingress["spec"]["tls"] == [{"secretName": "dlm-tls", "hosts": ["dlm.example.com"]}]
-        backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-        assert backend == {"name": GATEWAY, "port": {"name": "http"}}
-    else:
-        assert find(docs, "Ingress") == []
+    # readiness follows /health within a second; the drain fits the pod's grace period and covers Triton's
+    ready = main["readinessProbe"]
+    assert ready["httpGet"] == {"path": "/health", "port": "gateway"}
+    assert ready["periodSeconds"] * ready["failureThreshold"] <= 1 and ready["timeoutSeconds"] <= 1
+    assert main["livenessProbe"]["tcpSocket"] == {"port": "gateway"}
+    spec = triton["spec"]["template"]["spec"]
+    sleep = main["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep == tr["lifecycle"]["preStop"]["exec"]["command"]  # both containers get SIGTERM together
+    drain = args.drain_seconds
+    assert int(triton_flags(docs)["--exit-timeout-secs"]) <= drain
+    assert int(sleep[1]) + drain < spec["terminationGracePeriodSeconds"]
+    # the router reads this pod's gauges under its engine type's names
+    assert pod_labels(triton)["llm-d.ai/engine-type"] == "dlm"
+    assert find(docs, "Ingress") == [] and len(find(docs, "Deployment")) == 2  # no gateway Deployment of its own
+    service = one(docs, "Service", GATEWAY)
+    assert matches(service["spec"]["selector"], pod_labels(triton))
+    assert service["spec"]["ports"][0]["targetPort"] == "gateway"
+
+
+def epp_config(docs: list[dict]) -> dict:
+    """The EndpointPickerConfig the router's --config-file names, from the ConfigMap mounted there."""
+    router = one(docs, "Deployment", ROUTER)
+    epp = container(router, "epp")
+    path = flags(epp["args"])["--config-file"]
+    (mount,) = [m for m in epp["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in router["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    configmap = one(docs, "ConfigMap", volume["configMap"]["name"])
+    return yaml.safe_load(configmap["data"][path.rsplit("/", 1)[1]])
+
+
+@pytest.mark.parametrize("name", ["default", "objectives", "digests"])
+def test_the_inference_pool_and_its_router(helm, name):
+    docs = variant(helm, name)
+    triton, router = one(docs, "Deployment", TRITON), one(docs, "Deployment", ROUTER)
+    pool = one(docs, "InferencePool", POOL)["spec"]
+    # the pool selects the replicas' pods, nothing else, at the gateway's port
+    assert matches(pool["selector"]["matchLabels"], pod_labels(triton))
+    assert not matches(pool["selector"]["matchLabels"], pod_labels(router))
+    assert [p["number"] for p in pool["targetPorts"]] == [container(triton, "gateway")["ports"][0]["containerPort"]]
+    # its endpoint picker is the router's Service, whose port reaches the router's ext-proc port
+    ref = pool["endpointPickerRef"]
+    service = one(docs, "Service", ref["name"])
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    epp = container(router, "epp")
+    assert port["targetPort"] in {p["name"] for p in epp["ports"]} and port["appProtocol"] == "kubernetes.io/h2c"
+    assert matches(service["spec"]["selector"], pod_labels(router))
+    assert ref["failureMode"] == ("FailClose" if name == "objectives" else "FailOpen")
+    args = flags(epp["args"])
+    assert args["--pool-name"] == POOL and args["--pool-namespace"] == NAMESPACE
+    assert args["--pool-group"] == "inference.networking.k8s.io"
+    assert ("--ha-enable-leader-election" in args) == (name == "objectives")  # two router replicas
+    image = epp["image"]
+    assert image == (f"ghcr.io/llm-d/llm-d-router-endpoint-picker@sha256:{'3' * 64}" if name == "digests"
+                     else "ghcr.io/llm-d/llm-d-router-endpoint-picker:v0.10.0")
+    probes = [epp["readinessProbe"]["grpc"]["port"], epp["livenessProbe"]["grpc"]["port"]]
+    assert probes == [int(args["--grpc-health-port"])] * 2
+    # it may read the pool's pods, the pool and the objectives of its namespace, nothing more
+    spec = router["spec"]["template"]["spec"]
+    binding = one(docs, "RoleBinding", ROUTER)
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": spec["serviceAccountName"],
+                                    "namespace": NAMESPACE}]
+    rules = one(docs, "Role", binding["roleRef"]["name"])["rules"]
+    assert {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]} == {
+        ("", "pods"), ("inference.networking.k8s.io", "inferencepools"), ("llm-d.ai", "inferenceobjectives"),
+        ("llm-d.ai", "inferencemodelrewrites")}
+    assert all(rule["verbs"] == ["get", "watch", "list"] for rule in rules)
+    # the InferenceObjectives name this pool
+    objectives = find(docs, "InferenceObjective")
+    assert [o["metadata"]["name"] for o in objectives] == (["chat", "batch"] if name == "objectives"
+                                                          else ["dlm-interactive"])
+    for objective in objectives:
+        assert objective["spec"]["poolRef"] == {"group": "inference.networking.k8s.io", "kind": "InferencePool",
+                                                "name": POOL}
+
+
+def test_the_router_configuration_maps_the_gauges_the_gateway_exports(helm):
+    """Statically: the engine the pods are labelled with maps the protocol's three gauges to the names
+    client/replica_gauges.py exports (tests/test_replica_protocol.py checks them against a running replica)."""
+    from client.replica_gauges import GAUGES
+
+    docs = variant(helm, "default")
+    config = epp_config(docs)
+    assert config["apiVersion"] == "llm-d.ai/v1alpha1" and config["kind"] == "EndpointPickerConfig"
+    # only the fields of llm-d-router v0.10's EndpointPickerConfig (apix/config/v1alpha1)
+    assert set(config) <= {"apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles", "dataLayer",
+                           "flowControl", "requestHandler", "saturationDetector", "parser"}
+    (extractor,) = [p for p in config["plugins"] if p["type"] == "core-metrics-extractor"]
+    parameters = extractor["parameters"]
+    engine = pod_labels(one(docs, "Deployment", TRITON))[parameters["engineLabelKey"]]
+    (mapping,) = [e for e in parameters["engineConfigs"] if e["name"] == engine]
+    assert parameters["defaultEngine"] == engine
+    assert {mapping["queuedRequestsSpec"], mapping["runningRequestsSpec"], mapping["kvUsageSpec"]} == set(GAUGES)
+    assert GAUGES[mapping["queuedRequestsSpec"]][0] == "dlm_queue_depth"
+    assert GAUGES[mapping["runningRequestsSpec"]][0] == "dlm_live_slots"
+    assert GAUGES[mapping["kvUsageSpec"]][0] == "dlm_kv_cache_usage"
+    weights = {p["pluginRef"]: p["weight"] for profile in config["schedulingProfiles"] for p in profile["plugins"]}
+    assert weights == {"queue-scorer": 2, "kv-cache-utilization-scorer": 2, "prefix-cache-scorer": 3}
+    assert set(weights) <= {p.get("name", p["type"]) for p in config["plugins"]}
 
 
 # --- policies, security, resources ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_network_policy_admits_the_gateway_and_prometheus_only(helm, name):
+def test_network_policy_of_the_replicas(helm, name):
     docs = variant(helm, name)
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    ports = {p["name"]: p["containerPort"] for p in container(one(docs, "Deployment", TRITON), "triton")["ports"]}
+    triton = one(docs, "Deployment", TRITON)
+    ports = {p["name"]: p["containerPort"] for c in ("triton", "gateway") for p in container(triton, c)["ports"]}
     policy = one(docs, "NetworkPolicy", TRITON)["spec"]
-    assert matches(policy["podSelector"]["matchLabels"], pod_labels(one(docs, "Deployment", TRITON)))
+    assert matches(policy["podSelector"]["matchLabels"], pod_labels(triton))
     assert policy["policyTypes"] == ["Ingress"]
-    admitted: dict[int, list[dict]] = {}
+    prometheus = {"namespaceSelector": values["networkPolicy"]["prometheus"]["namespaceSelector"],
+                  "podSelector": values["networkPolicy"]["prometheus"]["podSelector"]}
+    admitted: dict[int, list[Any]] = {}
     for rule in policy["ingress"]:
-        assert rule.get("from"), "a rule without `from` admits everyone"
         for port in rule["ports"]:
-            admitted.setdefault(port["port"], []).extend(rule["from"])
-    assert set(admitted) == {ports["http"], ports["grpc"], ports["metrics"]}
-    (prometheus,) = admitted[ports["metrics"]]
-    assert prometheus == {"namespaceSelector": values["networkPolicy"]["prometheus"]["namespaceSelector"],
-                          "podSelector": values["networkPolicy"]["prometheus"]["podSelector"]}
-    for port in (ports["http"], ports["grpc"]):
-        peers = admitted[port]
-        if name == "no-gateway":
-            assert peers == [{"podSelector": {"matchLabels": {"app": "bench"}}}]
-            continue
-        (peer,) = peers
-        assert set(peer) == {"podSelector"}  # this namespace's pods with the gateway's labels, nothing else
-        assert matches(peer["podSelector"]["matchLabels"], pod_labels(one(docs, "Deployment", GATEWAY)))
-        assert not matches(peer["podSelector"]["matchLabels"], pod_labels(one(docs, "Deployment", TRITON)))
-
-
-def test_the_gateway_network_policy_opens_its_http_port_only(helm):
-    docs = variant(helm, "default")
-    gateway = one(docs, "Deployment", GATEWAY)
-    policy = one(docs, "NetworkPolicy", GATEWAY)["spec"]
-    assert matches(policy["podSelector"]["matchLabels"], pod_labels(gateway))
-    assert policy["policyTypes"] == ["Ingress"]
-    (rule,) = policy["ingress"]
-    assert rule["ports"] == [{"port": container(gateway, "gateway")["ports"][0]["containerPort"], "protocol": "TCP"}]
-    assert "from" not in rule  # any source, by default: clients come through an ingress or a load balancer
+            admitted.setdefault(port["port"], []).append(rule.get("from", "anyone"))
+    # the gateway's port: anyone (the Inference Gateway's proxies and the router), and Prometheus
+    assert admitted[ports["gateway"]] == ["anyone", [prometheus]]
+    assert admitted[ports["metrics"]] == [[prometheus]]
+    # Triton's own ports: only the extra peers (the gateway beside it uses localhost)
+    if name == "no-router":
+        assert admitted[ports["http"]] == admitted[ports["grpc"]] == [[{"podSelector": {"matchLabels": {"app": "bench"}}}]]
+    else:
+        assert ports["http"] not in admitted and ports["grpc"] not in admitted
     named = render(helm, "--set-json", 'networkPolicy.gateway.from=[{"namespaceSelector":{"matchLabels":'
-                                       '{"kubernetes.io/metadata.name":"ingress-nginx"}}}]')
-    (rule,) = one(named, "NetworkPolicy", GATEWAY)["spec"]["ingress"]
-    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+                                       '{"kubernetes.io/metadata.name":"gateway-system"}}}]')
+    first = one(named, "NetworkPolicy", TRITON)["spec"]["ingress"][0]
+    assert first["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway-system"}}}]
+
+
+def test_network_policy_of_the_router(helm):
+    docs = variant(helm, "default")
+    router = one(docs, "Deployment", ROUTER)
+    ports = {p["name"]: p["containerPort"] for p in container(router, "epp")["ports"]}
+    policy = one(docs, "NetworkPolicy", ROUTER)["spec"]
+    assert matches(policy["podSelector"]["matchLabels"], pod_labels(router))
+    ext_proc, metrics = policy["ingress"]
+    assert ext_proc["ports"] == [{"port": ports["grpc"], "protocol": "TCP"}] and "from" not in ext_proc
+    assert metrics["ports"] == [{"port": ports["metrics"], "protocol": "TCP"}]
+    assert set(metrics["from"][0]) == {"namespaceSelector", "podSelector"}
+    assert find(variant(helm, "no-router"), "NetworkPolicy", ROUTER) == []
 
 
 def test_images(helm):
@@ -548,11 +703,13 @@ def test_images(helm):
               for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])}
     assert images == {"triton": "nvcr.io/nvidia/tritonserver:25.10-py3", "python-packages":
                       "nvcr.io/nvidia/tritonserver:25.10-py3", "model-repository":
-                      "nvcr.io/nvidia/tritonserver:25.10-py3", "gateway": "dlm-gateway:0.1.0"}
+                      "nvcr.io/nvidia/tritonserver:25.10-py3", "gateway": "dlm-gateway:0.1.0",
+                      "epp": "ghcr.io/llm-d/llm-d-router-endpoint-picker:v0.10.0"}
     pinned = {c["name"]: c["image"] for d in find(variant(helm, "digests"), "Deployment")
               for c in d["spec"]["template"]["spec"]["containers"]}
     assert pinned == {"triton": f"nvcr.io/nvidia/tritonserver@sha256:{'1' * 64}",
-                      "gateway": f"dlm-gateway@sha256:{'2' * 64}"}
+                      "gateway": f"dlm-gateway@sha256:{'2' * 64}",
+                      "epp": f"ghcr.io/llm-d/llm-d-router-endpoint-picker@sha256:{'3' * 64}"}
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -570,7 +727,8 @@ def test_non_root_and_resources_everywhere(helm, name):
         spec = deployment["spec"]["template"]["spec"]
         pod = spec["securityContext"]
         assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0 and pod["seccompProfile"]["type"] == "RuntimeDefault"
-        assert spec["automountServiceAccountToken"] is False
+        # only the router talks to the Kubernetes API (it watches the pool and its pods)
+        assert spec["automountServiceAccountToken"] is (deployment["metadata"]["name"] == ROUTER)
         for c in spec["containers"] + spec.get("initContainers", []):
             where = f"{deployment['metadata']['name']}/{c['name']}"
             sc = c["securityContext"]
@@ -608,6 +766,8 @@ ACCEPTED_CHECKOV = {
     "CKV_K8S_15": "pullPolicy IfNotPresent with pinned tags (or digests): Always re-pulls a multi-GB image",
     "CKV_K8S_35": "keys as environment variables: Triton takes its admin key only on its command line, the "
                   "gateway reads DLM_GATEWAY_API_KEY",
+    "CKV_K8S_38": "the router mounts its service account token: it watches the InferencePool and its pods through "
+                  "the Kubernetes API (a read-only Role in its namespace); the replicas mount none",
     "CKV_K8S_40": "Triton runs as uid 1000, the NGC image's own user: a uid without a passwd entry breaks "
                   "libraries that look the user up (getpass in torch)",
     "CKV_K8S_43": "tags by default: a digest cannot be checked here; triton.image.digest and "

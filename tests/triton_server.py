@@ -163,7 +163,9 @@ def start_server(log: Path, repository: Path | None = None, extra_args: Sequence
 class Gateway:
     """`python -m client.gateway` as a child process in front of a running server."""
 
-    def __init__(self, triton_grpc_url: str, log: Path, api_key: str | None = None, tokenizer: Path | None = None):
+    def __init__(self, triton_grpc_url: str, log: Path, api_key: str | None = None, tokenizer: Path | None = None,
+                 triton_metrics: str | None = None, extra_args: Sequence[str] = ()):
+        """`triton_metrics`: Triton's metrics URL (`TritonServer.metrics_url`), read for the replica gauges."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "wb")
@@ -174,7 +176,9 @@ class Gateway:
             command += ["--api-key", api_key]
         if tokenizer is not None:
             command += ["--tokenizer", str(tokenizer)]
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        if triton_metrics is not None:
+            command += ["--triton-metrics", triton_metrics]
+        self.process = subprocess.Popen([*command, *extra_args], cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60.0) -> "Gateway":
         deadline = time.monotonic() + timeout

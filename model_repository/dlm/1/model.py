@@ -70,11 +70,21 @@ class Metrics:
                                      family.HISTOGRAM)
         self.kv_family = family("dlm_kv_positions", "KV-cache positions held by live requests (their cache lengths)",
                                 family.GAUGE)
+        # the model-server protocol's gauges (GIE proposal 003) come from these: the gateway beside Triton re-exports
+        # dlm_queue_depth, dlm_live_slots and dlm_kv_cache_usage on the port the router scrapes
+        self.kv_usage_family = family(
+            "dlm_kv_cache_usage", "KV-cache utilisation: positions held by live requests / (slots x context), 0 to 1",
+            family.GAUGE)
+        self.capacity_family = family("dlm_kv_capacity_positions", "KV-cache positions of all slots (slots x context)",
+                                      family.GAUGE)
+        self.slots_family = family("dlm_slots", "KV-cache slots: requests decoded at once at most", family.GAUGE)
         self.passes = self.passes_family.Metric(labels={})
         self.real_tokens = self.pass_tokens_family.Metric(labels={"kind": "real"})
         self.padding_tokens = self.pass_tokens_family.Metric(labels={"kind": "padding"})
         self.padding_ratio = self.padding_family.Metric(labels={}, buckets=[0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9])
         self.kv = self.kv_family.Metric(labels={})
+        self.kv_usage = self.kv_usage_family.Metric(labels={})
+        self.kv_capacity = 0  # positions; set by capacity()
         self.step_latency = self.step_family.Metric(
             labels={}, buckets=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
         self.live = self.live_family.Metric(labels={})
@@ -128,6 +138,7 @@ class Metrics:
             self._metric(self.prompt_tokens, mode=mode).increment(tokens)
         if kv is not None:
             self.kv.set(kv)
+            self.kv_usage.set(kv / self.kv_capacity if self.kv_capacity else 0.0)
 
     def _metric(self, family: Any, buckets: list[float] | None = None, **labels: str) -> Any:
         key = (id(family), *sorted(labels.items()))
@@ -136,6 +147,15 @@ class Metrics:
                 extra = {"buckets": buckets} if buckets is not None else {}
                 self._metrics[key] = family.Metric(labels=labels, **extra)
             return self._metrics[key]
+
+    def capacity(self, slots: int, context: int) -> None:
+        """The KV cache's size: `slots` requests of `context` positions each (the denominator of the usage)."""
+        self.kv_capacity = slots * context
+        self.slots = self.slots_family.Metric(labels={})  # kept: a metric lives as long as its reference
+        self.slots.set(slots)
+        self.capacity_positions = self.capacity_family.Metric(labels={})
+        self.capacity_positions.set(self.kv_capacity)
+        self.kv_usage.set(0.0)
 
     def request(self, mode: str, outcome: str) -> None:
         self._metric(self.requests, mode=mode, outcome=outcome).increment(1)
@@ -271,6 +291,7 @@ class TritonPythonModel:
             runtime, self.spec, max_live=max_live, max_queue=integer("max_queue") or 0, context=context,
             observer=self.metrics, pad_token_id=int(model_config.get("pad_token_id") or 0), limits=limits,
         )
+        self.metrics.capacity(max_live, context)
         pb_utils.Logger.log_info(
             f"dlm: {name} runtime over {version_dir / parameters.get('artifact', 'engine')}, {max_live} slots of {context} positions, "
             f"default mode {self.defaults.mode}"

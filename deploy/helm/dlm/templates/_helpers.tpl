@@ -51,6 +51,26 @@ app.kubernetes.io/component: triton
 app.kubernetes.io/component: gateway
 {{- end }}
 
+{{- define "dlm.router.name" -}}
+{{- printf "%s-router" (include "dlm.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "dlm.router.selectorLabels" -}}
+{{ include "dlm.selectorLabels" . }}
+app.kubernetes.io/component: router
+{{- end }}
+
+{{/* The InferencePool's name: the release's (the router is started with --pool-name of it). */}}
+{{- define "dlm.pool.name" -}}
+{{- include "dlm.fullname" . }}
+{{- end }}
+
+{{/* The engine type the replicas' pods are labelled with (llm-d.ai/engine-type) and the router's engineConfigs
+   name: the gauges' names of client/replica_gauges.py. */}}
+{{- define "dlm.engineType" -}}
+dlm
+{{- end }}
+
 {{- define "dlm.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "dlm.fullname" .) .Values.serviceAccount.name }}
@@ -78,10 +98,6 @@ app.kubernetes.io/component: gateway
 {{- end }}
 {{- end }}
 
-{{/* The headless Triton Service's gRPC address: DNS gives every ready replica. */}}
-{{- define "dlm.triton.grpcTarget" -}}
-{{- printf "%s.%s.svc.%s:%v" (include "dlm.triton.name" .) .Release.Namespace .Values.clusterDomain .Values.triton.ports.grpc }}
-{{- end }}
 
 {{/* Where Triton reads the model repository. */}}
 {{- define "dlm.modelRepository" -}}
