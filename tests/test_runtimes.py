@@ -454,3 +454,56 @@ def test_a_bf16_export_decodes_in_every_mode(built, config, spec, reference, tmp
     assert [r.tokens for r in generate(runtime, PROMPTS, SETTINGS["speculative"], spec)] == [r.tokens for r in got]
     for setting in ("diffusion-threshold", "diffusion-steps"):
         assert all(len(r.tokens) == 19 for r in generate(runtime, PROMPTS, SETTINGS[setting], spec))
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "torch"])
+def test_prefix_caching_gives_the_same_tokens_on_every_artifact_runtime(runtimes, spec, name):
+    """Prefix caching lives in the runtimes' shared base (`EngineRuntime.claim`/`retain`, `dlm.kv_cache`): over
+    ONNX Runtime and torch.export alike, a request sharing a prefix with one that finished, and a second turn that
+    resends the first with its answer, reuse the slot's keys and values and decode the tokens they do without."""
+    from dlm.planner import PassLimits
+    from dlm.scheduler import Scheduler
+
+    runtime = runtimes[name]
+    limits = PassLimits.from_profile(runtime.contract.profile, prefill_chunk=8)
+    system = list(range(10, 30))
+    got: dict[bool, list] = {}
+    for caching in (True, False):
+        scheduler = Scheduler(runtime, spec, max_live=2, max_queue=8, context=MAX_CONTEXT, limits=limits,
+                              prefix_caching=caching)
+        try:
+            outcomes = []
+            for setting in SETTINGS.values():
+                params = dataclasses.replace(setting, max_tokens=12)
+                first = run_to_end(scheduler, system + [60, 61], params)
+                second = run_to_end(scheduler, system + [62], params)
+                turn = run_to_end(scheduler, system + [60, 61] + first.seq.output + [70], params)
+                outcomes.append([(j.seq.output, j.seq.cached_tokens) for j in (first, second, turn)])
+            got[caching] = outcomes
+        finally:
+            scheduler.stop()
+    for on, off in zip(got[True], got[False]):
+        assert [tokens for tokens, _ in on] == [tokens for tokens, _ in off]
+        assert on[1][1] >= len(system) and on[2][1] >= len(system) + 2 and all(c is None for _, c in off)
+
+
+def run_to_end(scheduler, prompt, params):
+    import threading
+
+    done = threading.Event()
+
+    class Waiter:
+        def cancelled(self):
+            return False
+
+        def update(self, job):
+            if job.finished:
+                done.set()
+            return False
+
+        def fail(self, job, error):
+            done.set()
+
+    job = scheduler.submit(prompt, params, Waiter())
+    assert done.wait(60) and job.outcome in ("length", "eos"), job.outcome
+    return job

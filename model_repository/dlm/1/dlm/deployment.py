@@ -14,7 +14,7 @@ from dlm.inputs import Defaults, Limits
 from dlm.memory_plan import MemoryPlan, plan_for_runtime
 from dlm.planner import PassLimits
 from dlm.refine import TokenSpec
-from dlm.runtime import Runtime, choose_runtime, load_runtime
+from dlm.runtime import ServingRuntime, choose_runtime, load_runtime
 from dlm.special_tokens import check_special_tokens, end_token_ids
 from dlm.text import TextCodec
 
@@ -24,7 +24,7 @@ class Deployment:
     codec: TextCodec
     spec: TokenSpec
     defaults: Defaults
-    runtime: Runtime
+    runtime: ServingRuntime
     runtime_name: str
     model_config: dict[str, Any]
     context: int
@@ -33,6 +33,16 @@ class Deployment:
     pass_limits: PassLimits
     plan: MemoryPlan
     warnings: list[str]
+    prefix_caching: bool = True  # reuse the keys and values finished requests left in their slots
+
+
+def _flag(parameters: dict[str, str], key: str, default: bool) -> bool:
+    value = parameters.get(key, "").strip().lower()
+    if not value:
+        return default
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"config.pbtxt {key} = '{value}' is not valid: expected true or false")
+    return value in ("true", "1", "yes")
 
 
 def _integer(parameters: dict[str, str], key: str) -> int | None:
@@ -83,4 +93,4 @@ def load_deployment(version_dir: str | Path, parameters: dict[str, str], device:
     for warning in warnings:
         (warn or log)(f"dlm: {warning}")
     return Deployment(codec, spec, defaults, runtime, name, model_config, context, max_live, limits, pass_limits,
-                      plan, warnings)
+                      plan, warnings, _flag(parameters, "prefix_caching", True))

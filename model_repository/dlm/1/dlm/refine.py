@@ -177,6 +177,9 @@ class Sequence:
     lookahead: bool = False
     lookahead_draft: np.ndarray | None = None
     limits: PassLimits | None = None  # the pass planner's limits (None: unbounded), so extra rows always fit
+    # prefix caching: prompt tokens whose keys and values were already in the slot when the request took it (the
+    # prefill starts after them); None: no lookup was made (prefix caching off)
+    cached_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.params.validate()
@@ -203,6 +206,18 @@ class Sequence:
         return len(self.prompt) + self.params.max_tokens + self.block_length
 
     @property
+    def resident(self) -> list[int]:
+        """The tokens whose keys and values the slot holds: the cache's position i holds token i of the prompt
+        followed by the committed answer, always written by a causal pass (a bidirectional pass commits nothing,
+        speculative decoding only what it accepted); the last committed token is not in it yet."""
+        return (self.prompt + self.tokens)[: self.cache_length]
+
+    def reuse(self, cached: int) -> None:
+        """Start the prefill after the first `cached` prompt tokens, which the slot's cache holds already."""
+        assert self.phase == "prefill" and self.cache_length == 0 and 0 <= cached < len(self.prompt)
+        self.cache_length = self.cached_tokens = cached
+
+    @property
     def output(self) -> list[int]:
         """Generated tokens, cut before the first end token."""
         return self.tokens[:-1] if self.finish_reason == "eos" else list(self.tokens)
@@ -227,9 +242,11 @@ class Sequence:
 
 
 def prefill_pass(seq: Sequence) -> Pass:
-    """The next chunk of the prompt, after the `cache_length` tokens already in the cache."""
+    """The next chunk of the prompt, after the `cache_length` tokens already in the cache. Chunks end at multiples
+    of the chunk size, so after a reused prefix the passes are those the whole prefill would run, the first cut."""
     start = seq.cache_length
-    end = len(seq.prompt) if seq.prefill_chunk is None else min(len(seq.prompt), start + seq.prefill_chunk)
+    chunk = seq.prefill_chunk
+    end = len(seq.prompt) if chunk is None else min(len(seq.prompt), (start // chunk + 1) * chunk)
     last = np.array([end - start - 1], dtype=np.int64)
     first = np.array([len(seq.tokens)], dtype=np.int64)
     positions = np.arange(start, end, dtype=np.int64)

@@ -1,6 +1,8 @@
 """Runtimes: one interface over the engine contract of DESIGN §4 (version 2), whatever executes the denoiser.
 
-A runtime owns the KV cache: `allocate` reserves one slot of `context` positions per live sequence, once.
+A runtime owns the KV cache: `allocate` reserves one slot of `context` positions per live sequence, once;
+`claim` picks a free slot for a new request (with prefix caching, the one whose resident keys and values share the
+longest prefix with its prompt, `dlm.kv_cache`) and `retain` keeps what a leaving request's slot holds.
 `forward` gathers each row's cache (its first `cache_lengths[i]` positions), runs the pass and returns the
 candidates at the positions each row asked for (`dlm.candidates.Candidates`: [B, N, K] ids and logits, [B, N]
 logsumexp; never full-vocabulary logits); the keys and values of the pass stay inside the runtime until `commit`
@@ -23,7 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -76,6 +78,15 @@ class Runtime(Protocol):
     ) -> Candidates: ...
 
     def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None: ...
+
+
+class ServingRuntime(Runtime, Protocol):
+    """What the scheduler needs besides the passes: slots claimed for new requests and retained when they leave
+    (prefix caching; `EngineRuntime` provides both for every runtime)."""
+
+    def claim(self, free: Sequence[int], prompt: Sequence[int] | None) -> tuple[int, int]: ...
+
+    def retain(self, slot: int, tokens: Sequence[int]) -> None: ...
 
 
 def attention_mask(cache_lengths: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
@@ -202,6 +213,25 @@ class EngineRuntime(ABC):
         assert self.cache is not None
         self.cache.commit(slots, starts, counts, self._present)
 
+    def weights_version(self) -> object:
+        """What identifies the weights the cache's keys and values were computed with. An artifact's runtime runs the
+        files it verified at load for its whole life (another artifact, or another adapter, is another runtime with
+        another cache), so None; a PyTorch module can be changed in place (`TorchRuntime`)."""
+        return None
+
+    def claim(self, free: Sequence[int], prompt: Sequence[int] | None) -> tuple[int, int]:
+        """A free slot for a request and the prompt tokens its cache already holds (`KVCache.claim`; `prompt`
+        None: prefix caching off). Content computed with other weights is dropped first."""
+        assert self.cache is not None, "allocate the cache before claiming a slot"
+        if prompt is not None:
+            self.cache.check_weights(self.weights_version())
+        return self.cache.claim(free, prompt)
+
+    def retain(self, slot: int, tokens: Sequence[int]) -> None:
+        """`slot` is free again and its first positions hold the keys and values of `tokens` (empty: nothing)."""
+        assert self.cache is not None
+        self.cache.retain(slot, tokens)
+
 
 class TorchRuntime(EngineRuntime):
     """Runs a PyTorch module with the engine contract (`forward(input_ids, position_ids, attention_mask,
@@ -237,6 +267,12 @@ class TorchRuntime(EngineRuntime):
         outputs = {"top_tokens": tokens.cpu().numpy(), "top_logits": logits.float().cpu().numpy(),
                    "logsumexp": lse.float().cpu().numpy()}
         return outputs, present
+
+    def weights_version(self) -> object:
+        """The parameters' identities and in-place version counters: any change of a weight (an adapter trained
+        or loaded in place, `load_state_dict`) moves one, and the resident keys and values are dropped. A write
+        through `.data` bypasses the counters: after one, `cache.forget()`."""
+        return tuple((id(p), p._version) for p in self.module.parameters())
 
 
 class TorchExportRuntime(TorchRuntime):
@@ -431,6 +467,10 @@ class TensorRTRuntime(EngineRuntime):
     def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
         with self._torch.cuda.device(self.device), self._torch.cuda.stream(self.stream):
             super().commit(slots, starts, counts)
+
+    def claim(self, free: Sequence[int], prompt: Sequence[int] | None) -> tuple[int, int]:
+        with self._torch.cuda.device(self.device), self._torch.cuda.stream(self.stream):
+            return super().claim(free, prompt)  # a shared prefix copied between slots is copied on this stream
 
     def _run(self, feeds: dict[str, np.ndarray], past: Any, shape: tuple[int, int, int, int]) -> tuple[dict[str, Any], Any]:
         torch, contract = self._torch, self.contract

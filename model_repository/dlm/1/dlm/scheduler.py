@@ -8,6 +8,10 @@ fit the artifact's profile and the per-pass token budget, prefilling long prompt
 `refine.step` (the same loop `refine.generate` runs offline), then tells each request's consumer what was
 committed. A pass that raises fails only the requests that took part in it.
 
+Prefix caching (`prefix_caching`, on by default): a request that leaves, unless it failed, leaves its slot's keys
+and values resident, and a new request takes over the free slot that shares the longest prefix with its prompt
+(`ServingRuntime.claim`, `dlm.kv_cache`), its prefill starting after the shared part.
+
 An `Observer` (Triton's metrics) is told of every pass (its time, requests and tokens, padding included), of each
 request's admission and first committed block, and of the KV-cache positions in use. It is called on the scheduler
 thread, so it must be quick (model.py's `Metrics` queues its updates for a thread of its own); a failing one is
@@ -25,7 +29,7 @@ from typing import Protocol
 
 from dlm.planner import PassLimits
 from dlm.refine import GenerationParams, Pass, Sequence, TokenSpec, look_ahead_for, plan_step, step
-from dlm.runtime import Runtime
+from dlm.runtime import ServingRuntime
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,8 @@ class Observer(Protocol):
         ...
 
     def admitted(self, job: "Job") -> None:
-        """The request took a KV-cache slot (`job.admitted_at`; its queue wait is `admitted_at - submitted`)."""
+        """The request took a KV-cache slot (`job.admitted_at`; its queue wait is `admitted_at - submitted`; with
+        prefix caching, `job.seq.cached_tokens` of its prompt were in that slot already)."""
         ...
 
     def first_block(self, job: "Job") -> None:
@@ -116,7 +121,7 @@ def pass_tokens(plans: list[Pass]) -> tuple[int, int]:
 class Scheduler:
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: ServingRuntime,
         spec: TokenSpec,
         max_live: int,
         max_queue: int,
@@ -124,9 +129,10 @@ class Scheduler:
         observer: Observer | None = None,
         pad_token_id: int = 0,
         limits: PassLimits | None = None,
+        prefix_caching: bool = True,
     ):
         """`limits`: what one pass may hold; by default the runtime's artifact profile (when it has one) with a
-        budget of one longest prefill."""
+        budget of one longest prefill. `prefix_caching`: reuse the keys and values finished requests left."""
         if max_live < 1 or max_queue < 0:
             raise ValueError(f"max_live must be >= 1 and max_queue >= 0, got {max_live} and {max_queue}")
         profile = getattr(runtime, "profile", None)
@@ -134,6 +140,7 @@ class Scheduler:
         self.runtime, self.spec, self.observer = runtime, spec, observer
         self.max_live, self.max_queue, self.context = max_live, max_queue, context
         self.pad_token_id = pad_token_id
+        self.prefix_caching = prefix_caching
         runtime.allocate(max_live, context, self.limits.token_budget if self.limits else None)
         self._free_slots = list(range(max_live - 1, -1, -1))
         self._waiting: collections.deque[Job] = collections.deque()
@@ -219,7 +226,12 @@ class Scheduler:
                 admitted = []
                 while self._waiting and self._free_slots:
                     job = self._waiting.popleft()
-                    job.seq.slot = self._free_slots.pop()
+                    slot, cached = self.runtime.claim(self._free_slots,
+                                                      job.seq.prompt if self.prefix_caching else None)
+                    self._free_slots.remove(slot)
+                    job.seq.slot = slot
+                    if self.prefix_caching:
+                        job.seq.reuse(cached)
                     job.admitted_at = time.perf_counter()
                     self._live.append(job)
                     admitted.append(job)
@@ -289,6 +301,9 @@ class Scheduler:
         with self._lock:
             if job in self._live:
                 self._live.remove(job)
+                # what a failed pass may have left half-written is never offered again
+                keep = self.prefix_caching and outcome != "error"
+                self.runtime.retain(job.seq.slot, job.seq.resident if keep else [])
                 self._free_slots.append(job.seq.slot)
             elif job in self._waiting:
                 self._waiting.remove(job)
