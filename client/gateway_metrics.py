@@ -72,7 +72,7 @@ Labels = tuple[tuple[str, str], ...]
 
 class GatewayMetrics:
     """What the gateway counts; `text()` renders it, followed by the text of each source added with `add_source`
-    (the replica pool's per-replica counters, for one)."""
+    (none by default)."""
 
     def __init__(self) -> None:
         self.requests: dict[Labels, int] = defaultdict(int)

@@ -758,6 +758,20 @@ def test_the_triton_image_files_agree_with_values():
             assert lock[name].split("+")[0] == version, package  # here 2.13.0+cpu: the same release
 
 
+def test_the_gateway_image_holds_what_the_gateway_imports():
+    """deploy/gateway/Dockerfile copies client/ and every module of the `dlm` package that client/ imports (the
+    image runs in every replica's pod)."""
+    dockerfile = (ROOT / "deploy" / "gateway" / "Dockerfile").read_text()
+    copied = {word for line in dockerfile.splitlines() if line.startswith("COPY ") for word in line.split()[1:-1]}
+    imported = set()
+    for source in (ROOT / "client").glob("*.py"):
+        imported |= set(re.findall(r"^\s*(?:from|import) dlm\.(\w+)", source.read_text(), flags=re.M))
+    assert imported, "client/ imports nothing from dlm: drop the COPY of it"
+    for module in imported:
+        assert f"model_repository/dlm/1/dlm/{module}.py" in copied, module
+    assert "client" in copied and "model_repository/dlm/1/dlm/__init__.py" in copied
+
+
 # checkov's findings the chart accepts, each with its reason (docs/kubernetes.md lists them too);
 # each holds for the Deployments only
 ACCEPTED_CHECKOV = {
