@@ -7,6 +7,14 @@ what the llm-d router scrapes on each replica to pick one, read from the Triton 
 | `dlm:num_requests_running` | `dlm_live_slots` | requests being decoded (slots in use) |
 | `dlm:kv_cache_usage_perc` | `dlm_kv_cache_usage` | KV-cache positions held by live requests / (slots x context), 0 to 1 |
 
+With prefix caching on, two more gauges tell the router's prefix-cache scorer how much prompt content a replica
+keeps (it sizes its per-replica index by them):
+
+| gauge | from | meaning |
+| --- | --- | --- |
+| `dlm:cache_block_size` | constant | 64 tokens: the granularity the router matches prefixes at (its minimum). The model reuses any shared prefix to the token; matching in 64-token blocks only under-counts that |
+| `dlm:cache_num_blocks` | `dlm_prefix_cache_capacity_positions` / 64 | the resident content's capacity (slots x context) in such blocks |
+
 The names follow vLLM's (`vllm:num_requests_waiting`, ...) with the model's own prefix; the chart's
 `EndpointPickerConfig` maps them for the router (`engineConfigs`, engine type `dlm`, the pod label
 `llm-d.ai/engine-type: dlm`). They come from the model's scheduler through Triton's custom metrics (model.py's
@@ -28,6 +36,13 @@ GAUGES: dict[str, tuple[str, str]] = {
     "dlm:kv_cache_usage_perc": ("dlm_kv_cache_usage", "KV-cache utilisation, 0 to 1: positions held by live "
                                                       "requests / (slots x context)"),
 }
+
+
+# the prefix-cache gauges: the block the router hashes prompts in (its minimum, llm-d-router v0.10's
+# minBlockSizeTokens), and Triton's metric of the positions prefix caching may keep
+CACHE_BLOCK_TOKENS = 64
+CACHE_BLOCK_SIZE, CACHE_NUM_BLOCKS = "dlm:cache_block_size", "dlm:cache_num_blocks"
+RESIDENT_POSITIONS = "dlm_prefix_cache_capacity_positions"
 
 
 def triton_metrics_url(triton: str) -> str:
@@ -63,6 +78,14 @@ def render(samples: dict[str, float] | None) -> str:
             value = samples[source]
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
                       f"{name} {int(value) if value.is_integer() else repr(value)}"]
+    resident = (samples or {}).get(RESIDENT_POSITIONS, 0)
+    if resident > 0:  # prefix caching is on
+        lines += [f"# HELP {CACHE_BLOCK_SIZE} Tokens per block the router's prefix index should hash (the model "
+                  "reuses prefixes to the token)", f"# TYPE {CACHE_BLOCK_SIZE} gauge",
+                  f"{CACHE_BLOCK_SIZE} {CACHE_BLOCK_TOKENS}",
+                  f"# HELP {CACHE_NUM_BLOCKS} Prompt content prefix caching may keep, in such blocks (slots x context "
+                  "/ block size)", f"# TYPE {CACHE_NUM_BLOCKS} gauge",
+                  f"{CACHE_NUM_BLOCKS} {int(resident) // CACHE_BLOCK_TOKENS}"]
     return "\n".join(lines) + "\n"
 
 

@@ -633,7 +633,7 @@ def test_the_inference_pool_and_its_router(helm, name):
 def test_the_router_configuration_maps_the_gauges_the_gateway_exports(helm):
     """Statically: the engine the pods are labelled with maps the protocol's three gauges to the names
     client/replica_gauges.py exports (tests/test_replica_protocol.py checks them against a running replica)."""
-    from client.replica_gauges import GAUGES
+    from client.replica_gauges import CACHE_BLOCK_SIZE, CACHE_NUM_BLOCKS, GAUGES
 
     docs = variant(helm, "default")
     config = epp_config(docs)
@@ -650,6 +650,9 @@ def test_the_router_configuration_maps_the_gauges_the_gateway_exports(helm):
     assert GAUGES[mapping["queuedRequestsSpec"]][0] == "dlm_queue_depth"
     assert GAUGES[mapping["runningRequestsSpec"]][0] == "dlm_live_slots"
     assert GAUGES[mapping["kvUsageSpec"]][0] == "dlm_kv_cache_usage"
+    assert (mapping["cacheBlockSizeSpec"], mapping["cacheNumBlocksSpec"]) == (CACHE_BLOCK_SIZE, CACHE_NUM_BLOCKS)
+    assert set(mapping) == {"name", "queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec", "cacheBlockSizeSpec",
+                            "cacheNumBlocksSpec"}  # fields of the router's engineConfigParams
     weights = {p["pluginRef"]: p["weight"] for profile in config["schedulingProfiles"] for p in profile["plugins"]}
     assert weights == {"queue-scorer": 2, "kv-cache-utilization-scorer": 2, "prefix-cache-scorer": 3}
     assert set(weights) <= {p.get("name", p["type"]) for p in config["plugins"]}

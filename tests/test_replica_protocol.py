@@ -24,6 +24,7 @@ import httpx
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from client.replica_gauges import CACHE_BLOCK_SIZE, CACHE_BLOCK_TOKENS, CACHE_NUM_BLOCKS, render
 from dlm.text import TextCodec
 from triton_server import (ENDLESS_PROMPT, REPOSITORY, Gateway, TritonServer, prepare_repository, repository_with)
 
@@ -68,6 +69,20 @@ def replica(tmp_path_factory):
         server.kill()
 
 
+def test_the_gauges_from_triton_samples():
+    """The rendering on its own: the three gauges from Triton's, the prefix cache's only when it is on, nothing
+    but the `up` gauge at 0 when Triton could not be read."""
+    triton = {"dlm_queue_depth": 3.0, "dlm_live_slots": 16.0, "dlm_kv_cache_usage": 0.25, "dlm_slots": 16.0,
+              "dlm_prefix_cache_capacity_positions": 16 * 1024.0}
+    lines = render(triton).splitlines()
+    assert {WAITING + " 3", RUNNING + " 16", KV_USAGE + " 0.25", "dlm_gateway_triton_metrics_up 1"} <= set(lines)
+    assert f"{CACHE_BLOCK_SIZE} {CACHE_BLOCK_TOKENS}" in lines and f"{CACHE_NUM_BLOCKS} 256" in lines
+    assert all(f"# TYPE {name} gauge" in lines for name in (WAITING, RUNNING, KV_USAGE, CACHE_BLOCK_SIZE))
+    off = render({**triton, "dlm_prefix_cache_capacity_positions": 0.0})
+    assert CACHE_BLOCK_SIZE not in off and CACHE_NUM_BLOCKS not in off and WAITING in off
+    assert render(None).splitlines()[-1] == "dlm_gateway_triton_metrics_up 0" and WAITING not in render(None)
+
+
 def test_the_gauges_are_served_as_gauges_and_idle_at_zero(replica):
     server, gateway = replica
     samples, types = scrape(gateway.url)
@@ -77,6 +92,10 @@ def test_the_gauges_are_served_as_gauges_and_idle_at_zero(replica):
         assert samples[name] == 0, name
     triton = server.metrics()
     assert triton["dlm_slots"] == SLOTS and triton["dlm_kv_capacity_positions"] % SLOTS == 0
+    # prefix caching is on by default (config.pbtxt): its capacity in the router's blocks
+    assert triton["dlm_prefix_cache_capacity_positions"] == triton["dlm_kv_capacity_positions"]
+    assert samples[CACHE_BLOCK_SIZE] == CACHE_BLOCK_TOKENS and types[CACHE_NUM_BLOCKS] == "gauge"
+    assert samples[CACHE_NUM_BLOCKS] == triton["dlm_kv_capacity_positions"] // CACHE_BLOCK_TOKENS
 
 
 @pytest.mark.slow
@@ -139,7 +158,8 @@ METRIC_SPEC = re.compile(r"^\s*(\S+?)\s*(?:\{([^}]*)\})?\s*$")
 LEGACY_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 ENGINE_LABEL = "llm-d.ai/engine-type"
 # what each spec field of an engineConfig is read as (the router's CoreMetricsExtractor), and our gauge for it
-SPEC_FIELDS = {"queuedRequestsSpec": WAITING, "runningRequestsSpec": RUNNING, "kvUsageSpec": KV_USAGE}
+SPEC_FIELDS = {"queuedRequestsSpec": WAITING, "runningRequestsSpec": RUNNING, "kvUsageSpec": KV_USAGE,
+               "cacheBlockSizeSpec": CACHE_BLOCK_SIZE, "cacheNumBlocksSpec": CACHE_NUM_BLOCKS}
 
 
 def rendered_chart(*args: str) -> list[dict]:
@@ -180,6 +200,7 @@ def test_the_router_configuration_names_the_gauges_the_replica_exports(replica):
     assert parameters.get("engineLabelKey", ENGINE_LABEL) == ENGINE_LABEL
     (mapping,) = [e for e in parameters["engineConfigs"] if e["name"] == engine]
     assert parameters["defaultEngine"] == engine  # an unlabelled pod of this pool reads the same names
+    assert set(mapping) - {"name"} == set(SPEC_FIELDS)  # every name the router is told to read is checked
     samples, types = scrape(gateway.url)
     for field, gauge in SPEC_FIELDS.items():
         parsed = METRIC_SPEC.match(mapping[field])

@@ -78,6 +78,10 @@ class Metrics:
         self.capacity_family = family("dlm_kv_capacity_positions", "KV-cache positions of all slots (slots x context)",
                                       family.GAUGE)
         self.slots_family = family("dlm_slots", "KV-cache slots: requests decoded at once at most", family.GAUGE)
+        self.resident_family = family(
+            "dlm_prefix_cache_capacity_positions",
+            "KV-cache positions whose content prefix caching may keep for later requests (slots x context; 0: off)",
+            family.GAUGE)
         self.passes = self.passes_family.Metric(labels={})
         self.real_tokens = self.pass_tokens_family.Metric(labels={"kind": "real"})
         self.padding_tokens = self.pass_tokens_family.Metric(labels={"kind": "padding"})
@@ -148,13 +152,16 @@ class Metrics:
                 self._metrics[key] = family.Metric(labels=labels, **extra)
             return self._metrics[key]
 
-    def capacity(self, slots: int, context: int) -> None:
-        """The KV cache's size: `slots` requests of `context` positions each (the denominator of the usage)."""
+    def capacity(self, slots: int, context: int, prefix_caching: bool = False) -> None:
+        """The KV cache's size: `slots` requests of `context` positions each (the denominator of the usage), all of
+        which prefix caching may keep resident when it is on."""
         self.kv_capacity = slots * context
         self.slots = self.slots_family.Metric(labels={})  # kept: a metric lives as long as its reference
         self.slots.set(slots)
         self.capacity_positions = self.capacity_family.Metric(labels={})
         self.capacity_positions.set(self.kv_capacity)
+        self.resident = self.resident_family.Metric(labels={})
+        self.resident.set(self.kv_capacity if prefix_caching else 0)
         self.kv_usage.set(0.0)
 
     def request(self, mode: str, outcome: str) -> None:
@@ -291,7 +298,7 @@ class TritonPythonModel:
             runtime, self.spec, max_live=max_live, max_queue=integer("max_queue") or 0, context=context,
             observer=self.metrics, pad_token_id=int(model_config.get("pad_token_id") or 0), limits=limits,
         )
-        self.metrics.capacity(max_live, context)
+        self.metrics.capacity(max_live, context, loaded.prefix_caching)
         pb_utils.Logger.log_info(
             f"dlm: {name} runtime over {version_dir / parameters.get('artifact', 'engine')}, {max_live} slots of {context} positions, "
             f"default mode {self.defaults.mode}"
