@@ -65,7 +65,7 @@ def test_the_server_logs_its_plan(triton):
 
 
 # --- the plan applied by a real tritonserver ------------------------------------------------------------------------
-LONG = 900  # tokens of ENDLESS_PROMPT in ar: 900 passes, seconds of work that no request ends early
+LONG = 300  # tokens of ENDLESS_PROMPT in ar: 300 passes, seconds of work that no request ends early
 
 
 def repository_parameters() -> dict[str, str]:

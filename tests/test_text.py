@@ -306,20 +306,27 @@ def triton_model():
 
 
 def responses_for(model, codec, tokens, stop_words, chunk, stream=True):
-    """model.py's Responder fed `tokens` `chunk` at a time as a job commits them, each with log prob -i/100; the
-    responses it sent, each a dict of its outputs."""
+    """model.py's Responder fed `tokens` `chunk` at a time as the scheduler's job commits them (the scheduler's own
+    Job and Sequence), each token with log prob -i/100; the responses it sent, each a dict of its outputs."""
     from types import SimpleNamespace
+
+    from dlm.refine import GenerationParams, Sequence, TokenSpec
+    from dlm.scheduler import Job
 
     sent = []
     sender = SimpleNamespace(send=lambda response, flags=0: sent.append(response.outputs), is_cancelled=lambda: False)
     responder = model.Responder(sender, codec, stream, list(stop_words), later=None, logprobs=0)
+    spec = TokenSpec(mask_token_id=0, eos_token_ids=frozenset({1}), block_size=32, max_position_embeddings=4096)
+    seq = Sequence([2], GenerationParams(mode="ar", max_tokens=len(tokens), logprobs=0), spec)
+    job = Job(seq, responder)
     for end in range(chunk, len(tokens) + chunk, chunk):
         end = min(end, len(tokens))
-        seq = SimpleNamespace(output=tokens[:end], tokens=tokens[:end], forwards=end, top_logprobs=[[]] * end,
-                              logprobs=[-i / 100 for i in range(end)])
-        job = SimpleNamespace(seq=seq, finished=end == len(tokens), outcome="length")
+        seq.tokens, seq.forwards = tokens[:end], end
+        seq.logprobs, seq.top_logprobs = [-i / 100 for i in range(end)], [[] for _ in range(end)]
+        job.outcome = "length" if end == len(tokens) else None
         if responder.update(job):  # a stop word: the scheduler ends the job and asks for the final response
-            responder.update(SimpleNamespace(seq=seq, finished=True, outcome="stop"))
+            job.outcome = "stop"
+            responder.update(job)
             break
     return sent
 
