@@ -272,7 +272,8 @@ def test_every_rendered_document_validates(helm, name):
     autoscaler = {"fixed": None, "hpa": "HorizontalPodAutoscaler", "hpa-podmonitor": "HorizontalPodAutoscaler"}.get(
         name, "ScaledObject")
     expected = {"Deployment": 1 + router, "Service": 2 + 2 * router, "PodDisruptionBudget": 1 + router,
-                "NetworkPolicy": 1 + router, "ServiceAccount": 1 + router, "Role": router, "RoleBinding": router,
+                "NetworkPolicy": 1 + router, "ServiceAccount": 1 + router,
+                "Role": router + (name == "objectives"), "RoleBinding": router + (name == "objectives"),
                 "InferencePool": router, "InferenceObjective": objectives,
                 "ScaledObject": autoscaler == "ScaledObject",
                 "HorizontalPodAutoscaler": autoscaler == "HorizontalPodAutoscaler"}
@@ -619,8 +620,17 @@ def test_the_inference_pool_and_its_router(helm, name):
     rules = one(docs, "Role", binding["roleRef"]["name"])["rules"]
     assert {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]} == {
         ("", "pods"), ("inference.networking.k8s.io", "inferencepools"), ("llm-d.ai", "inferenceobjectives"),
-        ("llm-d.ai", "inferencemodelrewrites")}
+        ("llm-d.ai", "inferencemodelrewrites"), ("inference.networking.x-k8s.io", "inferenceobjectives"),
+        ("inference.networking.x-k8s.io", "inferencemodelrewrites")}
     assert all(rule["verbs"] == ["get", "watch", "list"] for rule in rules)
+    # two router replicas elect one through a Lease, which needs its own Role
+    elections = find(docs, "RoleBinding", f"{ROUTER}-leader-election")
+    assert len(elections) == (name == "objectives")
+    for election in elections:
+        assert election["subjects"] == binding["subjects"]
+        (lease,) = [r for r in one(docs, "Role", election["roleRef"]["name"])["rules"]
+                    if r["apiGroups"] == ["coordination.k8s.io"]]
+        assert lease["resources"] == ["leases"] and "update" in lease["verbs"]
     # the InferenceObjectives name this pool
     objectives = find(docs, "InferenceObjective")
     assert [o["metadata"]["name"] for o in objectives] == (["chat", "batch"] if name == "objectives"
