@@ -83,6 +83,7 @@ def test_the_gauges_from_triton_samples():
     assert render(None).splitlines()[-1] == "dlm_gateway_triton_metrics_up 0" and WAITING not in render(None)
 
 
+@pytest.mark.slow  # the module's tritonserver takes about 10 s to start
 def test_the_gauges_are_served_as_gauges_and_idle_at_zero(replica):
     server, gateway = replica
     samples, types = scrape(gateway.url)
@@ -193,6 +194,7 @@ def router_engine(docs: list[dict]) -> tuple[dict, dict, str]:
     return config, extractor["parameters"], triton["spec"]["template"]["metadata"]["labels"][ENGINE_LABEL]
 
 
+@pytest.mark.slow  # the module's tritonserver takes about 10 s to start
 def test_the_router_configuration_names_the_gauges_the_replica_exports(replica):
     server, gateway = replica
     config, parameters, engine = router_engine(rendered_chart())
@@ -217,6 +219,7 @@ def test_the_router_configuration_names_the_gauges_the_replica_exports(replica):
     assert [p["number"] for p in pool["spec"]["targetPorts"]] == [9000]
 
 
+@pytest.mark.slow  # the module's tritonserver takes about 10 s to start
 def test_with_triton_gone_the_gauges_vanish_and_requests_get_503(replica):
     """Last in this module: it kills the module's server."""
     server, gateway = replica
