@@ -3,8 +3,8 @@
 - `helm lint --strict` over the default values and each alternative below, and refusals of bad values;
 - `helm template` of each, every rendered document validated against the Kubernetes 1.30 JSON schemas
   (kubernetes-validate, strict: unknown fields are errors), and each custom resource (InferencePool,
-  InferenceObjective, ScaledObject, ServiceMonitor, PodMonitor) against the schema converted from its published CRD
-  (tests/fixtures/crd_schemas/, scripts/crd_schema.py: strict likewise); a kind with neither fails, none is skipped;
+  InferenceObjective, ScaledObject, ServiceMonitor, PodMonitor) against a schema written from its API reference
+  (tests/crd_schemas.py: strict likewise); a kind with neither fails, none is skipped;
 - what the chart must get right: the probes, the GPU, the Triton flags against scripts/serve.sh, the gateway beside
   Triton in each pod (the InferencePool's target port, its drain), the pool and its router (the llm-d endpoint
   picker, its configuration naming the gauges the gateway exports), the secret references, the autoscaling metric
@@ -35,6 +35,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from crd_schemas import SCHEMAS
 from required_tools import installed_by
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +44,8 @@ SERVE_SH = ROOT / "scripts" / "serve.sh"
 K8S_VERSION = "1.30.0"
 NAMESPACE = "serving"
 RELEASE = "rel"
-# custom resources: kubernetes-validate has no schema for them; each is validated against the schema converted from
-# its published CRD (their sources and versions are in each file's $comment)
-CRD_SCHEMAS = ROOT / "tests" / "fixtures" / "crd_schemas"
+# custom resources: kubernetes-validate has no schema for them; each is validated against tests/crd_schemas.py's
+CRD_SCHEMAS = "tests/crd_schemas.py"
 TRITON = f"{RELEASE}-dlm-triton"
 GATEWAY = f"{RELEASE}-dlm-gateway"
 ROUTER = f"{RELEASE}-dlm-router"
@@ -184,10 +184,9 @@ def test_bad_values_are_refused(helm, args, message):
 
 
 def crd_schemas() -> dict[tuple[str, str], dict]:
-    """{(apiVersion, kind): JSON schema} of the custom resources, from tests/fixtures/crd_schemas/."""
+    """{(apiVersion, kind): JSON schema} of the custom resources, from tests/crd_schemas.py."""
     schemas = {}
-    for path in sorted(CRD_SCHEMAS.glob("*.json")):
-        schema = json.loads(path.read_text())
+    for schema in SCHEMAS:
         jsonschema.Draft7Validator.check_schema(schema)
         key = (schema["properties"]["apiVersion"]["const"], schema["properties"]["kind"]["const"])
         assert key not in schemas, f"two schemas for {key}"
@@ -206,7 +205,7 @@ def test_the_crd_schemas_are_there_with_their_source_and_are_strict():
                             ("llm-d.ai/v1alpha2", "InferenceObjective"), ("keda.sh/v1alpha1", "ScaledObject"),
                             ("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor")}
     for schema in schemas.values():
-        assert re.search(r"converted by scripts/crd_schema.py from .* of \S+/\S+ v?\d", schema["$comment"])
+        assert re.search(r"written from .*(reference|API|specification)", schema["$comment"])
     spec: dict[str, Any] = {"selector": {"matchLabels": {"app": "x"}}, "targetPorts": [{"number": 9000}],
                             "endpointPickerRef": {"name": "epp", "port": {"number": 9002}, "failureMode": "FailOpen"}}
     pool: dict[str, Any] = {"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
