@@ -242,11 +242,10 @@ class Sequence:
 
 
 def prefill_pass(seq: Sequence) -> Pass:
-    """The next chunk of the prompt, after the `cache_length` tokens already in the cache. Chunks end at multiples
-    of the chunk size, so after a reused prefix the passes are those the whole prefill would run, the first cut."""
+    """The next chunk of the prompt, after the `cache_length` tokens already in the cache (the prefix cache's,
+    then the earlier chunks')."""
     start = seq.cache_length
-    chunk = seq.prefill_chunk
-    end = len(seq.prompt) if chunk is None else min(len(seq.prompt), (start // chunk + 1) * chunk)
+    end = len(seq.prompt) if seq.prefill_chunk is None else min(len(seq.prompt), start + seq.prefill_chunk)
     last = np.array([end - start - 1], dtype=np.int64)
     first = np.array([len(seq.tokens)], dtype=np.int64)
     positions = np.arange(start, end, dtype=np.int64)
