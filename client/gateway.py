@@ -28,7 +28,8 @@
   `chat_template_kwargs` (e.g. `{"enable_thinking": true}`) and `documents` passed to the template; the rendered
   prompt is sent with `add_special_tokens` false, so the tokenizer adds no second BOS (as transformers'
   `apply_chat_template(..., tokenize=True)`). A completion prompt gets the tokenizer's special tokens.
-  `usage.prompt_tokens` counts the prompt exactly as the server encodes it.
+  `usage.prompt_tokens` counts the prompt exactly as the server encodes it, and
+  `usage.prompt_tokens_details.cached_tokens` the part of it Triton reused from its prefix cache.
 - Fields not honoured are refused with a 400 that names them (`NOT_HONOURED`: penalties, `logit_bias`,
   `response_format` other than text, `tools`, `tool_choice`, ...; `echo`, `best_of`, `suffix`, `n` > 1), and so is
   any field neither OpenAI nor vLLM defines; identifiers and hints (`user`, `metadata`, ...) are accepted.
@@ -531,12 +532,12 @@ class Reply:
         tokens = tokens or ()
         return chat_logprobs(tokens) if self.chat else CompletionLogprobs().chunk(tokens)
 
-    def usage(self, prompts: list[str], results: list[Result]) -> dict[str, int]:
+    def usage(self, prompts: list[str], results: list[Result]) -> dict[str, Any]:
         """The usage of a finished response, counted in the gateway's metrics too."""
         prompt_tokens = sum(self.gateway.prompt_tokens(p, self.add_special_tokens) for p in prompts)
         completion_tokens = sum(r.num_tokens for r in results)
         self.gateway.metrics.tokens(self.endpoint, prompt_tokens, completion_tokens)
-        return usage_of(prompt_tokens, completion_tokens)
+        return usage_of(prompt_tokens, completion_tokens, sum(r.cached_tokens for r in results))
 
     def envelope(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.gateway.served_name}
@@ -615,9 +616,14 @@ class Reply:
         return EventSourceResponse(events(), ping=15)
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; with `cached_tokens` (a finished response's), the prompt tokens Triton did not prefill
+    again because their keys and values were cached (prefix caching), as `prompt_tokens_details.cached_tokens`."""
+    usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return usage
 
 
 async def prepend(first: Block, stream: AsyncBlockStream) -> AsyncIterator[Block]:

@@ -30,10 +30,11 @@ from client.request import Options, tensors
 from client.result import Accumulator, Block, DLMError, Result, Timeout, Token, from_grpc, tokens_from
 
 OUTPUTS = ("text_output", "num_forwards", "num_tokens", "finish_reason", "output_log_probs", "output_tokens",
-           "output_top_log_probs", "output_top_tokens")
+           "output_top_log_probs", "output_top_tokens", "num_cached_tokens")
 # text delta, engine passes so far, tokens so far, final, finish reason ("stop" or "length"; "" before the end),
-# and the delta's tokens with their log probs (None when the response has none)
-Response = tuple[str, int, int, bool, str, tuple[Token, ...] | None]
+# the delta's tokens with their log probs (None when the response has none), and the prompt tokens the server
+# reused (the final response's `num_cached_tokens`; None before it)
+Response = tuple[str, int, int, bool, str, tuple[Token, ...] | None, int | None]
 
 
 def grpc_target(url: str) -> str:
@@ -51,21 +52,23 @@ def infer_inputs(prompt: str, options: Options, stream: bool) -> list[grpcclient
 
 
 def parse_response(result: Any) -> Response:
-    """(text, num_forwards, num_tokens, final, finish_reason, tokens) of one `InferResult`."""
+    """(text, num_forwards, num_tokens, final, finish_reason, tokens, cached_tokens) of one `InferResult`."""
     text = result.as_numpy("text_output")
     forwards, tokens = result.as_numpy("num_forwards"), result.as_numpy("num_tokens")
     parameters = result.get_response().parameters
     final = "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
     if text is None:  # an empty final response (flags only)
-        return "", 0, 0, final, "", None
+        return "", 0, 0, final, "", None, None
     reason = result.as_numpy("finish_reason")
     log_probs = result.as_numpy("output_log_probs")
+    cached = result.as_numpy("num_cached_tokens")
     return (
         as_text(text), int(forwards.reshape(-1)[0]), int(tokens.reshape(-1)[0]), final,
         "" if reason is None else as_text(reason),
         None if log_probs is None else tokens_from(log_probs, result.as_numpy("output_tokens"),
                                                    result.as_numpy("output_top_log_probs"),
                                                    result.as_numpy("output_top_tokens")),
+        None if cached is None else int(cached.reshape(-1)[0]),
     )
 
 

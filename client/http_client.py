@@ -68,8 +68,9 @@ def parse_event(data: dict[str, Any], final: bool) -> Response:
     if "output_log_probs" in data:
         tokens = tokens_from(data["output_log_probs"], data.get("output_tokens"), data.get("output_top_log_probs"),
                              data.get("output_top_tokens"))
+    cached = data.get("num_cached_tokens")
     return (str(data.get("text_output", "")), int(data.get("num_forwards", 0)), int(data.get("num_tokens", 0)), final,
-            str(data.get("finish_reason", "")), tokens)
+            str(data.get("finish_reason", "")), tokens, None if cached is None else int(cached))
 
 
 class HttpClient:
@@ -126,7 +127,7 @@ class HttpClient:
                 if last is None:
                     raise DLMError("the server closed the stream without a response")
                 # the stream ends after the request's final response: repeat its counts, marked final
-                yield "", last[1], last[2], True, last[4], None
+                yield "", last[1], last[2], True, last[4], None, last[6]
 
     def is_ready(self) -> bool:
         try:

@@ -123,6 +123,7 @@ class Result:
     finish_reason: str = ""  # "stop" (an end token or a stop word) or "length" (max_tokens reached)
     # the text's tokens with their log probs (the end token excluded); None unless the request asked for them
     tokens: list[Token] | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values the server reused (prefix caching)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -150,11 +151,15 @@ class Accumulator:
     end: float | None = None
     finish_reason: str = ""
     tokens: list[Token] | None = None  # None until a response carries log probs
+    cached_tokens: int = 0
 
     def add(self, text: str, num_forwards: int, num_tokens: int, final: bool, finish_reason: str = "",
-            tokens: tuple[Token, ...] | None = None) -> Block | None:
-        """One response; its `Block`, or None when it carried neither text nor tokens."""
+            tokens: tuple[Token, ...] | None = None, cached_tokens: int | None = None) -> Block | None:
+        """One response; its `Block`, or None when it carried neither text nor tokens. `cached_tokens`: the
+        final response's `num_cached_tokens` (None where a response has none)."""
         now = time.perf_counter() - self.start
+        if cached_tokens is not None:
+            self.cached_tokens = cached_tokens
         if num_forwards:  # an empty final response carries no counts
             self.num_forwards, self.num_tokens = num_forwards, num_tokens
         self.finish_reason = finish_reason or self.finish_reason
@@ -179,7 +184,7 @@ class Accumulator:
             raise DLMError("the request has not finished: read its stream to the end first")
         first = self.end if self.first is None else self.first
         return Result("".join(self.parts), self.num_tokens, self.num_forwards, self.end, first, len(self.parts),
-                      self.finish_reason, self.tokens)
+                      self.finish_reason, self.tokens, self.cached_tokens)
 
 
 # Wording of the refusals the model (dlm/inputs.py, dlm/scheduler.py) and Triton's request checks send on a

@@ -240,8 +240,9 @@ def test_generate_json_forms_of_log_probs_are_read():
     body = (b'{"text_output":"\xe6\x97\xa5","num_forwards":2,"num_tokens":2,"output_log_probs":[-0.5,-0.25],'
             b'"output_tokens":["\xe6\x97","\xa5"],"output_top_log_probs":[-0.5,-1.0,-0.25,-2.0],'
             b'"output_top_tokens":["\xe6\x97","x\\"y","\xa5","\\n"]}')
-    text, forwards, num_tokens, final, reason, tokens = parse_event(exact_json(body), final=True)
-    assert text == "日" and (forwards, num_tokens, final, reason) == (2, 2, True, "")
+    text, forwards, num_tokens, final, reason, tokens, cached = parse_event(exact_json(body), final=True)
+    assert text == "日" and (forwards, num_tokens, final, reason, cached) == (2, 2, True, "", None)
+    assert parse_event({"text_output": "", "num_cached_tokens": 17}, final=True)[6] == 17
     assert tokens == (
         Token(b"\xe6\x97", -0.5, (Alternative(b"\xe6\x97", -0.5), Alternative(b'x"y', -1.0))),
         Token(b"\xa5", -0.25, (Alternative(b"\xa5", -0.25), Alternative(b"\n", -2.0))),

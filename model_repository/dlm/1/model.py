@@ -70,6 +70,15 @@ class Metrics:
                                      family.HISTOGRAM)
         self.kv_family = family("dlm_kv_positions", "KV-cache positions held by live requests (their cache lengths)",
                                 family.GAUGE)
+        # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens looked up, and those found (not prefilled)
+        self.prefix_queries_family = family("dlm_prefix_cache_queries_total",
+                                            "Prompt tokens of admitted requests looked up in the prefix cache",
+                                            family.COUNTER)
+        self.prefix_hits_family = family("dlm_prefix_cache_hits_total",
+                                         "Prompt tokens found in the prefix cache, whose prefill was skipped",
+                                         family.COUNTER)
+        self.prefix_queries = self.prefix_queries_family.Metric(labels={})
+        self.prefix_hits = self.prefix_hits_family.Metric(labels={})
         # the model-server protocol's gauges (GIE proposal 003) come from these: the gateway beside Triton re-exports
         # dlm_queue_depth, dlm_live_slots and dlm_kv_cache_usage on the port the router scrapes
         self.kv_usage_family = family(
@@ -115,7 +124,7 @@ class Metrics:
                 pb_utils.Logger.log_warn(f"dlm: metrics not updated: {e}")
 
     def _apply(self, events: list[tuple]) -> None:
-        passes = real = padding = 0
+        passes = real = padding = queried = hit = 0
         prompt: dict[str, int] = {}
         kv = None
         for kind, *args in events:
@@ -125,8 +134,10 @@ class Metrics:
                 self.step_latency.observe(seconds)
                 self.padding_ratio.observe(step_padding / max(step_real + step_padding, 1))
             elif kind == "admitted":
-                mode, tokens, wait = args
+                mode, tokens, wait, cached = args
                 prompt[mode] = prompt.get(mode, 0) + tokens
+                if cached is not None:  # None: prefix caching is off, nothing was looked up
+                    queried, hit = queried + tokens, hit + cached
                 self._metric(self.queue_wait_family, LATENCY_BUCKETS, mode=mode).observe(wait)
             elif kind == "first_block":
                 mode, seconds = args
@@ -140,6 +151,10 @@ class Metrics:
                 self.padding_tokens.increment(padding)
         for mode, tokens in prompt.items():
             self._metric(self.prompt_tokens, mode=mode).increment(tokens)
+        if queried:
+            self.prefix_queries.increment(queried)
+            if hit:
+                self.prefix_hits.increment(hit)
         if kv is not None:
             self.kv.set(kv)
             self.kv_usage.set(kv / self.kv_capacity if self.kv_capacity else 0.0)
@@ -173,7 +188,7 @@ class Metrics:
 
     def admitted(self, job: Job) -> None:
         wait = (job.admitted_at or job.submitted) - job.submitted
-        self._events.put(("admitted", job.seq.params.mode, len(job.seq.prompt), wait))
+        self._events.put(("admitted", job.seq.params.mode, len(job.seq.prompt), wait, job.seq.cached_tokens))
 
     def first_block(self, job: Job) -> None:
         self._events.put(("first_block", job.seq.params.mode, (job.first_block_at or job.submitted) - job.submitted))
@@ -259,6 +274,8 @@ class Responder:
             if job.finished:
                 reason = "length" if job.outcome == "length" else "stop"  # OpenAI's words, as vLLM's backend uses
                 outputs.append(pb_utils.Tensor("finish_reason", np.array([reason.encode()], dtype=np.object_)))
+                cached = np.array([seq.cached_tokens or 0], dtype=np.int32)  # prefix caching's share of the prompt
+                outputs.append(pb_utils.Tensor("num_cached_tokens", cached))
             self.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if job.finished else 0)
         return False
 
@@ -297,6 +314,7 @@ class TritonPythonModel:
         self.scheduler = Scheduler(
             runtime, self.spec, max_live=max_live, max_queue=integer("max_queue") or 0, context=context,
             observer=self.metrics, pad_token_id=int(model_config.get("pad_token_id") or 0), limits=limits,
+            prefix_caching=loaded.prefix_caching,
         )
         self.metrics.capacity(max_live, context, loaded.prefix_caching)
         pb_utils.Logger.log_info(
