@@ -226,7 +226,7 @@ def chat(server: Server, turns: int, conversations: int, system: int, user: int,
     on, off = runs["on"], runs["off"]
     return {"artifact": server.artifact.name, "turns": turns, "conversations": conversations,
             "system_tokens": system, "user_tokens": user, "max_tokens": max_tokens, "mode": params.mode,
-            "last_prompt_tokens": max(len(h) for h in histories),
+            "final_conversation_tokens": max(len(h) for h in histories),  # the last answer and separator too
             "prompt_tokens": off["prompt_tokens"], "prefilled_on": on["prefilled_tokens"],
             "prefilled_off": off["prefilled_tokens"], "prefill_share": on["prefilled_tokens"] / off["prefilled_tokens"],
             "seconds_on": on["seconds"], "seconds_off": off["seconds"],
