@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from conftest import load_script
-from dlm.kv_cache import MIN_TAKEOVER
+from dlm.kv_cache import MIN_COPY
 from triton_server import prepare_repository
 
 
@@ -21,7 +21,7 @@ def test_bench_prefix_writes_its_figures(tmp_path):
     assert json.loads((out / "bench_prefix.json").read_text()) == json.loads(json.dumps(record))
     (a,) = record["first_block"]  # 2000 tokens do not fit the miniature's 1024 positions: skipped
     assert a["prefix_tokens"] == 300 and len(a["cold_ms"]) == len(a["warm_ms"]) == 2 and a["ratio"] > 0
-    assert a["cached_tokens_warm_min"] == 300 and a["cached_tokens_cold_max"] < MIN_TAKEOVER
+    assert a["cached_tokens_warm_min"] == 300 and a["cached_tokens_cold_max"] < MIN_COPY
     (b,) = record["chat"]
     assert b["same_answers"] and b["prefilled_off"] == b["prompt_tokens"] > b["prefilled_on"] > 0
     assert {t["met"] for t in record["targets"] if "same answers" in t["target"]} == {True}

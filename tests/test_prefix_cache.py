@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import random_tiny_model
-from dlm.kv_cache import MIN_TAKEOVER, KVCache, shared_prefix
+from dlm.kv_cache import MIN_COPY, KVCache, shared_prefix
 from dlm.planner import PassLimits
 from dlm.refine import GenerationParams, TokenSpec
 from dlm.runtime import CacheLayout, TorchRuntime
@@ -170,8 +170,8 @@ def test_a_short_match_takes_an_empty_slot_then_the_least_recently_used_one():
     slot, reused = kv.claim([0, 1, 2], prompt)
     assert (slot, reused) == (0, 1)  # no empty slot: the least recently released, and what little it shares
     assert set(kv.resident) == {1, 2}
-    long = [1] + [6] * (MIN_TAKEOVER + 2)
-    assert kv.claim([1, 2], long) == (1, MIN_TAKEOVER + 2)
+    long = [1] + [6] * (MIN_COPY + 2)
+    assert kv.claim([1, 2], long) == (1, MIN_COPY + 2)
 
 
 def test_without_a_prompt_nothing_is_looked_up():

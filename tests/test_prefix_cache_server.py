@@ -13,7 +13,7 @@ import pytest
 
 from client import GrpcClient, HttpClient
 from conftest import ROOT
-from dlm.kv_cache import MIN_TAKEOVER
+from dlm.kv_cache import MIN_COPY
 from dlm.text import TextCodec
 
 TOKENIZER = ROOT / "model_repository" / "dlm" / "1" / "tokenizer"
@@ -41,7 +41,7 @@ def test_a_repeated_prompt_reports_its_cached_tokens_and_moves_the_counters(trit
         first = client.generate(prompt, mode="ar", max_tokens=8, temperature=0)
         again = client.generate(prompt, mode="diffusion", max_tokens=8, temperature=0)
         streamed = client.generate_stream(prompt, mode="ar", max_tokens=8, temperature=0).drain()
-    assert first.cached_tokens < MIN_TAKEOVER  # nothing resident starts with this prompt (at most a BOS or so)
+    assert first.cached_tokens < MIN_COPY  # nothing resident starts with this prompt (at most a BOS or so)
     assert again.cached_tokens == streamed.cached_tokens == tokens - 1  # all but the last, which always runs
     assert streamed.text == first.text
     want = (queries + 3 * tokens, hits + first.cached_tokens + 2 * (tokens - 1))
@@ -67,7 +67,7 @@ def test_the_gateway_reports_a_second_turn_s_cached_tokens_in_usage(gateway_proc
         answer, first = ask()
         messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "and 6+7="}]
         _, second = ask()
-    assert first["prompt_tokens_details"]["cached_tokens"] < MIN_TAKEOVER  # the template's first tokens, at most
+    assert first["prompt_tokens_details"]["cached_tokens"] < MIN_COPY  # the template's first tokens, at most
     # the whole first turn, system prompt included, is a prefix of the second
     assert second["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"]
     assert second["prompt_tokens_details"]["cached_tokens"] < second["prompt_tokens"]

@@ -26,7 +26,7 @@ import numpy as np
 
 # shortest shared part worth copying into another slot: below it (a shared BOS, a few template tokens) the request
 # takes an empty or the least recently used slot and reuses only what that one holds
-MIN_TAKEOVER = 16
+MIN_COPY = 16
 
 
 def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -77,7 +77,7 @@ class KVCache:
         else:
             empty = [s for s in free if s not in self.resident]
             slot = empty[0] if empty else min(free, key=lambda s: self._released[s])  # evict the least recent
-            if source is not None and slot != source and shared >= MIN_TAKEOVER:
+            if source is not None and slot != source and shared >= MIN_COPY:
                 # the prompt branches off inside that slot's content: copy the shared part, keep the original
                 self.cache[slot, :, :, :, :shared] = self.cache[source, :, :, :, :shared]
             elif slot != source:
