@@ -1,0 +1,257 @@
+#!/usr/bin/env bash
+# Mutation testing of the decoding core with mutmut 3 (docs/mutation.md). Long (hours on 2 cores), so not part of CI.
+#
+#   scripts/mutation.sh [--head] [--keep] [MODULE ...]   mutate and test MODULEs (default: all seven), then write the
+#                                                        summary docs/mutation/mutation.json
+#   scripts/mutation.sh [--head] --summary [MODULE ...]  rewrite the summary from the results already there
+#   scripts/mutation.sh [--head] --mutmut ARG ...        mutmut itself with this project's module names, e.g.
+#                                                        `--mutmut show dlm.text.x_f__mutmut_1`
+#
+# The configuration is [tool.mutmut] in pyproject.toml: the seven modules of model_repository/dlm/1/dlm and the fast
+# unit tests that decode in process (no tritonserver). mutmut copies them into mutants/ (git-ignored) and, for each
+# mutant, runs the tests that reached the mutated function during a first instrumented run, one worker at a time
+# (--max-children 1). Three things the few lines of Python below add to mutmut:
+# - mutmut names a module after its path (model_repository.dlm.1.dlm.text) while the tests import it as dlm.text:
+#   mutmut is given the imported name, and the mutated copy goes first on sys.path (ahead of the editable install);
+# - a mutant's tests run in collection order, so a file's module fixtures (an ONNX export) are set up once;
+# - a function that a module- or session-scoped fixture calls is charged by mutmut to the first test that used the
+#   fixture only, so a survivor is run once more against every test of the files its tests are in ("recheck"); one
+#   those tests kill counts as killed, and the summary says how many were.
+set -euo pipefail
+
+MODULES_ALL=(candidates text inputs planner refine kv_cache scheduler)
+MUTMUT_VERSION=3.8.1
+
+usage() {
+  cat <<EOF
+usage: scripts/mutation.sh [--head] [--keep] [MODULE ...]
+       scripts/mutation.sh [--head] --summary [MODULE ...]
+       scripts/mutation.sh [--head] --mutmut ARG ...
+
+Mutation testing (mutmut $MUTMUT_VERSION, one worker) of the decoding core's modules against their fast unit tests;
+writes killed / survived / timeout / total per module to docs/mutation/mutation.json (other modules' entries kept).
+MODULE is one of: ${MODULES_ALL[*]} (default: all, in that order).
+
+  --head      test the committed HEAD (git archive into build/mutation/head, mutants/ under it) rather than the
+              working tree, so that edits in progress neither enter nor disturb the run
+  --keep      reuse mutants/ from an earlier run (its stats and results; the named modules are retested)
+              instead of starting from an empty mutants/
+  --summary   only rewrite docs/mutation/mutation.json from the results under mutants/
+  --mutmut    run mutmut itself with the arguments that follow (show NAME, results, run NAME ...); names are
+              dlm.MODULE.FUNCTION__mutmut_N
+  -h, --help  this help
+
+Equivalent mutants (those that cannot change behaviour) are listed in docs/mutation/equivalent.txt with the reason;
+the summary counts them apart. mutmut is installed into .venv when missing (pip install mutmut==$MUTMUT_VERSION).
+EOF
+}
+
+keep=0
+head=0
+mode=run
+modules=()
+mutmut_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --keep) keep=1 ;;
+    --head) head=1 ;;
+    --summary) mode=summary ;;
+    --mutmut) mode=mutmut; shift; mutmut_args=("$@"); break ;;
+    -*) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
+    *)
+      if [[ " ${MODULES_ALL[*]} " != *" $1 "* ]]; then
+        echo "unknown module $1 (one of: ${MODULES_ALL[*]})" >&2; exit 2
+      fi
+      modules+=("$1") ;;
+  esac
+  shift
+done
+[ ${#modules[@]} -gt 0 ] || modules=("${MODULES_ALL[@]}")
+
+source "$(dirname "$0")/env.sh"
+cd "$ROOT"
+if ! python -c "import mutmut, sys; sys.exit(mutmut.__version__ != '$MUTMUT_VERSION')" 2>/dev/null; then
+  echo "installing mutmut==$MUTMUT_VERSION into $VENV" >&2
+  python -m pip install --quiet "mutmut==$MUTMUT_VERSION"
+fi
+export MUTATION_REPORT="$ROOT/docs/mutation/mutation.json" MUTATION_EQUIVALENT="$ROOT/docs/mutation/equivalent.txt"
+WORK="$ROOT"
+if [ "$head" = 1 ]; then
+  WORK="$ROOT/build/mutation/head"
+  export MUTATION_HEAD="$(git rev-parse --short HEAD)"
+  if [ "$mode" = run ] && [ "$keep" = 0 ]; then
+    rm -rf "$WORK" && mkdir -p "$WORK"
+    git archive HEAD | tar -x -C "$WORK"
+    echo "testing HEAD $MUTATION_HEAD in $WORK"
+  fi
+fi
+cd "$WORK"
+
+# mutmut with the tests' module names and the mutated copy first on sys.path; a mutant's tests in collection order
+run_mutmut() {
+  mkdir -p mutants/model_repository/dlm/1
+  python - "$@" <<'PY'
+import os
+import sys
+
+import mutmut.__main__ as mutmut_main
+import mutmut.mutation.file_mutation as file_mutation
+import mutmut.runners.harness as harness
+import mutmut.utils.format_utils as format_utils
+from mutmut.state import state
+
+PARENT = "model_repository.dlm.1."
+path_name = format_utils.get_mutant_name
+
+
+def get_mutant_name(relative_source_path, mutant_method_name):
+    name = path_name(relative_source_path, mutant_method_name)
+    return name[len(PARENT):] if name.startswith(PARENT) else name
+
+
+for module in (format_utils, file_mutation, mutmut_main):
+    module.get_mutant_name = get_mutant_name
+
+# mutmut hands pytest a mutant's tests in set order; interleaved files set their module fixtures up again at every
+# switch. In collection order (the instrumented run's) each is set up once.
+regular_run = harness.PytestRunner._pytest_args_regular_run
+
+
+def in_collection_order(self, tests):
+    order = {name: i for i, name in enumerate(state().duration_by_test)}
+    return regular_run(self, sorted(tests, key=lambda name: (order.get(name, len(order)), name)))
+
+
+harness.PytestRunner._pytest_args_regular_run = in_collection_order
+sys.path.insert(0, os.path.abspath("mutants/model_repository/dlm/1"))
+sys.argv[0] = "mutmut"
+sys.exit(mutmut_main.cli())
+PY
+}
+
+# each survivor against every test of the files its tests are in; the exit codes into mutants/<module>.py.recheck
+recheck() {
+  python - "$@" <<'PY'
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+config = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["mutmut"]
+stats = json.loads(Path("mutants/mutmut-stats.json").read_text())
+tests_by_function = stats["tests_by_mangled_function_name"]
+env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath("mutants/model_repository/dlm/1"),
+                                                    os.path.abspath("mutants")]))
+for module in sys.argv[1:]:
+    meta = Path(f"mutants/model_repository/dlm/1/dlm/{module}.py.meta")
+    if not meta.exists():
+        continue
+    survivors = [n for n, code in json.loads(meta.read_text())["exit_code_by_key"].items() if code == 0]
+    result = {}
+    for name in survivors:
+        files = sorted({t.split("::")[0] for t in tests_by_function.get(name.partition("__mutmut_")[0], [])})
+        start = time.time()
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", "--rootdir=.", "-x", "-q", "-p", "no:randomly",
+                                   *files, *config.get("pytest_add_cli_args", [])], cwd="mutants",
+                                  env=dict(env, MUTANT_UNDER_TEST=name), capture_output=True, timeout=1800)
+            code = done.returncode
+        except subprocess.TimeoutExpired:
+            code = 36
+        result[name] = code
+        print(f"recheck {name}: {'killed' if code == 1 else 'survived' if code == 0 else f'exit {code}'} "
+              f"({time.time() - start:.0f} s, {' '.join(files)})", flush=True)
+    meta.with_suffix(".py.recheck").write_text(json.dumps(result, indent=1) + "\n")
+PY
+}
+
+summary() {
+  python - "$@" <<'PY'
+import datetime
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import mutmut
+from mutmut.stats import status_by_exit_code
+
+seconds = os.environ.get("MUTATION_SECONDS")
+out = Path(os.environ["MUTATION_REPORT"])
+report = json.loads(out.read_text()) if out.exists() else {}
+report = {"tool": f"mutmut {mutmut.__version__}", "command": "scripts/mutation.sh [--head] [MODULE ...]",
+          "tests": "[tool.mutmut] pytest_add_cli_args_test_selection in pyproject.toml",
+          "score": "(killed + timeout) / total; survivors killed by the recheck count as killed",
+          "modules": report.get("modules", {})}
+equivalent = {}
+for line in Path(os.environ["MUTATION_EQUIVALENT"]).read_text().splitlines():
+    name, _, reason = line.partition(" ")
+    if name and not name.startswith("#"):
+        equivalent[name] = reason.strip()
+for module in sys.argv[1:]:
+    source = Path(f"model_repository/dlm/1/dlm/{module}.py")
+    meta = Path("mutants") / (str(source) + ".meta")
+    if not meta.exists():
+        print(f"{module}: no results under mutants/ (not run)", file=sys.stderr)
+        continue
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    recheck_path = meta.with_suffix(".py.recheck")
+    rechecked = json.loads(recheck_path.read_text()) if recheck_path.exists() else {}
+    killed_by_recheck = sorted(n for n, code in rechecked.items() if codes.get(n) == 0 and code != 0)
+    by_status: dict[str, list[str]] = {}
+    for name, code in codes.items():
+        status = "killed" if name in killed_by_recheck else status_by_exit_code[code]
+        by_status.setdefault(status, []).append(name)
+    count = {status: len(names) for status, names in by_status.items()}
+    survived = sorted(by_status.get("survived", []))
+    survived_equivalent = [n for n in survived if n in equivalent]
+    total = len(codes)
+    detected = count.get("killed", 0) + count.get("timeout", 0)
+    entry = {
+        "killed": count.get("killed", 0),
+        "killed_by_recheck": len(killed_by_recheck),
+        "timeout": count.get("timeout", 0),
+        "survived": len(survived),
+        "survived_equivalent": len(survived_equivalent),
+        "total": total,
+        "other": {s: c for s, c in count.items() if s not in {"killed", "survived", "timeout"}},
+        "score": round(detected / total, 4) if total else None,
+        "score_without_equivalent": round(detected / (total - len(survived_equivalent)), 4)
+        if total > len(survived_equivalent) else None,
+        "survivors_not_equivalent": [n for n in survived if n not in equivalent],
+        "survivors_equivalent": survived_equivalent,
+        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "tested": os.environ.get("MUTATION_HEAD", "working tree"),
+        "run_seconds": int(seconds) if seconds else report["modules"].get(module, {}).get("run_seconds"),
+        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    report["modules"][module] = entry
+    print(f"{module}: killed {entry['killed']} (recheck {entry['killed_by_recheck']}) timeout {entry['timeout']} "
+          f"survived {entry['survived']} ({entry['survived_equivalent']} equivalent) total {total} "
+          f"score {entry['score']}")
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text(json.dumps(report, indent=2) + "\n")
+PY
+}
+
+case "$mode" in
+  mutmut) run_mutmut "${mutmut_args[@]}" ;;
+  summary) summary "${modules[@]}" ;;
+  run)
+    [ "$keep" = 1 ] || rm -rf mutants
+    patterns=()
+    for m in "${modules[@]}"; do patterns+=("dlm.$m.*"); done
+    start=$(date +%s)
+    echo "mutation testing ${modules[*]} (mutmut $MUTMUT_VERSION, one worker), started $(date -u +%FT%TZ)"
+    run_mutmut run --max-children 1 "${patterns[@]}"
+    echo "recheck of the survivors, started $(date -u +%FT%TZ)"
+    recheck "${modules[@]}"
+    MUTATION_SECONDS=$(( $(date +%s) - start )) summary "${modules[@]}"
+    echo "finished $(date -u +%FT%TZ) after $(( $(date +%s) - start )) s"
+    ;;
+esac
