@@ -9,7 +9,9 @@
   per block), `block_length`, `remask_threshold`, `max_remasks` (with the `openai` package:
   `extra_body={"mode": "speculative"}`). `max_tokens`, `temperature`, `top_p`, `seed` and `stop` map to the model's
   inputs, and so do vLLM's extra fields `top_k` (0 or below: not set), `min_tokens` and `ignore_eos`; left out, the
-  server's defaults apply (no `seed`: a fresh one per request).
+  server's defaults apply (no `seed`: a fresh one per request). `frequency_penalty`, `presence_penalty` ([-2, 2])
+  and vLLM's `repetition_penalty` ((0, 2]) map to the model's penalty inputs (applied to the engine's candidates,
+  exact within them).
 - Log probs: completions `logprobs: n` and chat `logprobs: true` with `top_logprobs: n` (n in [0, 20]), unary and
   streamed (each chunk carries its own tokens'), in OpenAI's formats (`client/openai_logprobs.py`). An n beyond the
   engine's candidates is refused by the server, with its message.
@@ -30,7 +32,7 @@
   `apply_chat_template(..., tokenize=True)`). A completion prompt gets the tokenizer's special tokens.
   `usage.prompt_tokens` counts the prompt exactly as the server encodes it, and
   `usage.prompt_tokens_details.cached_tokens` the part of it Triton reused from its prefix cache.
-- Fields not honoured are refused with a 400 that names them (`NOT_HONOURED`: penalties, `logit_bias`,
+- Fields not honoured are refused with a 400 that names them (`NOT_HONOURED`: `logit_bias`,
   `response_format` other than text, `tools`, `tool_choice`, ...; `echo`, `best_of`, `suffix`, `n` > 1), and so is
   any field neither OpenAI nor vLLM defines; identifiers and hints (`user`, `metadata`, ...) are accepted.
 - Errors are OpenAI error objects: 400 for a malformed body or a value the server refuses (with Triton's message),
@@ -82,8 +84,6 @@ class StreamOptions(BaseModel):
 ACCEPTED_AS_IS = frozenset({"user", "safety_identifier", "prompt_cache_key", "metadata"})
 # OpenAI fields not honoured yet, with the value that asks for nothing (accepted): any other value is refused by name
 NOT_HONOURED = {
-    "frequency_penalty": (0, "frequency_penalty is not supported yet (send 0 or leave it out)"),
-    "presence_penalty": (0, "presence_penalty is not supported yet (send 0 or leave it out)"),
     "logit_bias": ({}, "logit_bias is not supported (send {} or leave it out)"),
     "response_format": ({"type": "text"}, "response_format other than {\"type\": \"text\"} is not supported yet: "
                                           "structured outputs are not implemented"),
@@ -126,6 +126,10 @@ class GenerationFields(BaseModel):
     top_k: int | None = None  # vLLM's extra field; 0 or below (vLLM's -1): not set
     min_tokens: int | None = None  # vLLM's extra field: no end token before this many tokens
     ignore_eos: bool | None = None  # vLLM's extra field: no end token at all, decode to max_tokens
+    # on the engine's candidates (exact within them): OpenAI's two in [-2, 2], vLLM's repetition_penalty in (0, 2]
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
     seed: int | None = Field(default=None, ge=0)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -147,7 +151,7 @@ class GenerationFields(BaseModel):
                     return name, NOT_HONOURED[name][1]
             elif name not in ACCEPTED_AS_IS:
                 return name, f"unknown field '{name}': this gateway takes OpenAI's fields, vLLM's top_k, min_tokens, " \
-                             f"ignore_eos and chat_template_kwargs, and the DLM controls"
+                             f"ignore_eos, repetition_penalty and chat_template_kwargs, and the DLM controls"
         if self.n != 1:
             return "n", "only n = 1 is supported"
         # checked here too: sent as FP32, a value just beyond a bound would round onto it and pass the server's check
@@ -155,6 +159,12 @@ class GenerationFields(BaseModel):
             return "top_p", f"top_p must be in (0, 1], got {self.top_p}"
         if self.remask_threshold is not None and not 0.0 < self.remask_threshold < 1.0:
             return "remask_threshold", f"remask_threshold must be in (0, 1), got {self.remask_threshold}"
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -2.0 <= value <= 2.0:  # NaN fails too
+                return name, f"{name} must be in [-2, 2], got {value}"
+        if self.repetition_penalty is not None and not 0.0 < self.repetition_penalty <= 2.0:
+            return "repetition_penalty", f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}"
         return None
 
     def alternatives(self) -> int | None:
@@ -169,6 +179,8 @@ class GenerationFields(BaseModel):
             "block_length": self.block_length, "threshold": self.threshold, "steps": self.steps,
             "remask_threshold": self.remask_threshold, "max_remasks": self.max_remasks,
             "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos, "draft_adapter": self.draft_adapter,
+            "frequency_penalty": self.frequency_penalty or None, "presence_penalty": self.presence_penalty or None,
+            "repetition_penalty": None if self.repetition_penalty in (None, 1.0) else self.repetition_penalty,
         }
         alternatives = self.alternatives()
         if alternatives is not None:

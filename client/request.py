@@ -39,6 +39,9 @@ INPUT_DTYPES: dict[str, Any] = {
     "min_length": np.int32,
     "ignore_eos": np.bool_,
     "draft_adapter": np.bool_,
+    "frequency_penalty": np.float32,
+    "presence_penalty": np.float32,
+    "repetition_penalty": np.float32,
     "exclude_input_in_output": np.bool_,
     "add_special_tokens": np.bool_,
     "sampling_parameters": np.object_,
@@ -67,6 +70,9 @@ class Options:
     min_length: int | None = None  # TensorRT-LLM's name for min_tokens
     ignore_eos: bool | None = None  # no end token at all: decode to max_tokens
     draft_adapter: bool | None = None  # speculative: False drafts with the base weights, not the draft-only LoRA
+    frequency_penalty: float | None = None  # [-2, 2], per occurrence in the answer so far (OpenAI's)
+    presence_penalty: float | None = None  # [-2, 2], once a token occurs in the answer (OpenAI's)
+    repetition_penalty: float | None = None  # (0, 2], tokens of the prompt and answer (vLLM's)
     exclude_input_in_output: bool | None = None  # False: the prompt's text comes before the answer
     add_special_tokens: bool | None = None  # False: the prompt is a rendered chat template (its BOS is written)
     sampling_parameters: str | dict[str, Any] | None = None  # vLLM's JSON of settings (a dict is written as JSON)

@@ -20,10 +20,9 @@ REFUSED = [  # (endpoint, field, a value that asks for something, words of the m
     ("chat", "function_call", "auto", "function_call"),
     ("chat", "logit_bias", {"1097": 5}, "logit_bias"),
     ("completions", "logit_bias", {"1097": 5}, "logit_bias"),
-    ("chat", "frequency_penalty", 0.5, "frequency_penalty"),
-    ("completions", "frequency_penalty", 0.5, "frequency_penalty"),
-    ("chat", "presence_penalty", -0.5, "presence_penalty"),
-    ("completions", "presence_penalty", 0.5, "presence_penalty"),
+    ("chat", "frequency_penalty", 2.5, "frequency_penalty must be in [-2, 2]"),  # honoured, within OpenAI's range
+    ("completions", "presence_penalty", -3, "presence_penalty must be in [-2, 2]"),
+    ("completions", "repetition_penalty", 0, "repetition_penalty must be in (0, 2]"),
     ("chat", "store", True, "store"),
     ("chat", "service_tier", "flex", "service_tier"),
     ("chat", "modalities", ["text", "audio"], "modality"),
@@ -47,6 +46,8 @@ ACCEPTED = [  # values that ask for nothing, identifiers and hints
     ("completions", {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "echo": False, "best_of": 1,
                      "user": "u-1"}),
     ("chat", {"chat_template_kwargs": {"enable_thinking": False}, "documents": [{"title": "t", "text": "x"}]}),
+    ("chat", {"frequency_penalty": 0.5, "presence_penalty": -0.5, "repetition_penalty": 1.2}),  # honoured
+    ("completions", {"frequency_penalty": 2, "presence_penalty": 2, "repetition_penalty": 2}),
 ]
 
 

@@ -97,16 +97,20 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 
 
 def pick(candidates: Candidates, rows: list[Any], counts: list[int], no_eos: np.ndarray | None = None,
-         eos_ids: np.ndarray | None = None) -> list[Picks]:
+         eos_ids: np.ndarray | None = None, scores: np.ndarray | None = None) -> list[Picks]:
     """The choice at the first `counts[i]` positions of each row i. `rows[i]` has `params` (temperature, top_k,
     top_p) and `rng`; only rows at temperature > 0 draw noise, each from its own generator. Where `no_eos [B, N]`
-    is set, no id of `eos_ids` is chosen (K exceeds the number of end ids, so another candidate always remains)."""
+    is set, no id of `eos_ids` is chosen (K exceeds the number of end ids, so another candidate always remains).
+    `scores [B, N, K]`, when given, replace the logits in the choice (penalised logits, `dlm.penalties`); the log
+    probs stay the model's."""
     log_probs = candidates.logits.astype(np.float64) - candidates.logsumexp.astype(np.float64)[..., None]
-    logits = candidates.logits
+    logits = candidates.logits if scores is None else scores
     if no_eos is not None and eos_ids is not None and len(eos_ids):
         excluded = no_eos[..., None] & np.isin(candidates.tokens, eos_ids)
         logits = np.where(excluded, np.float32(-np.inf), logits)
         best = np.argmax(logits, axis=-1)  # the best allowed candidate (they are sorted, so the first allowed)
+    elif scores is not None:
+        best = np.argmax(logits, axis=-1)  # penalties may reorder the candidates
     else:
         best = np.zeros(candidates.tokens.shape[:2], dtype=np.int64)
     chosen = best.copy()

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dlm.penalties import FREQUENCY_RANGE, PRESENCE_RANGE, REPETITION_RANGE
 from dlm.refine import MODES, GenerationParams
 
 INT32_MAX = 2**31 - 1
@@ -122,6 +123,20 @@ def _unit(name: str, value: Any, closed: bool) -> float:
     return number
 
 
+def _penalty(name: str, value: Any, default: float) -> float:
+    """A penalty in its range (`dlm.penalties`: frequency and presence in [-2, 2], repetition in (0, 2])."""
+    if value is None:
+        return default
+    number = float(value)
+    low, high = {"frequency_penalty": FREQUENCY_RANGE, "presence_penalty": PRESENCE_RANGE}.get(name, REPETITION_RANGE)
+    if name == "repetition_penalty":
+        if not low < number <= high:  # NaN fails this too
+            raise InvalidInput(f"{name} must be in ({low:g}, {high:g}], got {number}")
+    elif not low <= number <= high:
+        raise InvalidInput(f"{name} must be in [{low:g}, {high:g}], got {number}")
+    return number
+
+
 # vLLM's `sampling_parameters` (a JSON object): each key it may hold, the input it stands for, and its JSON kind.
 # vLLM's own backend sends numbers as strings too ("max_tokens": "16", as genai-perf writes them): a string that
 # spells a value of the key's kind is read as that value. null leaves a key out.
@@ -133,9 +148,13 @@ SAMPLING_KEYS: dict[str, tuple[str, str]] = {
     "mode": ("mode", "text"), "block_length": ("block_length", "int"), "threshold": ("threshold", "float"),
     "steps": ("steps", "int"), "remask_threshold": ("remask_threshold", "float"),
     "max_remasks": ("max_remasks", "int"), "draft_adapter": ("draft_adapter", "bool"),
+    # penalties on the engine's candidates (dlm.penalties)
+    "frequency_penalty": ("frequency_penalty", "float"), "presence_penalty": ("presence_penalty", "float"),
+    "repetition_penalty": ("repetition_penalty", "float"),
 }
 # an input's values compared in its tensor's dtype, so 0.7 as JSON equals 0.7 as FP32
-FP32_INPUTS = frozenset({"temperature", "top_p", "threshold", "remask_threshold"})
+FP32_INPUTS = frozenset({"temperature", "top_p", "threshold", "remask_threshold", "frequency_penalty",
+                         "presence_penalty", "repetition_penalty"})
 
 
 def _json_value(key: str, kind: str, value: Any) -> Any:
@@ -323,6 +342,10 @@ def parse_request(
     top_logprobs = 0 if top_logprobs is None else _integer("top_logprobs", top_logprobs, 0, limits.max_top_logprobs)
     logprobs = top_logprobs if top_logprobs > 0 or (return_log_probs is not None and bool(return_log_probs)) else None
 
+    frequency_penalty, presence_penalty, repetition_penalty = (
+        _penalty(name, value(name), default) for name, default in
+        (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("repetition_penalty", 1.0)))
+
     seed = value("seed")
     seed = None if seed is None else _integer("seed", seed, 0, UINT64_MAX)
     draft_adapter = value("draft_adapter")
@@ -334,6 +357,7 @@ def parse_request(
         min_tokens=min_tokens, ignore_eos=bool(ignore_eos) if ignore_eos is not None else False,
         max_block_passes=max_block_passes, remask_threshold=remask_threshold, max_remasks=max_remasks,
         draft_adapter=True if draft_adapter is None else bool(draft_adapter),
+        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
     )
     if stop is not None:
         stop_words = [_text("stop_words", w) for w in stop.reshape(-1)]

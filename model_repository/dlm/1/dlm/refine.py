@@ -21,6 +21,7 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
+from dlm import penalties
 from dlm.candidates import Picks, Score, pick
 from dlm.planner import PassLimits, group_rows
 from dlm.runtime import Runtime
@@ -73,6 +74,14 @@ class GenerationParams:
     max_remasks: int | None = None  # re-maskings allowed per block (None: the block length)
     # speculative: draft with the engine's draft-only LoRA, when it has one (False: the base weights draft)
     draft_adapter: bool = True
+    # on the engine's K candidates, in every mode (`dlm.penalties`): OpenAI's two and vLLM's repetition_penalty
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
 
     @property
     def eos_allowed_from(self) -> int:
@@ -107,6 +116,7 @@ class GenerationParams:
             raise ValueError(f"remask_threshold must be in (0, 1), got {self.remask_threshold}")
         if self.max_remasks is not None and self.max_remasks < 0:
             raise ValueError(f"max_remasks must be at least 0, got {self.max_remasks}")
+        penalties.check(self.frequency_penalty, self.presence_penalty, self.repetition_penalty)
 
 
 @dataclass
@@ -191,6 +201,23 @@ class Sequence:
     @property
     def scored(self) -> bool:
         return self.params.logprobs is not None
+
+    def history(self, plan: Pass) -> penalties.History:
+        """What the predictions of `plan` (one of this sequence's rows) are conditioned on, for the penalties: the
+        answer (with the open block's committed tokens), of which a causal prediction sees the tokens before its
+        target and a bidirectional one every committed token."""
+        if self.block is not None and self.phase not in ("prefill",):
+            answer = np.concatenate([np.asarray(self.tokens[:-1], dtype=np.int64), plan.tokens])  # block[0]: the seed
+        else:
+            answer = np.asarray(self.tokens, dtype=np.int64)
+        if plan.causal:
+            visible = np.minimum(plan.targets, len(answer)).astype(np.int64)
+        else:
+            answer = answer[answer != self.spec.mask_token_id]
+            visible = np.full(len(plan.predict), len(answer), dtype=np.int64)
+        if not hasattr(self, "_prompt_ids"):
+            self._prompt_ids = np.unique(np.asarray(self.prompt, dtype=np.int64))
+        return penalties.History(answer, visible, self._prompt_ids)
 
     def score(self, picks: Picks, j: int) -> Score | None:
         """The score of the choice at `j` of `picks`, when this request records them."""
@@ -556,8 +583,16 @@ def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0, plans: l
     draft = np.array([p.draft for _, p in rows])
     candidates = runtime.forward(slots, input_ids, position_ids, new_mask, starts, causal, logit_positions, draft)
     eos_ids = np.fromiter(seqs[0].spec.eos_token_ids, dtype=np.int64)
+    scores = None
+    for i, (seq, p) in enumerate(rows):
+        q = seq.params
+        if q.penalised:
+            scores = candidates.logits.copy() if scores is None else scores
+            m = len(p.predict)
+            scores[i, :m] = penalties.apply(candidates.logits[i, :m], candidates.tokens[i, :m], seq.history(p),
+                                            q.frequency_penalty, q.presence_penalty, q.repetition_penalty)
     picks = pick(candidates, [seq for seq, _ in rows], [len(p.predict) for _, p in rows],
-                 no_eos if no_eos.any() else None, eos_ids)
+                 no_eos if no_eos.any() else None, eos_ids, scores)
     counts = np.zeros(b, dtype=np.int64)
     for i, (seq, plan) in enumerate(rows[len(seqs):], start=len(seqs)):  # before the main rows:
         if plan.draft:
