@@ -45,6 +45,10 @@ def add_limits(parser: argparse.ArgumentParser, max_batch: int | None = None) ->
                          help="build without the draft adapter even when the checkpoint has one")
 
 
+STRUCTURED_HELP = ("engine contract version 3: the graph also takes token_bitmask [B, N, ceil(V/32)] int32, the "
+                   "allowed tokens per position, applied before the top-K and the log-sum-exp (structured outputs)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                            "(default 1e-3 for fp32, 0.1 for fp16); for bf16, the largest mean difference of the "
                            "best candidates' probabilities against fp32 on decoded prompts (default 0.05)")
     onnx.add_argument("--torch-export", action="store_true", help="also write model.pt2 from the same trace")
+    onnx.add_argument("--structured", action="store_true", help=STRUCTURED_HELP)
 
     repository = commands.add_parser(
         "repository", help="checkpoint → a Triton model repository that serves it, checked to load")
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch_export = commands.add_parser("torch-export", help="checkpoint → torch.export program model.pt2 + manifest")
     add_limits(torch_export)
+    torch_export.add_argument("--structured", action="store_true", help=STRUCTURED_HELP)
 
     from export.quantize import DEFAULT_CALIBRATION_SIZE
 
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             export_onnx(args.checkpoint, args.out, precision=args.precision, opset=args.opset,
                         max_batch=args.max_batch, max_context=args.max_context, max_tokens=args.max_tokens,
                         max_block=args.max_block, top_k=args.top_k, draft_adapter=args.draft_adapter,
-                        tolerance=args.tolerance, torch_export=args.torch_export)
+                        tolerance=args.tolerance, torch_export=args.torch_export, structured=args.structured)
         elif args.command == "repository":
             from export.repository import build_repository
 
@@ -123,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
             path = export_torch(args.checkpoint, args.out, precision=args.precision, max_batch=args.max_batch,
                                 max_context=args.max_context, max_tokens=args.max_tokens,
-                                max_block=args.max_block, top_k=args.top_k, draft_adapter=args.draft_adapter)
+                                max_block=args.max_block, top_k=args.top_k, draft_adapter=args.draft_adapter,
+                                structured=args.structured)
             print(f"wrote {path}")
         elif args.command == "quantize":
             from export.quantize import quantize_onnx

@@ -71,9 +71,10 @@ class PairedRuntime:
 
     def forward(self, slots: np.ndarray, input_ids: np.ndarray, position_ids: np.ndarray, new_mask: np.ndarray,
                 cache_lengths: np.ndarray, causal: np.ndarray, logit_positions: np.ndarray,
-                draft: np.ndarray | None = None) -> Candidates:
-        want, got = (r.forward(slots, input_ids, position_ids, new_mask, cache_lengths, causal, logit_positions, draft)
-                     for r in self.runtimes)
+                draft: np.ndarray | None = None,
+                token_bitmask: tuple[np.ndarray, np.ndarray] | None = None) -> Candidates:
+        want, got = (r.forward(slots, input_ids, position_ids, new_mask, cache_lengths, causal, logit_positions, draft,
+                               token_bitmask) for r in self.runtimes)
         self.passes.append(ComparedPass(causal.copy(), logit_positions.copy(), want, got))
         self.longest = max(self.longest, int((cache_lengths + new_mask.sum(1)).max()))
         return want

@@ -76,6 +76,24 @@ def yarn_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, float(attention_factor)
 
 
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float32 [B, N, vocab], 1.0 where `bitmask [B, N, W]` (int32, llguidance's and xgrammar's layout: bit j of
+    word w is token 32·w + j) allows the token. Exact integer ops only, as TensorRT's ONNX parser takes them
+    (compare, multiply, add, subtract; no BitShift or BitwiseAnd, and no integer division, which the exporter
+    lowers through float32 and so rounds above 2^24): the sign bit (bit 31) is `word < 0`; the word made
+    non-negative by adding 2^31 (in two steps of 2^30) gives bits 30 down to 0 by comparing the remainder with each
+    power of two. The steps run over [B, N, W], the words, not the vocabulary."""
+    negative = (bitmask < 0).to(torch.int32)
+    rest = bitmask + negative * (1 << 30) + negative * (1 << 30)  # in [0, 2^31): bits 0..30 unchanged
+    bits = [negative]
+    for j in range(30, -1, -1):
+        bit = (rest >= (1 << j)).to(torch.int32)
+        rest = rest - bit * (1 << j)
+        bits.append(bit)
+    flat = torch.stack(bits[::-1], dim=-1).reshape(bitmask.shape[0], bitmask.shape[1], bitmask.shape[2] * 32)
+    return flat[..., :vocab].to(torch.float32)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -200,6 +218,7 @@ class DiffusionLM(nn.Module):
         super().__init__()
         self.config = config
         self.top_k = top_k  # candidates per position that `forward` returns
+        self.structured = False  # exported with token_bitmask (engine contract version 3); forward takes it anyway
         self.encoder = Encoder(config, fold_query_groups)
         self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         inv_freq, attention_factor = yarn_inverse_frequencies(config)
@@ -268,15 +287,21 @@ class DiffusionLM(nn.Module):
         causal: torch.Tensor,
         logit_positions: torch.Tensor,
         draft: torch.Tensor | None = None,
+        token_bitmask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The engine contract: (top_tokens [B, N, K], top_logits [B, N, K], logsumexp [B, N], present).
-        `draft [B]`: the rows that run the draft-only LoRA (only with an adapter attached)."""
+        `draft [B]`: the rows that run the draft-only LoRA (only with an adapter attached). `token_bitmask
+        [B, N, ceil(V/32)]` int32 (contract version 3, graphs exported with `--structured`): bit j of word w set
+        allows token 32·w + j at that position; a token not allowed is excluded from the top-K and the
+        log-sum-exp as the mask id is (its candidates, when fewer than K are allowed, carry `EXCLUDED_LOGIT`)."""
         hidden, present = self.contract_hidden_states(
             input_ids, position_ids, attention_mask, past_key_values, causal, draft)
         # only the requested positions reach the head: [B, N, H], then [B, N, V] logits that never leave the graph
         index = logit_positions[:, :, None].expand(-1, -1, hidden.shape[-1])
         logits = self.head(torch.gather(hidden, 1, index))
         logits = logits + self.excluded_bias(logits)
+        if token_bitmask is not None:
+            logits = logits + (1.0 - unpack_bitmask(token_bitmask, logits.shape[-1])) * EXCLUDED_LOGIT
         top_logits, top_tokens = torch.topk(logits, self.top_k, dim=-1)
         return top_tokens, top_logits, torch.logsumexp(logits, dim=-1), present
 

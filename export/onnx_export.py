@@ -46,7 +46,7 @@ DEFAULT_OPSET = 18  # the dynamo exporter cannot write 17
 # bf16: mean |Δ confidence| against fp32 on decoded prompts (`export.bf16_validation`)
 TOLERANCE = {"fp32": 1e-3, "fp16": 0.1, "bf16": 0.05}
 EXTERNAL_DATA_BYTES = 1 << 30
-ONNX_DTYPES = {"int64": onnx.TensorProto.INT64, "bool": onnx.TensorProto.BOOL,
+ONNX_DTYPES = {"int64": onnx.TensorProto.INT64, "int32": onnx.TensorProto.INT32, "bool": onnx.TensorProto.BOOL,
                "float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
                "bfloat16": onnx.TensorProto.BFLOAT16}
 
@@ -153,7 +153,7 @@ def compare_with_torch(
     report: dict[str, Any] = {"shapes": [], "max_abs_logit_diff": 0.0, "max_abs_present_diff": 0.0}
     for (b, t, p, n), feed, got in zip(shapes, feeds, outputs):
         with torch.no_grad():
-            tokens, logits, lse, present = model(*(to_torch(feed[name]) for name in contract.input_names))
+            tokens, logits, lse, present = model(**{name: to_torch(feed[name]) for name in contract.input_names})
         logit_diff = max(candidate_logit_difference(got, tokens.numpy(), logits.numpy()),
                          float(np.abs(got["logsumexp"] - lse.numpy()).max()))
         present_diff = float(np.abs(got["present_key_values"].astype(np.float32) - present.float().numpy()).max())
@@ -218,6 +218,7 @@ def export_onnx(
     tolerance: float | None = None,
     torch_export: bool = False,
     log: Callable[[str], None] = print,
+    structured: bool = False,
 ) -> dict[str, Any]:
     """Checkpoint → validated `model.onnx` (+ `model.pt2` with `torch_export`) and manifest; returns the manifest
     entry of the ONNX graph. Raises ExportError when validation fails."""
@@ -225,7 +226,7 @@ def export_onnx(
     if opset < 18:
         raise ValueError(f"opset {opset} is not supported: the dynamo exporter writes opset 18 or newer")
     out.mkdir(parents=True, exist_ok=True)
-    model = load_for_export(checkpoint, precision, top_k, draft_adapter)
+    model = load_for_export(checkpoint, precision, top_k, draft_adapter, structured)
     profile = profile_for(model.config, max_batch, max_context, max_tokens, max_block)
     contract = contract_for(model, precision, profile)
     command = (
@@ -248,7 +249,7 @@ def export_onnx(
     if precision == "bf16":  # ONNX Runtime's CPU kernels have no bfloat16: the bf16 model against fp32 instead
         from export.bf16_validation import validate_bf16  # imported here: it imports this module
 
-        reference = load_for_export(checkpoint, "fp32", top_k, draft_adapter)
+        reference = load_for_export(checkpoint, "fp32", top_k, draft_adapter, structured)
         report = validate_bf16(model, reference, contract, checkpoint, limit, log)
         polygraphy = None
     else:

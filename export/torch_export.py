@@ -71,7 +71,17 @@ def sample_inputs(
         "logit_positions": np.stack([rng.permutation(tokens)[:n] if n <= tokens else rng.integers(0, tokens, n)
                                      for _ in range(batch)]).astype(np.int64),
         **draft,
+        **({"token_bitmask": sample_bitmask(contract, batch, n, rng)} if contract.structured else {}),
     }
+
+
+def sample_bitmask(contract: EngineContract, batch: int, positions: int, rng: np.random.Generator) -> np.ndarray:
+    """[B, N, W] int32: about a quarter of the vocabulary disallowed at random on row 0 (more than K stay allowed
+    at the vocabularies exported, so the candidates are well defined), every token allowed on the other rows."""
+    words = np.full((batch, positions, contract.bitmask_words), -1, dtype=np.int32)
+    bits = rng.integers(0, 2**32, (positions, contract.bitmask_words), dtype=np.uint64)
+    words[0] = (bits | rng.integers(0, 2**32, bits.shape, dtype=np.uint64)).astype(np.uint32).view(np.int32)
+    return words
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -98,14 +108,17 @@ def trace(model: DiffusionLM, contract: EngineContract) -> torch.export.Exported
         spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in contract.inputs
     }
     example = sample_inputs(contract, batch=2, tokens=3, past=5, positions=2)
-    args = tuple(to_torch(example[name]) for name in contract.input_names)
+    # token_bitmask by name (draft, before it in the signature, may be absent), the rest in order as before
+    args = tuple(to_torch(example[name]) for name in contract.input_names if name != "token_bitmask")
+    kwargs = {"token_bitmask": to_torch(example["token_bitmask"])} if contract.structured else {}
     with torch.no_grad():
-        return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 def contract_for(model: DiffusionLM, precision: str, profile: Profile) -> EngineContract:
     config = model.config.to_dict()
-    return EngineContract.from_config(config, PRECISIONS[precision], profile, model.top_k, model.has_draft_adapter)
+    return EngineContract.from_config(config, PRECISIONS[precision], profile, model.top_k, model.has_draft_adapter,
+                                      model.structured)
 
 
 def adapter_record(model: DiffusionLM) -> dict[str, Any]:
@@ -119,11 +132,13 @@ def adapter_record(model: DiffusionLM) -> dict[str, Any]:
 
 def adapter_option(model: DiffusionLM) -> str:
     """The command-line option that rebuilds the graph with the same adapter choice."""
-    return f" --draft-adapter {model.draft_adapter.path}" if model.draft_adapter else " --no-draft-adapter"
+    option = f" --draft-adapter {model.draft_adapter.path}" if model.draft_adapter else " --no-draft-adapter"
+    return option + (" --structured" if model.structured else "")
 
 
 def load_for_export(
     checkpoint: str | Path, precision: str, top_k: int = DEFAULT_TOP_K, draft_adapter: str | Path | None = "auto",
+    structured: bool = False,
 ) -> DiffusionLM:
     """The model to trace. `draft_adapter`: "auto" attaches the checkpoint's `linear_spec_lora/` when there is one,
     a path attaches that adapter, None none."""
@@ -137,6 +152,7 @@ def load_for_export(
             f"top_logprobs, below the vocabulary of {model.config.vocab_size}), got {top_k}"
         )
     model.top_k = top_k
+    model.structured = structured  # traced with token_bitmask (engine contract version 3)
     return model
 
 
@@ -178,10 +194,11 @@ def export_torch(
     max_block: int | None = None,
     top_k: int = DEFAULT_TOP_K,
     draft_adapter: str | Path | None = "auto",
+    structured: bool = False,
 ) -> Path:
     """Checkpoint → `model.pt2` and its manifest entry."""
     checkpoint, out = Path(checkpoint), Path(out)
-    model = load_for_export(checkpoint, precision, top_k, draft_adapter)
+    model = load_for_export(checkpoint, precision, top_k, draft_adapter, structured)
     contract = contract_for(model, precision, profile_for(model.config, max_batch, max_context, max_tokens, max_block))
     command = (
         f"python -m export torch-export --checkpoint {checkpoint} --out {out} --precision {precision} "

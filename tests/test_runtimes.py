@@ -185,7 +185,7 @@ def test_artifact_of_the_old_contract_is_refused_with_the_rebuild_command(built,
     with pytest.raises(ArtifactError) as error:
         load_runtime("onnxruntime", tmp_path, verify_files=False)
     message = str(error.value)
-    assert "built for engine contract version 1, this code runs version 2" in message
+    assert "built for engine contract version 1, this code runs versions 2 and 3" in message
     assert f"Rebuild it with `python -m export onnx --checkpoint {built[0]}" in message
 
 

@@ -14,8 +14,12 @@ from typing import Any
 import numpy as np
 
 # Version 2: the graph selects candidates itself (top_tokens, top_logits, logsumexp) at the positions asked for;
-# version 1 returned full-vocabulary logits for every position and is refused at load.
-CONTRACT_VERSION = 2
+# version 1 returned full-vocabulary logits for every position and is refused at load. Version 3 (DESIGN §4a,
+# graphs exported with `--structured`): version 2 plus `token_bitmask [B, N, ceil(V/32)]` int32, the allowed tokens
+# at each position, applied before the top-K and the log-sum-exp. Both are served.
+CONTRACT_VERSION = 3
+SERVED_VERSIONS = (2, 3)
+BITS_PER_WORD = 32
 # Dynamic axes, by the names they carry in the ONNX graph. P+T and N have their own axes (DESIGN §4).
 BATCH, TOKENS, PAST, PAST_PLUS_TOKENS, POSITIONS = "batch", "tokens", "past", "past_plus_tokens", "positions"
 AXES = (BATCH, TOKENS, PAST, PAST_PLUS_TOKENS, POSITIONS)
@@ -126,6 +130,16 @@ class EngineContract:
     profile: Profile
     top_k: int = DEFAULT_TOP_K
     draft_adapter: bool = False
+    structured: bool = False  # version 3: the graph takes `token_bitmask`
+
+    @property
+    def version(self) -> int:
+        return 3 if self.structured else 2
+
+    @property
+    def bitmask_words(self) -> int:
+        """W = ceil(V / 32): the int32 words of one position's allowed-token bitmask."""
+        return -(-self.vocab_size // BITS_PER_WORD)
 
     def __post_init__(self) -> None:
         if not MIN_TOP_K <= self.top_k < self.vocab_size:
@@ -137,7 +151,7 @@ class EngineContract:
     @classmethod
     def from_config(
         cls, config: dict[str, Any], cache_dtype: str, profile: Profile, top_k: int = DEFAULT_TOP_K,
-        draft_adapter: bool = False,
+        draft_adapter: bool = False, structured: bool = False,
     ) -> "EngineContract":
         """From a checkpoint's config.json content."""
         return cls(
@@ -149,12 +163,15 @@ class EngineContract:
             profile,
             top_k,
             draft_adapter,
+            structured,
         )
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         cache = (BATCH, self.num_layers, 2, self.num_kv_heads, PAST, self.head_dim)
         draft = (TensorSpec("draft", "bool", (BATCH,)),) if self.draft_adapter else ()
+        bitmask = (TensorSpec("token_bitmask", "int32", (BATCH, POSITIONS, self.bitmask_words)),) \
+            if self.structured else ()
         return (
             TensorSpec("input_ids", "int64", (BATCH, TOKENS)),
             TensorSpec("position_ids", "int64", (BATCH, TOKENS)),
@@ -163,6 +180,7 @@ class EngineContract:
             TensorSpec("causal", "bool", (BATCH,)),
             TensorSpec("logit_positions", "int64", (BATCH, POSITIONS)),
             *draft,
+            *bitmask,
         )
 
     @property
@@ -224,14 +242,14 @@ class EngineContract:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["profile"] = self.profile.to_dict()
-        data["version"] = CONTRACT_VERSION
+        data["version"] = self.version
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineContract":
         """Raises `OldContract` for an artifact built for another version of the contract."""
         version = int(data.get("version", 1))
-        if version != CONTRACT_VERSION:
+        if version not in SERVED_VERSIONS:
             raise OldContract(version)
         return cls(
             int(data["num_layers"]),
@@ -242,6 +260,7 @@ class EngineContract:
             Profile.from_dict(data["profile"]),
             int(data["top_k"]),
             bool(data.get("draft_adapter", False)),  # absent in artifacts built before adapters were supported
+            version == 3,
         )
 
 
@@ -250,7 +269,8 @@ class OldContract(ValueError):
 
     def __init__(self, version: int):
         super().__init__(
-            f"it was built for engine contract version {version}, this code runs version {CONTRACT_VERSION} "
-            f"(candidates selected inside the graph, no full-vocabulary logits)"
+            f"it was built for engine contract version {version}, this code runs versions "
+            f"{' and '.join(map(str, SERVED_VERSIONS))} (candidates selected inside the graph, no full-vocabulary "
+            f"logits)"
         )
         self.version = version

@@ -75,6 +75,7 @@ class Runtime(Protocol):
         causal: np.ndarray,
         logit_positions: np.ndarray,
         draft: np.ndarray | None = None,
+        token_bitmask: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Candidates: ...
 
     def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None: ...
@@ -117,6 +118,10 @@ class EngineRuntime(ABC):
     profile: Profile | None = None  # None: no artifact profile to respect (a plain module in tests)
     max_block: int | None = None  # positions a pass may predict from (the profile's N), None: unbounded
     has_draft_adapter: bool = False  # the engine takes `draft [B]` and runs the draft-only LoRA on those rows
+    # engine contract version 3: the engine takes `token_bitmask [B, N, W]` (W int32 words per position)
+    structured: bool = False
+    bitmask_words: int = 0
+    _allowed: np.ndarray | None = None  # host runtimes: all-allowed words (-1), constrained rows written per pass
 
     def __init__(self) -> None:
         self.slots = 0
@@ -182,9 +187,12 @@ class EngineRuntime(ABC):
         causal: np.ndarray,
         logit_positions: np.ndarray,
         draft: np.ndarray | None = None,
+        token_bitmask: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Candidates:
         """`draft [B]`: the rows that run the draft-only LoRA; ignored by an engine without one (those rows then
-        draft with the base weights, as without an adapter)."""
+        draft with the base weights, as without an adapter). `token_bitmask`: (rows [R], masks [R, N', W] int32,
+        N' <= N) the allowed tokens of the constrained rows only (DESIGN §4a); every other row is all-allowed. An
+        engine of contract version 2 runs passes without constrained rows and refuses one with them."""
         assert self.cache is not None, "allocate the cache before the first pass"
         b, t = input_ids.shape
         p = int(cache_lengths.max(initial=0))
@@ -201,13 +209,48 @@ class EngineRuntime(ABC):
         if self.has_draft_adapter:
             feeds["draft"] = (np.zeros(b, dtype=bool) if draft is None
                               else np.ascontiguousarray(draft, dtype=bool).reshape(b))
+        if token_bitmask is not None and len(token_bitmask[0]) and not self.structured:
+            raise Unconstrained(self.rebuild_structured())
+        self._constrained = token_bitmask if token_bitmask is not None and len(token_bitmask[0]) else None
+        if self.structured and self._host_bitmask:
+            feeds["token_bitmask"] = self._bitmask_feed(b, n)
         size = b * p * self.layout.per_position
         if size > len(self._past):  # only without a profile (a plain module): grow to this pass's rows
             self._past = self._empty(size)
         past = self._past[:size].reshape(self.layout.cache_shape(b, p))
         self.cache.gather(slots, p, past)
-        outputs, self._present = self._run(feeds, past, (b, t, p, n))
+        try:
+            outputs, self._present = self._run(feeds, past, (b, t, p, n))
+        finally:
+            if self._constrained is not None and "token_bitmask" in feeds:
+                feeds["token_bitmask"][self._constrained[0]] = -1  # all-allowed again for the next pass
         return Candidates.from_outputs(outputs)
+
+    _host_bitmask = True  # the mask goes in the feeds (ONNX Runtime, PyTorch); TensorRT keeps it on the device
+    _constrained: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _bitmask_feed(self, b: int, n: int) -> np.ndarray:
+        """[B, N, W] int32, all-allowed (-1: every bit set) but the constrained rows, from a buffer kept between
+        passes (grown when a pass needs more)."""
+        size = b * n * self.bitmask_words
+        if self._allowed is None or len(self._allowed) < size:
+            self._allowed = np.full(size, -1, dtype=np.int32)
+        view = self._allowed[:size].reshape(b, n, self.bitmask_words)
+        if self._constrained is not None:
+            rows, masks = self._constrained
+            view[rows, : masks.shape[1]] = masks
+        return view
+
+    def rebuild_structured(self) -> str:
+        """The refusal of a constrained pass on an engine of contract version 2, with the command that rebuilds it."""
+        artifact = getattr(self, "artifact", None)
+        how = "export the graph with --structured"
+        if artifact is not None:
+            command = rebuild_command(artifact.path.parent, _kind_of(artifact.path), artifact.entry)
+            how = (f"export the ONNX graph with --structured, then rebuild the engine with `{command}`"
+                   if "export engine" in command else f"rebuild it with `{command} --structured`")
+        return (f"this engine (engine contract version 2) takes no allowed-token mask, so it cannot serve a "
+                f"constrained request (structured outputs): {how}")
 
     def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
         assert self.cache is not None
@@ -233,6 +276,14 @@ class EngineRuntime(ABC):
         self.cache.retain(slot, tokens)
 
 
+class Unconstrained(ValueError):
+    """A constrained pass asked of an engine of contract version 2 (no `token_bitmask` input)."""
+
+
+def _kind_of(path: Path) -> str:
+    return {file: kind for kind, file in FILES.items()}.get(path.name, "onnx")
+
+
 class TorchRuntime(EngineRuntime):
     """Runs a PyTorch module with the engine contract (`forward(input_ids, position_ids, attention_mask,
     past_key_values, causal, logit_positions) -> (top_tokens, top_logits, logsumexp, present_key_values)`) on CPU
@@ -248,6 +299,9 @@ class TorchRuntime(EngineRuntime):
         self.device = torch.device(device)
         self.dtype = dtype or next(module.parameters()).dtype
         self.has_draft_adapter = bool(getattr(module, "has_draft_adapter", False))
+        config = getattr(module, "config", None)  # a DiffusionLM's forward always takes token_bitmask
+        if config is not None and hasattr(config, "vocab_size"):
+            self.structured, self.bitmask_words = True, -(-int(config.vocab_size) // 32)
 
     def _zeros(self, shape: tuple[int, ...]) -> Any:
         return self._torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -260,9 +314,10 @@ class TorchRuntime(EngineRuntime):
         inputs = {name: torch.as_tensor(array, device=self.device) for name, array in feeds.items()}
         with torch.inference_mode():
             draft = (inputs["draft"],) if "draft" in inputs else ()
+            bitmask = {"token_bitmask": inputs["token_bitmask"]} if "token_bitmask" in inputs else {}
             tokens, logits, lse, present = self.module(
                 inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], past, inputs["causal"],
-                inputs["logit_positions"], *draft,
+                inputs["logit_positions"], *draft, **bitmask,
             )
         outputs = {"top_tokens": tokens.cpu().numpy(), "top_logits": logits.float().cpu().numpy(),
                    "logsumexp": lse.float().cpu().numpy()}
@@ -292,6 +347,7 @@ class TorchExportRuntime(TorchRuntime):
         super().__init__(program.module(), layout_of(self.contract), device, getattr(torch, self.contract.cache_dtype))
         self.profile = self.contract.profile
         self.has_draft_adapter = self.contract.draft_adapter
+        self.structured, self.bitmask_words = self.contract.structured, self.contract.bitmask_words
 
 
 class OnnxRuntime(EngineRuntime):
@@ -309,6 +365,7 @@ class OnnxRuntime(EngineRuntime):
         self.contract = self.artifact.contract
         self.profile = self.contract.profile
         self.has_draft_adapter = self.contract.draft_adapter
+        self.structured, self.bitmask_words = self.contract.structured, self.contract.bitmask_words
         self.layout = layout_of(self.contract)
         self.dtype = np.dtype(self.contract.cache_dtype)
         options = ort.SessionOptions()
@@ -409,6 +466,8 @@ class TensorRTRuntime(EngineRuntime):
         self.contract = self.artifact.contract
         self.profile = self.contract.profile
         self.has_draft_adapter = self.contract.draft_adapter
+        self.structured, self.bitmask_words = self.contract.structured, self.contract.bitmask_words
+        self._host_bitmask = False  # an all-allowed mask stays on the device; only constrained rows are copied
         self.layout = layout_of(self.contract)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._trt_runtime = trt.Runtime(self._logger)
@@ -458,6 +517,8 @@ class TensorRTRuntime(EngineRuntime):
                 if spec.name not in ("past_key_values", "present_key_values"):
                     self._pinned[spec.name] = torch.empty(size, dtype=dtype, pin_memory=True)
                 self._execution.set_tensor_address(spec.name, self._buffers[spec.name].data_ptr())
+            if "token_bitmask" in self._buffers:
+                self._buffers["token_bitmask"].fill_(-1)  # every token allowed, for every row of every pass
             self.stream.synchronize()
 
     def forward(self, *args: Any) -> Any:
@@ -484,12 +545,21 @@ class TensorRTRuntime(EngineRuntime):
         for name, array in feeds.items():  # host → pinned → device, asynchronously on this instance's stream
             pinned[name].copy_(torch.from_numpy(array))
             views[name].copy_(pinned[name], non_blocking=True)
+        constrained = self._constrained if "token_bitmask" in views else None
+        if constrained is not None:  # only the constrained rows' masks cross to the device
+            rows, masks = constrained
+            staged = pinned["token_bitmask"][: masks.size].view(masks.shape)
+            staged.copy_(torch.from_numpy(np.ascontiguousarray(masks, dtype=np.int32)))
+            index = torch.as_tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            views["token_bitmask"][index, : masks.shape[1]] = staged.to(self.device, non_blocking=True)
         for spec in contract.inputs:
             self._execution.set_input_shape(spec.name, tuple(views[spec.name].shape))
         if not self._execution.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run a pass of batch {b}, tokens {t}, cache {p}, positions {n}")
         for name in OUTPUTS:  # small: [B, N, K] and [B, N]
             pinned[name].copy_(views[name], non_blocking=True)
+        if constrained is not None:
+            views["token_bitmask"][index] = -1  # all-allowed again, on the stream, after this pass
         self.stream.synchronize()  # the candidates are on the host; the pinned inputs may be reused
         outputs = {name: pinned[name].numpy() for name in OUTPUTS}  # views, valid until the next pass
         return outputs, views["present_key_values"]
