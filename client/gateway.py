@@ -32,8 +32,12 @@
   `apply_chat_template(..., tokenize=True)`). A completion prompt gets the tokenizer's special tokens.
   `usage.prompt_tokens` counts the prompt exactly as the server encodes it, and
   `usage.prompt_tokens_details.cached_tokens` the part of it Triton reused from its prefix cache.
+- Structured outputs (chat): `response_format` `{"type": "json_object"}` and `{"type": "json_schema", "json_schema":
+  {"schema": ..., "strict": true}}` map to the model's guided decoding inputs (json / json_schema; the answer is
+  decoded under the grammar, in ar or speculative, speculative when no mode is sent); a schema the compiler refuses
+  comes back as a 400 with its message.
 - Fields not honoured are refused with a 400 that names them (`NOT_HONOURED`: `logit_bias`,
-  `response_format` other than text, `tools`, `tool_choice`, ...; `echo`, `best_of`, `suffix`, `n` > 1), and so is
+  `tools`, `tool_choice`, ...; `echo`, `best_of`, `suffix`, `n` > 1), and so is
   any field neither OpenAI nor vLLM defines; identifiers and hints (`user`, `metadata`, ...) are accepted.
 - Errors are OpenAI error objects: 400 for a malformed body or a value the server refuses (with Triton's message),
   401 for a missing or wrong API key (when `--api-key` or `DLM_GATEWAY_API_KEY` is set), 404 for an unknown model,
@@ -85,8 +89,6 @@ ACCEPTED_AS_IS = frozenset({"user", "safety_identifier", "prompt_cache_key", "me
 # OpenAI fields not honoured yet, with the value that asks for nothing (accepted): any other value is refused by name
 NOT_HONOURED = {
     "logit_bias": ({}, "logit_bias is not supported (send {} or leave it out)"),
-    "response_format": ({"type": "text"}, "response_format other than {\"type\": \"text\"} is not supported yet: "
-                                          "structured outputs are not implemented"),
     "tools": ([], "tools are not supported yet: tool calls would come back as plain text, not as tool_calls"),
     "tool_choice": ("none", "tool_choice other than \"none\" is not supported yet: tool calls are not implemented"),
     "parallel_tool_calls": (None, "parallel_tool_calls is not supported yet: tool calls are not implemented"),
@@ -108,8 +110,6 @@ def _asks_for_nothing(name: str, value: Any) -> bool:
     default = NOT_HONOURED[name][0]
     if name == "service_tier":
         return value in (None, "auto", "default")
-    if name == "response_format":
-        return value is None or isinstance(value, dict) and value.get("type") == "text" and len(value) == 1
     return value is None or value == default
 
 
@@ -171,6 +171,10 @@ class GenerationFields(BaseModel):
         """Alternatives per token the request asks for, or None for no log probs."""
         return None
 
+    def guide(self) -> dict[str, str]:
+        """The guided decoding inputs of `response_format` (chat only; none for text)."""
+        return {}
+
     def options(self, max_tokens: int | None = None, add_special_tokens: bool = True) -> dict[str, Any]:
         values = {
             "mode": self.mode, "max_tokens": max_tokens or self.max_tokens, "temperature": self.temperature,
@@ -182,6 +186,7 @@ class GenerationFields(BaseModel):
             "frequency_penalty": self.frequency_penalty or None, "presence_penalty": self.presence_penalty or None,
             "repetition_penalty": None if self.repetition_penalty in (None, 1.0) else self.repetition_penalty,
         }
+        values.update(self.guide())
         alternatives = self.alternatives()
         if alternatives is not None:
             values.update(return_log_probs=True, top_logprobs=alternatives)
@@ -246,16 +251,36 @@ class ChatRequest(GenerationFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None  # alternatives per token, 0 to 20; needs logprobs
+    # structured outputs: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema":
+    # {"name": ..., "schema": {...}, "strict": true}}, decoded under the grammar (guided decoding)
+    response_format: dict[str, Any] | None = None
 
     def alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> tuple[str, str] | None:
+        kind = None if self.response_format is None else self.response_format.get("type")
+        if kind not in (None, "text", "json_object", "json_schema"):
+            return "response_format", (f"response_format type {json.dumps(kind)} is not supported: expected text, "
+                                       "json_object or json_schema")
+        if kind == "json_schema":
+            spec = (self.response_format or {}).get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                return "response_format", "response_format json_schema needs json_schema: {name, schema (an object)}"
         if problem := out_of_range("top_logprobs", self.top_logprobs):
             return problem
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
         return super().unsupported()
+
+    def guide(self) -> dict[str, str]:
+        kind = None if self.response_format is None else self.response_format.get("type")
+        if kind == "json_object":
+            return {"guided_decoding_guide_type": "json"}
+        if kind == "json_schema":
+            schema = (self.response_format or {})["json_schema"].get("schema", {})
+            return {"guided_decoding_guide_type": "json_schema", "guided_decoding_guide": json.dumps(schema)}
+        return {}
 
 
 # --- errors ------------------------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ INPUT_DTYPES: dict[str, Any] = {
     "frequency_penalty": np.float32,
     "presence_penalty": np.float32,
     "repetition_penalty": np.float32,
+    "guided_decoding_guide_type": np.object_,
+    "guided_decoding_guide": np.object_,
     "exclude_input_in_output": np.bool_,
     "add_special_tokens": np.bool_,
     "sampling_parameters": np.object_,
@@ -73,6 +75,8 @@ class Options:
     frequency_penalty: float | None = None  # [-2, 2], per occurrence in the answer so far (OpenAI's)
     presence_penalty: float | None = None  # [-2, 2], once a token occurs in the answer (OpenAI's)
     repetition_penalty: float | None = None  # (0, 2], tokens of the prompt and answer (vLLM's)
+    guided_decoding_guide_type: str | None = None  # json, json_schema, regex or lark (TensorRT-LLM's name)
+    guided_decoding_guide: str | None = None  # the schema (JSON text), regular expression or Lark grammar
     exclude_input_in_output: bool | None = None  # False: the prompt's text comes before the answer
     add_special_tokens: bool | None = None  # False: the prompt is a rendered chat template (its BOS is written)
     sampling_parameters: str | dict[str, Any] | None = None  # vLLM's JSON of settings (a dict is written as JSON)

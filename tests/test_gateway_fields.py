@@ -10,8 +10,8 @@ import openai
 import pytest
 
 REFUSED = [  # (endpoint, field, a value that asks for something, words of the message)
-    ("chat", "response_format", {"type": "json_object"}, "structured outputs"),
-    ("chat", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "structured"),
+    ("chat", "response_format", {"type": "xml"}, "expected text, json_object or json_schema"),  # json: honoured
+    ("chat", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}, "schema"),
     ("chat", "tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
      "tool_calls"),
     ("chat", "tool_choice", "required", "tool calls"),

@@ -3,6 +3,7 @@ responses, record metrics. The decoding itself lives in the `dlm` package beside
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import sys
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dlm.delayed import DelayedCalls  # noqa: E402
 from dlm.deployment import load_deployment  # noqa: E402
+from dlm.grammar import GrammarError  # noqa: E402
 from dlm.inputs import InvalidInput, parse_request  # noqa: E402
 from dlm.scheduler import Cancelled, Job, QueueFull, Scheduler, ShuttingDown  # noqa: E402
 from dlm.text import TextCodec, TextStream  # noqa: E402
@@ -304,6 +306,10 @@ class TritonPythonModel:
         runtime, name, context, max_live = loaded.runtime, loaded.runtime_name, loaded.context, loaded.max_live
         model_config, limits = loaded.model_config, loaded.pass_limits
         self.drain_seconds = float(parameters.get("drain_seconds") or 0)
+        self._compiler: Any = None  # dlm.grammar.Compiler, made at the first guided request
+        self._vocab_size = int(model_config["vocab_size"])
+        eos = model_config["eos_token_id"]
+        self._eos_token_id = eos[0] if isinstance(eos, list) else eos
         self.metrics = Metrics()
         # The last response of a cancelled request waits `cancelled_final_delay` seconds (its slot is free at once).
         # Triton's gRPC frontend before the fix of triton-inference-server/server#8078 (2.51 included) frees a
@@ -339,6 +345,8 @@ class TritonPythonModel:
 
             parsed = parse_request(get, self.defaults, self.limits, self.spec.block_size)
             mode = parsed.params.mode
+            if parsed.guide is not None:
+                parsed.params = dataclasses.replace(parsed.params, guide=self._grammar(*parsed.guide))
             responder = Responder(sender, self.codec, parsed.stream, parsed.stop_words, self.cancelled_finals,
                                   parsed.params.logprobs, parsed.text if parsed.echo else "")
             try:
@@ -353,6 +361,22 @@ class TritonPythonModel:
         except Exception as error:  # noqa: BLE001 - an unexpected input must not take the instance down
             self.metrics.request(mode, "error")
             sender.send(error_response(error), flags=FINAL)
+
+    def _grammar(self, guide_type: str, guide: str) -> Any:
+        """The request's guide compiled against the tokenizer (compilers' refusals are the request's error); an
+        artifact of engine contract version 2 refuses it with the command that rebuilds it."""
+        runtime = self.scheduler.runtime
+        if not getattr(runtime, "structured", False):
+            refusal = getattr(runtime, "rebuild_structured", lambda: "this engine takes no allowed-token mask")
+            raise InvalidInput(refusal())
+        if self._compiler is None:
+            from dlm.grammar import Compiler
+
+            self._compiler = Compiler(self.codec, self._vocab_size, int(self._eos_token_id), self.spec.mask_token_id)
+        try:
+            return self._compiler.compile(guide_type, guide)
+        except GrammarError as e:
+            raise InvalidInput(str(e)) from e
 
     def finalize(self) -> None:
         """On unload or SIGTERM: running and queued requests get `drain_seconds` to finish, the rest an error."""

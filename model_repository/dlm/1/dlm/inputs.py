@@ -89,6 +89,9 @@ class ParsedRequest:
     echo: bool = False  # exclude_input_in_output false: the prompt's text comes before the answer
     # false: the prompt is a rendered chat template, whose special tokens the template wrote (vLLM's name)
     add_special_tokens: bool = True
+    # guided decoding (TensorRT-LLM's names): (guided_decoding_guide_type, guided_decoding_guide), compiled by the
+    # model against its tokenizer (dlm.grammar)
+    guide: tuple[str, str] | None = None
 
 
 def _one(name: str, array: np.ndarray) -> Any:
@@ -121,6 +124,31 @@ def _unit(name: str, value: Any, closed: bool) -> float:
     if not (0.0 < number < 1.0 or closed and number == 1.0):  # NaN fails this too
         raise InvalidInput(f"{name} must be in (0, {'1]' if closed else '1)'}, got {number}")
     return number
+
+
+GUIDE_TYPES = ("json", "json_schema", "regex", "lark")
+GUIDED_DEFAULT_MODE = "speculative"
+MAX_GUIDE_BYTES = 1 << 16
+
+
+def _guide(guide_type: Any, guide: Any) -> tuple[str, str] | None:
+    """TensorRT-LLM's guided decoding inputs: a type (json: any JSON object, json_schema, regex, lark) and the guide
+    (a schema, a regular expression or a Lark grammar; none for json). Compiled later, against the tokenizer."""
+    if guide_type is None:
+        if guide is not None:
+            raise InvalidInput("input 'guided_decoding_guide' needs 'guided_decoding_guide_type' (one of "
+                               f"{', '.join(GUIDE_TYPES)})")
+        return None
+    kind = _text("guided_decoding_guide_type", guide_type)
+    if kind not in GUIDE_TYPES:
+        raise InvalidInput(f"guided_decoding_guide_type '{kind}' is unknown: expected one of {', '.join(GUIDE_TYPES)}")
+    text = "" if guide is None else _text("guided_decoding_guide", guide)
+    if kind != "json" and not text.strip():
+        raise InvalidInput(f"guided_decoding_guide_type '{kind}' needs input 'guided_decoding_guide' (the "
+                           f"{'schema' if kind == 'json_schema' else 'regular expression' if kind == 'regex' else 'grammar'})")
+    if len(text.encode()) > MAX_GUIDE_BYTES:
+        raise InvalidInput(f"guided_decoding_guide is {len(text.encode())} bytes, more than {MAX_GUIDE_BYTES}")
+    return kind, text
 
 
 def _penalty(name: str, value: Any, default: float) -> float:
@@ -284,10 +312,15 @@ def parse_request(
         given = tensor(name)
         return from_json.get(name) if given is None else given
 
+    guide = _guide(tensor("guided_decoding_guide_type"), tensor("guided_decoding_guide"))
     mode = value("mode")
-    mode = defaults.mode if mode is None else _text("mode", mode)
+    # a guided request that names no mode runs speculative (constrained diffusion is not implemented yet)
+    mode = (GUIDED_DEFAULT_MODE if guide is not None else defaults.mode) if mode is None else _text("mode", mode)
     if mode not in MODES:
         raise InvalidInput(f"mode '{mode}' is unknown: expected one of {', '.join(MODES)}")
+    if guide is not None and mode == "diffusion":
+        raise InvalidInput("guided decoding runs in the ar and speculative modes (mode 'diffusion' with a "
+                           "guided_decoding_guide_type is not implemented yet): send mode ar or speculative")
 
     block_length = value("block_length")
     if block_length is not None:
@@ -368,6 +401,9 @@ def parse_request(
             f"stop_words allows at most {MAX_STOP_WORDS} words of at most {MAX_STOP_WORD_BYTES} bytes each, "
             f"got {len(stop_words)} words of up to {max(len(w.encode()) for w in stop_words)} bytes"
         )
-    return ParsedRequest(text, params, bool(stream) if stream is not None else False, stop_words,
+    if guide is not None and params.ignore_eos:
+        raise InvalidInput("ignore_eos cannot be combined with guided decoding: the grammar decides where the "
+                           "answer ends")
+    return ParsedRequest(text, params, bool(stream) if stream is not None else False, stop_words, guide=guide,
                          echo=exclude is not None and not bool(exclude),
                          add_special_tokens=True if add_special_tokens is None else bool(add_special_tokens))

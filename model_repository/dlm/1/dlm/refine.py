@@ -27,6 +27,7 @@ from dlm.planner import PassLimits, group_rows
 from dlm.runtime import Runtime
 
 MODES = ("ar", "diffusion", "speculative")
+EXCLUDED = -1.0e30  # the logit the graph gives a token its allowed-token mask excludes (export/model.py)
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
@@ -78,6 +79,8 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # a compiled grammar (`dlm.grammar.Grammar`): every chosen token is one it allows (ar and speculative)
+    guide: Any = None
 
     @property
     def penalised(self) -> bool:
@@ -117,6 +120,12 @@ class GenerationParams:
         if self.max_remasks is not None and self.max_remasks < 0:
             raise ValueError(f"max_remasks must be at least 0, got {self.max_remasks}")
         penalties.check(self.frequency_penalty, self.presence_penalty, self.repetition_penalty)
+        if self.guide is not None and self.mode == "diffusion":
+            raise ValueError("guided decoding (a grammar constraint) runs in the ar and speculative modes; "
+                             "constrained diffusion is not implemented yet")
+        if self.guide is not None and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with guided decoding: the grammar decides where the "
+                             "answer ends")
 
 
 @dataclass
@@ -196,11 +205,31 @@ class Sequence:
         if not self.prompt:
             raise ValueError("the prompt is empty: at least one token is needed")
         self.rng = np.random.default_rng(self.params.seed)  # None: fresh entropy from the OS
+        self.constraint = self.params.guide.start() if self.params.guide is not None else None
         self.strategy = STRATEGIES[self.params.mode]
 
     @property
     def scored(self) -> bool:
         return self.params.logprobs is not None
+
+    def allowed_masks(self, plan: Pass) -> np.ndarray | None:
+        """[m, W] int32 allowed-token words for the m predictions of `plan` (one of this sequence's main rows), or
+        None when the request has no grammar. The prefill and `ar` predict the next token: the matcher's state
+        after the committed tokens. A speculative drafting pass: that state at its first position, nothing after.
+        A verifying pass: the state after the committed tokens and the drafts before each position, so its choice
+        at each position is the best allowed token given the prefix, as `ar`'s (the draft is checked against the
+        grammar: past the first draft token it refuses, nothing can be accepted)."""
+        constraint = self.constraint
+        if constraint is None:
+            return None
+        constraint.advance(self.tokens)
+        m = len(plan.predict)
+        if self.phase == "verify":
+            assert self.block is not None
+            return constraint.masks_along(self.block[1:], m)
+        masks = np.full((m, constraint.words), -1, dtype=np.int32)
+        masks[-1 if plan.causal else 0] = constraint.mask()  # a prefill chunk reads its last prediction
+        return masks
 
     def history(self, plan: Pass) -> penalties.History:
         """What the predictions of `plan` (one of this sequence's rows) are conditioned on, for the penalties: the
@@ -581,7 +610,17 @@ def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0, plans: l
     starts = np.array([seq.cache_length for seq, _ in rows], dtype=np.int64)
     causal = np.array([p.causal for _, p in rows])
     draft = np.array([p.draft for _, p in rows])
-    candidates = runtime.forward(slots, input_ids, position_ids, new_mask, starts, causal, logit_positions, draft)
+    allowed = [(i, seq.allowed_masks(p)) for i, (seq, p) in enumerate(rows[: len(seqs)])]
+    constrained = [(i, masks) for i, masks in allowed if masks is not None]
+    bitmask = None
+    if constrained:
+        words = constrained[0][1].shape[1]
+        stacked = np.full((len(constrained), n, words), -1, dtype=np.int32)
+        for j, (_, masks) in enumerate(constrained):
+            stacked[j, : len(masks)] = masks
+        bitmask = (np.array([i for i, _ in constrained], dtype=np.int64), stacked)
+    candidates = runtime.forward(slots, input_ids, position_ids, new_mask, starts, causal, logit_positions, draft,
+                                 bitmask)
     eos_ids = np.fromiter(seqs[0].spec.eos_token_ids, dtype=np.int64)
     scores = None
     for i, (seq, p) in enumerate(rows):
@@ -591,6 +630,10 @@ def step(runtime: Runtime, seqs: list[Sequence], pad_token_id: int = 0, plans: l
             m = len(p.predict)
             scores[i, :m] = penalties.apply(candidates.logits[i, :m], candidates.tokens[i, :m], seq.history(p),
                                             q.frequency_penalty, q.presence_penalty, q.repetition_penalty)
+    if constrained:  # candidates the mask excluded (fewer than K allowed) are never chosen
+        scores = candidates.logits.copy() if scores is None else scores
+        for i, _ in constrained:
+            scores[i] = np.where(candidates.logits[i] <= EXCLUDED / 2, -np.inf, scores[i])
     picks = pick(candidates, [seq for seq, _ in rows], [len(p.predict) for _, p in rows],
                  no_eos if no_eos.any() else None, eos_ids, scores)
     counts = np.zeros(b, dtype=np.int64)

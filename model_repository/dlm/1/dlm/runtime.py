@@ -249,8 +249,8 @@ class EngineRuntime(ABC):
             command = rebuild_command(artifact.path.parent, _kind_of(artifact.path), artifact.entry)
             how = (f"export the ONNX graph with --structured, then rebuild the engine with `{command}`"
                    if "export engine" in command else f"rebuild it with `{command} --structured`")
-        return (f"this engine (engine contract version 2) takes no allowed-token mask, so it cannot serve a "
-                f"constrained request (structured outputs): {how}")
+        return (f"a constrained request (structured outputs) is not valid on this engine: it was built for engine "
+                f"contract version 2, without the allowed-token mask; {how}")
 
     def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
         assert self.cache is not None
