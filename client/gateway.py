@@ -34,7 +34,7 @@
   `usage.prompt_tokens_details.cached_tokens` the part of it Triton reused from its prefix cache.
 - Structured outputs (chat): `response_format` `{"type": "json_object"}` and `{"type": "json_schema", "json_schema":
   {"schema": ..., "strict": true}}` map to the model's guided decoding inputs (json / json_schema; the answer is
-  decoded under the grammar, in ar or speculative, speculative when no mode is sent); a schema the compiler refuses
+  decoded under the grammar, in every mode); a schema the compiler refuses
   comes back as a 400 with its message.
 - Fields not honoured are refused with a 400 that names them (`NOT_HONOURED`: `logit_bias`,
   `tools`, `tool_choice`, ...; `echo`, `best_of`, `suffix`, `n` > 1), and so is

@@ -1,7 +1,8 @@
-"""Grammar-constrained decoding (issue 26 parts 1-2) in `ar` and `speculative`: guides compiled by llguidance against
+"""Grammar-constrained decoding (issue 26 parts 1-2) in every mode: guides compiled by llguidance against
 the checkpoint's tokenizer (bad ones refused with the compiler's message), every output accepted by the grammar and
 valid against its schema (from the trained miniature and from a random model of the real vocabulary, whose best
-tokens are never the allowed ones), and constrained `speculative` equal to constrained `ar` at temperature 0."""
+tokens are never the allowed ones), constrained `speculative` equal to constrained `ar` at temperature 0, and
+constrained diffusion committing its frontier and the forced tokens."""
 
 from __future__ import annotations
 
@@ -57,12 +58,12 @@ def decode(runtime, spec, prompt, params) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_the_miniature_answers_the_schema_in_ar_and_speculative(miniature, miniature_compiler, temperature):
+def test_the_miniature_answers_the_schema_in_every_mode(miniature, miniature_compiler, temperature):
     compiler, codec = miniature_compiler
     grammar = compiler.compile("json_schema", json.dumps(SCHEMA))
     prompts = [miniature.encode(p) for p in ("93+17=", "upper:abc=")]
     outputs = {}
-    for mode in ("ar", "speculative"):
+    for mode in ("ar", "speculative", "diffusion"):
         params = GenerationParams(mode, 48, temperature=temperature, seed=3, guide=grammar)
         outputs[mode] = [decode(miniature.runtime, miniature.spec, p, params) for p in prompts]
         for tokens in outputs[mode]:
@@ -84,10 +85,10 @@ def test_a_regex_and_a_json_object_constrain_the_miniature(miniature, miniature_
     assert text.startswith("{")  # a JSON object, or a prefix of one at max_tokens
 
 
-def test_diffusion_and_ignore_eos_with_a_guide_are_refused(miniature_compiler):
+def test_remasking_and_ignore_eos_with_a_guide_are_refused(miniature_compiler):
     grammar = miniature_compiler[0].compile("json", "")
-    with pytest.raises(ValueError, match="ar and speculative"):
-        GenerationParams("diffusion", guide=grammar).validate()
+    with pytest.raises(ValueError, match="remask_threshold"):
+        GenerationParams("diffusion", guide=grammar, remask_threshold=0.5).validate()
     with pytest.raises(ValueError, match="ignore_eos"):
         GenerationParams("ar", guide=grammar, ignore_eos=True).validate()
 
@@ -115,10 +116,30 @@ def test_random_weights_of_the_real_vocabulary_still_answer_valid_json(real_voca
     grammar = compiler.compile("json_schema", json.dumps(SCHEMA))
     prompt = codec.encode("Give me JSON:")
     outputs = {}
-    for mode in ("ar", "speculative"):
+    for mode in ("ar", "speculative", "diffusion"):
         outputs[mode] = decode(runtime, spec, prompt, GenerationParams(mode, 48, guide=grammar))
         validate(json.loads(codec.decode(outputs[mode])))
     assert outputs["ar"] == outputs["speculative"]
     unconstrained = codec.decode(decode(runtime, spec, prompt, GenerationParams("ar", 16)))
     with pytest.raises(ValueError):
         json.loads(unconstrained)  # the grammar did the work, not the weights
+
+
+@pytest.mark.slow
+def test_diffusion_commits_the_frontier_and_forced_tokens_without_a_pass(miniature, miniature_compiler):
+    """A schema whose keys are fixed forces most of its characters: constrained diffusion commits them without a
+    pass, so it takes fewer forwards than tokens (tokens per forward > 1) and fewer than ar, and its answer is
+    valid; every pass's first open position is chosen under the allowed-token mask."""
+    from dlm.refine import Sequence
+
+    compiler, codec = miniature_compiler
+    grammar = compiler.compile("json_schema", json.dumps(SCHEMA))
+    prompt = miniature.encode("93+17=")
+    diffusion = generate(miniature.runtime, [prompt], GenerationParams("diffusion", 48, guide=grammar),
+                         miniature.spec)[0]
+    ar = generate(miniature.runtime, [prompt], GenerationParams("ar", 48, guide=grammar), miniature.spec)[0]
+    validate(json.loads(codec.decode(diffusion.tokens)))
+    assert diffusion.num_tokens / diffusion.num_forwards >= 2.0, (diffusion.num_tokens, diffusion.num_forwards)
+    assert diffusion.num_forwards < ar.num_forwards
+    seq = Sequence(prompt, GenerationParams("diffusion", 48, guide=grammar), miniature.spec)
+    assert seq.constraint is not None

@@ -42,15 +42,17 @@ def test_response_format_maps_onto_the_guided_decoding_inputs():
 def test_the_guided_decoding_inputs_are_parsed_and_checked():
     parsed = parse(guided_decoding_guide_type="json_schema", guided_decoding_guide='{"type": "object"}')
     assert parsed.guide == ("json_schema", '{"type": "object"}')
-    assert parsed.params.mode == "speculative"  # a guided request that names no mode
+    assert parsed.params.mode == "diffusion"  # the default mode: every mode decodes under a grammar
     assert parse(guided_decoding_guide_type="json", mode="ar").params.mode == "ar"
     assert parse().guide is None and parse().params.mode == "diffusion"
-    for inputs, words in [
+    cases: list[tuple[dict[str, object], str]] = [
         ({"guided_decoding_guide_type": "ebnf", "guided_decoding_guide": "x"}, "expected one of json, json_schema"),
         ({"guided_decoding_guide_type": "regex"}, "needs input 'guided_decoding_guide'"),
         ({"guided_decoding_guide": "[a-z]+"}, "needs 'guided_decoding_guide_type'"),
-        ({"guided_decoding_guide_type": "json", "mode": "diffusion"}, "ar and speculative"),
-    ]:
+        ({"guided_decoding_guide_type": "json", "ignore_eos": True}, "ignore_eos cannot"),
+        ({"guided_decoding_guide_type": "json", "remask_threshold": 0.5}, "remask_threshold cannot"),
+    ]
+    for inputs, words in cases:
         with pytest.raises(InvalidInput, match=words):
             parse(**inputs)
 

@@ -127,7 +127,6 @@ def _unit(name: str, value: Any, closed: bool) -> float:
 
 
 GUIDE_TYPES = ("json", "json_schema", "regex", "lark")
-GUIDED_DEFAULT_MODE = "speculative"
 MAX_GUIDE_BYTES = 1 << 16
 
 
@@ -314,13 +313,9 @@ def parse_request(
 
     guide = _guide(tensor("guided_decoding_guide_type"), tensor("guided_decoding_guide"))
     mode = value("mode")
-    # a guided request that names no mode runs speculative (constrained diffusion is not implemented yet)
-    mode = (GUIDED_DEFAULT_MODE if guide is not None else defaults.mode) if mode is None else _text("mode", mode)
+    mode = defaults.mode if mode is None else _text("mode", mode)
     if mode not in MODES:
         raise InvalidInput(f"mode '{mode}' is unknown: expected one of {', '.join(MODES)}")
-    if guide is not None and mode == "diffusion":
-        raise InvalidInput("guided decoding runs in the ar and speculative modes (mode 'diffusion' with a "
-                           "guided_decoding_guide_type is not implemented yet): send mode ar or speculative")
 
     block_length = value("block_length")
     if block_length is not None:
@@ -404,6 +399,9 @@ def parse_request(
     if guide is not None and params.ignore_eos:
         raise InvalidInput("ignore_eos cannot be combined with guided decoding: the grammar decides where the "
                            "answer ends")
+    if guide is not None and params.remask_threshold is not None:
+        raise InvalidInput("remask_threshold cannot be combined with guided decoding: a constrained block is "
+                           "committed left to right and never re-masked")
     return ParsedRequest(text, params, bool(stream) if stream is not None else False, stop_words, guide=guide,
                          echo=exclude is not None and not bool(exclude),
                          add_special_tokens=True if add_special_tokens is None else bool(add_special_tokens))

@@ -79,7 +79,7 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    # a compiled grammar (`dlm.grammar.Grammar`): every chosen token is one it allows (ar and speculative)
+    # a compiled grammar (`dlm.grammar.Grammar`): every chosen token is one it allows, in every mode
     guide: Any = None
 
     @property
@@ -120,9 +120,9 @@ class GenerationParams:
         if self.max_remasks is not None and self.max_remasks < 0:
             raise ValueError(f"max_remasks must be at least 0, got {self.max_remasks}")
         penalties.check(self.frequency_penalty, self.presence_penalty, self.repetition_penalty)
-        if self.guide is not None and self.mode == "diffusion":
-            raise ValueError("guided decoding (a grammar constraint) runs in the ar and speculative modes; "
-                             "constrained diffusion is not implemented yet")
+        if self.guide is not None and self.remask_threshold is not None:
+            raise ValueError("remask_threshold cannot be combined with guided decoding: a constrained block is "
+                             "committed left to right and never re-masked")
         if self.guide is not None and self.ignore_eos:
             raise ValueError("ignore_eos cannot be combined with guided decoding: the grammar decides where the "
                              "answer ends")
@@ -191,6 +191,7 @@ class Sequence:
     # speculative: verifying passes run and the tokens they committed (accepted drafts plus the bonus token)
     verify_passes: int = 0
     verified_tokens: int = 0
+    forced_tokens: int = 0  # guided diffusion: tokens the grammar forced, committed without a pass
     # speculative with a draft adapter: each verifying pass also drafts the next block (a look-ahead row), which
     # saves that block's drafting pass when the whole block is accepted and the bonus token is the one foreseen
     lookahead: bool = False
@@ -222,7 +223,12 @@ class Sequence:
         constraint = self.constraint
         if constraint is None:
             return None
-        constraint.advance(self.tokens)
+        if self.params.mode == "diffusion" and self.block is not None and self.phase != "prefill":
+            settled = int(np.argmax(self.block == self.spec.mask_token_id)) if (
+                self.block == self.spec.mask_token_id).any() else len(self.block)
+            constraint.advance(self.tokens + [int(t) for t in self.block[1:settled]])  # the committed frontier
+        else:
+            constraint.advance(self.tokens)
         m = len(plan.predict)
         if self.phase == "verify":
             assert self.block is not None
@@ -441,11 +447,58 @@ class BlockDiffusion:
         return p.threshold is not None and p.max_block_passes is not None and seq.block_steps + 1 >= p.max_block_passes
 
     @staticmethod
+    def _denoise_constrained(seq: Sequence, picks: Picks) -> None:
+        """Under a grammar, a position is committed only where the grammar can judge it: the contiguous frontier
+        from the first uncommitted position. The first is the pass's choice under the allowed-token mask (always
+        committed); each next one the best of its candidates the grammar allows after the tokens before it, while
+        its probability meets the threshold; then every token the grammar forces (it allows exactly one) is
+        committed without a pass."""
+        assert seq.block is not None and seq.pending is not None and seq.constraint is not None
+        constraint, open_positions = seq.constraint, seq.pending
+        limit = BlockDiffusion._limit(seq)
+        threshold = seq.params.threshold if seq.params.threshold is not None else 1.1  # steps: one per pass
+        j, position = 0, int(open_positions[0]) if len(open_positions) else limit
+        while j < len(open_positions) and int(open_positions[j]) == position and position < limit:
+            if j == 0:
+                token, score = int(picks.tokens[0]), seq.score(picks, 0)
+            else:
+                mask = constraint.mask()
+                choice = next((k for k, t in enumerate(picks.candidate_tokens[j].tolist())
+                               if constraint.allows(mask, int(t)) and picks.candidate_log_probs[j, k] > EXCLUDED / 2
+                               and math.exp(picks.candidate_log_probs[j, k]) >= threshold), None)
+                if choice is None:
+                    break
+                token = int(picks.candidate_tokens[j, choice])
+                score = (float(picks.candidate_log_probs[j, choice]),
+                         list(zip(picks.candidate_tokens[j, : seq.params.logprobs or 0].tolist(),
+                                  picks.candidate_log_probs[j, : seq.params.logprobs or 0].tolist()))) \
+                    if seq.scored else None
+            seq.block[position], seq.block_scores[position] = token, score
+            constraint.consume(token)
+            j, position = j + 1, position + 1
+            if token in seq.spec.eos_token_ids:
+                break
+            forced = constraint.matcher.compute_ff_tokens() if not constraint.matcher.is_stopped() else []
+            for t in forced:  # committed without a pass
+                if position >= limit or seq.block[position] != seq.spec.mask_token_id:
+                    break
+                seq.block[position], seq.block_scores[position] = int(t), None
+                constraint.consume(int(t))
+                seq.forced_tokens += 1
+                position += 1
+                j = len(open_positions)  # the pass's predictions past a forced token are stale
+        seq.block_steps += 1
+        BlockDiffusion._finish_if_settled(seq)
+
+    @staticmethod
     def _denoise(seq: Sequence, picks: Picks) -> None:
         assert seq.block is not None and seq.tentative is not None and seq.pending is not None
         open_positions = seq.pending  # what the pass predicted; a token masked again just now waits for the next
         if len(open_positions) != len(picks.tokens):  # nothing was open: the row predicted the seed, unread
             picks = picks.subset(np.arange(len(open_positions)))
+        if seq.constraint is not None:
+            BlockDiffusion._denoise_constrained(seq, picks)
+            return
         tokens, confidence = picks.tokens, picks.confidence
         p = seq.params
         last = BlockDiffusion._last_pass(seq)
