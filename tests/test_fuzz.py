@@ -360,7 +360,8 @@ BOTH: dict[str, tuple[st.SearchStrategy, ...]] = {  # fields of both endpoints: 
         "include_usage": st.booleans(), "continuous_usage_stats": st.booleans()}),
         st.sampled_from([3, {"include_usage": "maybe"}])),
     "model": one_key("model", st.just("dlm"), st.sampled_from(["gpt-4", 3, None])),
-    "frequency_penalty": one_key("frequency_penalty", st.just(0), st.sampled_from([0.5, -1])),
+    "frequency_penalty": one_key("frequency_penalty", st.sampled_from([0, 0.5, -1, 2]),  # honoured in [-2, 2]
+                                 st.sampled_from([2.5, -3, "x"])),
     "unknown field": (st.just({"user": "someone"}), st.sampled_from([{"frobnicate": 1}, {"max_new_tokens": 4}])),
     "body": (st.just({}), st.just({})),  # invalid: the body is not JSON, or not a JSON object (below)
 }
