@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     repository = commands.add_parser(
         "repository", help="checkpoint → a Triton model repository that serves it, checked to load")
     add_limits(repository, max_batch=16)  # config.pbtxt's max_live: 16 slots
+    repository.add_argument("--structured", action="store_true", help=STRUCTURED_HELP)
     repository.description = ("--out is the repository folder (it gets dlm/config.pbtxt and dlm/1/); the artifact "
                               "is the ONNX graph (build a TensorRT plan from dlm/1/engine/model.onnx on a GPU host)")
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
             build_repository(args.checkpoint, args.out, precision=args.precision, max_batch=args.max_batch,
                              max_context=args.max_context, max_tokens=args.max_tokens, max_block=args.max_block,
-                             top_k=args.top_k, draft_adapter=args.draft_adapter)
+                             top_k=args.top_k, draft_adapter=args.draft_adapter, structured=args.structured)
         elif args.command == "torch-export":
             from export.torch_export import export_torch
 

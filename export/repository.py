@@ -96,8 +96,9 @@ def write_tokenizer(checkpoint: Path, folder: Path, log: Callable[[str], None]) 
 
 
 def reusable_artifact(engine: Path, checkpoint: Path, precision: str, max_batch: int, max_context: int | None,
-                      adapter: str | Path | None) -> bool:
-    """Whether `engine` holds an artifact built from these weights and adapter, at this precision and these limits."""
+                      adapter: str | Path | None, structured: bool = False) -> bool:
+    """Whether `engine` holds an artifact built from these weights and adapter, at this precision and these limits,
+    with the allowed-token mask input exactly when `structured` (engine contract version 3)."""
     from dlm.artifact import ArtifactError
     from export.manifest import check
 
@@ -109,7 +110,8 @@ def reusable_artifact(engine: Path, checkpoint: Path, precision: str, max_batch:
     wanted_adapter = adapter_sha256(find_adapter(checkpoint) if adapter == "auto" else adapter)
     return (entry.get("precision") == precision and profile["batch"][2] == max_batch
             and (max_context is None or profile["past_plus_tokens"][2] == max_context)
-            and (entry.get("draft_adapter") or {}).get("sha256") == wanted_adapter)
+            and (entry.get("draft_adapter") or {}).get("sha256") == wanted_adapter
+            and bool(entry["contract"].get("structured", False)) == structured)
 
 
 def config_pbtxt(template: str, values: dict[str, str], header: str) -> str:
@@ -159,7 +161,7 @@ def check_loads(version_dir: Path, parameters: dict[str, str], log: Callable[[st
 def build_repository(checkpoint: str | Path, out: str | Path, *, precision: str = "fp32", max_batch: int = 16,
                      max_context: int | None = None, max_tokens: int | None = None, max_block: int | None = None,
                      top_k: int | None = None, draft_adapter: str | Path | None = "auto",
-                     log: Callable[[str], None] = print) -> Path:
+                     log: Callable[[str], None] = print, structured: bool = False) -> Path:
     """Write (or update) the repository `out` for `checkpoint`; returns the model's folder (out/dlm)."""
     from export.onnx_export import export_onnx
 
@@ -173,13 +175,14 @@ def build_repository(checkpoint: str | Path, out: str | Path, *, precision: str 
     version_dir.mkdir(parents=True, exist_ok=True)
 
     engine = version_dir / "engine"
-    if reusable_artifact(engine, checkpoint, precision, max_batch, max_context, draft_adapter):
+    if reusable_artifact(engine, checkpoint, precision, max_batch, max_context, draft_adapter, structured):
         log(f"reusing the artifact in {engine}: its manifest matches the checkpoint, adapter, precision and limits")
     else:
         shutil.rmtree(engine, ignore_errors=True)
         options: dict[str, Any] = {"top_k": top_k} if top_k is not None else {}
         export_onnx(checkpoint, engine, precision=precision, max_batch=max_batch, max_context=max_context,
-                    max_tokens=max_tokens, max_block=max_block, draft_adapter=draft_adapter, log=log, **options)
+                    max_tokens=max_tokens, max_block=max_block, draft_adapter=draft_adapter, log=log,
+                    structured=structured, **options)
     write_tokenizer(checkpoint, version_dir / "tokenizer", log)
 
     template = (SOURCE / "config.pbtxt").read_text(encoding="utf-8")

@@ -179,3 +179,15 @@ def test_versions_2_and_3_are_served_and_1_refused():
     assert not EngineContract.from_dict(v2).structured
     with pytest.raises(OldContract):
         EngineContract.from_dict({**data, "version": 1})
+
+
+def test_the_repository_rebuilds_a_version_2_artifact_when_asked_for_a_structured_one():
+    """`python -m export repository --structured` does not reuse the shipped (version 2) artifact."""
+    from conftest import MINIATURE, ROOT
+    from export.repository import reusable_artifact
+
+    engine = ROOT / "model_repository" / "dlm" / "1" / "engine"
+    entry = json.loads((engine / "manifest.json").read_text())["artifacts"]["model.onnx"]
+    batch, context = entry["contract"]["profile"]["batch"][2], entry["contract"]["profile"]["past_plus_tokens"][2]
+    assert reusable_artifact(engine, MINIATURE, entry["precision"], batch, context, "auto")
+    assert not reusable_artifact(engine, MINIATURE, entry["precision"], batch, context, "auto", structured=True)
