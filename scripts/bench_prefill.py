@@ -36,12 +36,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -52,6 +48,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # inprocess_bench, beside this script
 
 import dlm.scheduler as scheduler_module  # noqa: E402
 from dlm.planner import MAX_PADDING, PassLimits  # noqa: E402
@@ -61,45 +58,12 @@ from dlm.scheduler import Job, Scheduler, pass_tokens  # noqa: E402
 from dlm.special_tokens import end_token_ids  # noqa: E402
 from dlm.text import TextCodec  # noqa: E402
 from export.tasks import held_out_set  # noqa: E402
+from inprocess_bench import Done, machine, parameter, run_one, ttfb  # noqa: E402
 
 VERSION = ROOT / "model_repository" / "dlm" / "1"
-CONFIG_PBTXT = ROOT / "model_repository" / "dlm" / "config.pbtxt"
 MODES = ("ar", "diffusion", "speculative")
 TARGETS = {"ttfb_ratio": 3.0, "padding": MAX_PADDING}  # issue 11: busy ÷ idle at most; padded share at most
 
-
-def parameter(key: str) -> str:
-    """A config.pbtxt parameter's string value, as Triton hands it to model.py."""
-    match = re.search(rf'key: "{key}", value: {{ string_value: "([^"]*)"', CONFIG_PBTXT.read_text())
-    if match is None:
-        raise KeyError(f"config.pbtxt has no parameter {key}")
-    return match.group(1)
-
-
-class Done:
-    """A consumer that only waits for the end."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.error: Exception | None = None
-
-    def cancelled(self) -> bool:
-        return False
-
-    def update(self, job: Job) -> bool:
-        if job.finished:
-            self.event.set()
-        return False
-
-    def fail(self, job: Job, error: Exception) -> None:
-        self.error = error
-        self.event.set()
-
-    def wait(self) -> None:
-        if not self.event.wait(300):
-            raise TimeoutError("a request did not finish within 300 s")
-        if self.error is not None:
-            raise self.error
 
 
 class Observer:
@@ -153,17 +117,6 @@ class Server:
                          observer=observer, pad_token_id=self.pad,
                          limits=PassLimits.from_profile(self.profile, budget, chunk))
 
-
-def run_one(scheduler: Scheduler, prompt: list[int], params: GenerationParams) -> Job:
-    done = Done()
-    job = scheduler.submit(prompt, params, done)
-    done.wait()
-    return job
-
-
-def ttfb(job: Job) -> float:
-    assert job.first_block_at is not None
-    return job.first_block_at - job.submitted
 
 
 def first_block_during_prefill(server: Server, budget: int, repeats: int, chunk: int | None = None
@@ -311,19 +264,6 @@ def padding_in_mixed_workload(server: Server, budget: int, count: int, seed: int
     return {"max_num_tokens": budget, "requests": len(requests), "long_requests": long, "steps": len(steps),
             "seconds": seconds, "before": shares(steps), "after": shares(after)}
 
-
-def machine() -> dict[str, Any]:
-    import onnxruntime
-
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        lscpu = ""
-    cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "load_average": os.getloadavg()[0], "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
 
 
 def targets(first_block: list[dict[str, Any]], padding: list[dict[str, Any]], shipped: tuple[int, int]

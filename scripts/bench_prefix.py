@@ -28,15 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,24 +40,18 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # inprocess_bench, beside this script
 
 from dlm.planner import PassLimits  # noqa: E402
 from dlm.refine import GenerationParams, TokenSpec  # noqa: E402
 from dlm.runtime import OnnxRuntime  # noqa: E402
 from dlm.scheduler import Job, Scheduler  # noqa: E402
 from dlm.special_tokens import end_token_ids  # noqa: E402
+from inprocess_bench import Done, machine, parameter, run_one, ttfb  # noqa: E402
 
 VERSION = ROOT / "model_repository" / "dlm" / "1"
-CONFIG_PBTXT = ROOT / "model_repository" / "dlm" / "config.pbtxt"
 TARGETS = {"ttfb_ratio": 0.3, "ttfb_prefix": 1000, "chat_prefill_share": 0.25}  # issue 24
 
-
-def parameter(key: str) -> str:
-    """A config.pbtxt parameter's string value, as Triton hands it to model.py."""
-    match = re.search(rf'key: "{key}", value: {{ string_value: "([^"]*)"', CONFIG_PBTXT.read_text())
-    if match is None:
-        raise KeyError(f"config.pbtxt has no parameter {key}")
-    return match.group(1)
 
 
 def defaults() -> GenerationParams:
@@ -70,31 +60,6 @@ def defaults() -> GenerationParams:
     return GenerationParams(parameter("default_mode"), max_tokens=int(parameter("max_tokens")),
                             threshold=float(threshold) if threshold else None, steps=int(parameter("steps")))
 
-
-class Done:
-    """A consumer that only waits for the end."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.error: Exception | None = None
-
-    def cancelled(self) -> bool:
-        return False
-
-    def update(self, job: Job) -> bool:
-        if job.finished:
-            self.event.set()
-        return False
-
-    def fail(self, job: Job, error: Exception) -> None:
-        self.error = error
-        self.event.set()
-
-    def wait(self) -> None:
-        if not self.event.wait(600):
-            raise TimeoutError("a request did not finish within 600 s")
-        if self.error is not None:
-            raise self.error
 
 
 @dataclass
@@ -146,17 +111,6 @@ class Server:
         return Scheduler(self.runtime, self.artifact.spec, max_live=self.max_live, max_queue=64, context=self.context,
                          pad_token_id=self.pad, limits=self.limits, prefix_caching=caching)
 
-
-def run_one(scheduler: Scheduler, prompt: list[int], params: GenerationParams) -> Job:
-    done = Done()
-    job = scheduler.submit(prompt, params, done)
-    done.wait()
-    return job
-
-
-def ttfb(job: Job) -> float:
-    assert job.first_block_at is not None
-    return job.first_block_at - job.submitted
 
 
 def first_block(server: Server, prefix: int, tail: int, repeats: int, seed: int) -> dict[str, Any]:
@@ -232,19 +186,6 @@ def chat(server: Server, turns: int, conversations: int, system: int, user: int,
             "seconds_on": on["seconds"], "seconds_off": off["seconds"],
             "same_answers": on["answers"] == off["answers"]}
 
-
-def machine() -> dict[str, Any]:
-    import onnxruntime
-
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        lscpu = ""
-    cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "load_average": os.getloadavg()[0], "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
 
 
 def targets(rows: list[dict[str, Any]], chats: list[dict[str, Any]]) -> list[dict[str, Any]]:
