@@ -84,9 +84,9 @@ def recorded_passes(runtime) -> list[tuple[int, int, int, int]]:
     shapes: list[tuple[int, int, int, int]] = []
     forward = runtime.forward
 
-    def record(slots, input_ids, position_ids, new_mask, cache_lengths, causal, logit_positions, draft=None):
+    def record(slots, input_ids, position_ids, new_mask, cache_lengths, causal, logit_positions, *rest):
         shapes.append((*input_ids.shape, int(cache_lengths.max(initial=0)), logit_positions.shape[1]))
-        return forward(slots, input_ids, position_ids, new_mask, cache_lengths, causal, logit_positions, draft)
+        return forward(slots, input_ids, position_ids, new_mask, cache_lengths, causal, logit_positions, *rest)
 
     runtime.forward = record
     return shapes
