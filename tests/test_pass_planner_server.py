@@ -18,8 +18,9 @@ def test_a_long_prompt_beside_a_deep_answer_fails_neither(triton):
 
     def deep() -> None:
         try:
+            # ignore_eos: all 200 tokens, so the answer is still being decoded when the long prompt arrives
             results["deep"] = grpc_generate(triton.grpc_url, DEEP_PROMPT, mode="ar", max_tokens=200,
-                                            stream=True, timeout=300)
+                                            ignore_eos=True, stream=True, timeout=300)
         except Exception as e:  # noqa: BLE001 - reported by the asserts below
             results["deep"] = e
         results["deep_ended"] = time.monotonic()
