@@ -88,6 +88,11 @@ if [ "$head" = 1 ]; then
 fi
 cd "$WORK"
 
+# Test files that only the listed modules' mutants run: test_runtimes.py (its ONNX exports cost half a minute per
+# mutant) checks the runtimes against each other, which run the same decoding code: it can tell a KV-cache or
+# scheduler mutant apart, not one of the decoding loop's.
+export MUTATION_ONLY_FOR="tests/test_runtimes.py:kv_cache,scheduler"
+
 # mutmut with the tests' module names and the mutated copy first on sys.path; a mutant's tests in collection order
 run_mutmut() {
   mkdir -p mutants/model_repository/dlm/1
@@ -124,6 +129,22 @@ def in_collection_order(self, tests):
 
 
 harness.PytestRunner._pytest_args_regular_run = in_collection_order
+
+# test files that only some modules' mutants run (MUTATION_ONLY_FOR, see below): each mutant runs the tests that
+# reached its function, minus those
+only_for = {f: set(ms.split(",")) for f, _, ms in (e.partition(":") for e in os.environ["MUTATION_ONLY_FOR"].split())}
+collect_or_load_stats = mutmut_main.collect_or_load_stats
+
+
+def collect_then_restrict(*args, **kwargs):
+    collect_or_load_stats(*args, **kwargs)
+    tests_by_function = state().tests_by_mangled_function_name
+    for function, tests in tests_by_function.items():
+        module = function.rsplit(".", 1)[0].removeprefix("dlm.")
+        tests_by_function[function] = {t for t in tests if module in only_for.get(t.split("::")[0], {module})}
+
+
+mutmut_main.collect_or_load_stats = collect_then_restrict
 sys.path.insert(0, os.path.abspath("mutants/model_repository/dlm/1"))
 sys.argv[0] = "mutmut"
 sys.exit(mutmut_main.cli())
@@ -146,6 +167,7 @@ stats = json.loads(Path("mutants/mutmut-stats.json").read_text())
 tests_by_function = stats["tests_by_mangled_function_name"]
 env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath("mutants/model_repository/dlm/1"),
                                                     os.path.abspath("mutants")]))
+only_for = {f: set(ms.split(",")) for f, _, ms in (e.partition(":") for e in os.environ["MUTATION_ONLY_FOR"].split())}
 for module in sys.argv[1:]:
     meta = Path(f"mutants/model_repository/dlm/1/dlm/{module}.py.meta")
     if not meta.exists():
@@ -153,7 +175,8 @@ for module in sys.argv[1:]:
     survivors = [n for n, code in json.loads(meta.read_text())["exit_code_by_key"].items() if code == 0]
     result = {}
     for name in survivors:
-        files = sorted({t.split("::")[0] for t in tests_by_function.get(name.partition("__mutmut_")[0], [])})
+        files = sorted({f for t in tests_by_function.get(name.partition("__mutmut_")[0], [])
+                        if module in only_for.get(f := t.split("::")[0], {module})})
         start = time.time()
         try:
             done = subprocess.run([sys.executable, "-m", "pytest", "--rootdir=.", "-x", "-q", "-p", "no:randomly",
@@ -254,4 +277,4 @@ case "$mode" in
     MUTATION_SECONDS=$(( $(date +%s) - start )) summary "${modules[@]}"
     echo "finished $(date -u +%FT%TZ) after $(( $(date +%s) - start )) s"
     ;;
-esac
+esac; exit  # on the line bash has read before it runs the case: a run survives edits to this file
