@@ -8,9 +8,12 @@ import dataclasses
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 
-from dlm.refine import GenerationParams, TokenSpec
+from dlm.candidates import Picks
+from dlm.grammar import Constraint
+from dlm.refine import BlockDiffusion, GenerationParams, Pass, Sequence, TokenSpec, start_block
 
 EDGES: list[dict[str, Any]] = [
     {"max_tokens": 1}, {"block_length": 2}, {"threshold": 1.0}, {"threshold": 1e-9}, {"steps": 1},
@@ -66,3 +69,236 @@ def test_token_ids_from_config_json() -> None:
     # the checkpoint's end tokens, all of them (dlm.special_tokens), replace config.json's own
     assert TokenSpec.from_config(config, frozenset({2, 7})).eos_token_ids == frozenset({2, 7})
     assert dataclasses.replace(spec).block_size == 32
+
+
+# --- re-masking's verifying rows (BlockDiffusion.verify), on a hand-made block ------------------------------------
+SPEC = TokenSpec(mask_token_id=0, eos_token_ids=frozenset({1}), block_size=4, max_position_embeddings=4096)
+MASK = SPEC.mask_token_id
+
+
+def block_being_verified(committed_confidence: float, max_remasks: int | None = None, remasks: int = 0) -> Sequence:
+    """A diffusion sequence whose open block holds token 7 at position 2, committed with `committed_confidence`
+    and waiting for its verifying row (re-masking below 0.5)."""
+    seq = Sequence([5, 6], GenerationParams("diffusion", 16, remask_threshold=0.5, max_remasks=max_remasks,
+                                            logprobs=1), SPEC)
+    start_block(seq, 9, 2)
+    assert seq.block is not None and seq.tentative is not None and seq.committed_confidence is not None
+    seq.block[2], seq.tentative[2], seq.committed_confidence[2] = 7, True, committed_confidence
+    seq.block_scores[2] = (math.log(committed_confidence), [])
+    seq.block_remasks = remasks
+    return seq
+
+
+def verifying_picks(tokens: list[int], probs: list[float]) -> Picks:
+    """What the verifying row (one prediction, at the token's own masked position) returned."""
+    log_probs = np.log(np.array([probs]))
+    return Picks(np.array([tokens[0]]), log_probs[:, 0], np.array([tokens[0]]), np.array([tokens]), log_probs)
+
+
+def verify(seq: Sequence, tokens: list[int], probs: list[float]) -> bool:
+    """Run the verifying row; True when the token was masked again."""
+    row = Pass(np.array([9, 0, 0, 0]), np.arange(2, 6), False, np.array([2]), np.array([3]))
+    BlockDiffusion.verify(seq, row, verifying_picks(tokens, probs))
+    assert seq.block is not None and seq.tentative is not None
+    assert not seq.tentative[2]  # verified once, whatever the outcome
+    remasked = int(seq.block[2]) == MASK
+    assert (seq.block_scores[2] is None) == remasked
+    return remasked
+
+
+def test_a_token_whose_probability_fell_below_the_threshold_is_masked_again() -> None:
+    seq = block_being_verified(0.9)
+    assert verify(seq, [3, 7, 4], [0.6, 0.3, 0.1])  # its own probability now: 0.3
+    assert seq.block_remasks == 1
+
+
+def test_a_token_still_above_the_threshold_is_kept() -> None:
+    seq = block_being_verified(0.9)
+    assert not verify(seq, [3, 7, 4], [0.2, 0.7, 0.1])
+    assert seq.block_remasks == 0
+    assert not verify(block_being_verified(0.9), [7, 3], [0.5, 0.5])  # exactly at the threshold: kept
+
+
+def test_a_token_missing_from_the_candidates_has_at_most_the_last_ones_probability() -> None:
+    assert verify(block_being_verified(0.9), [3, 4, 5], [0.5, 0.3, 0.2])  # 7 not among them: at most 0.2
+    assert not verify(block_being_verified(0.9), [3, 4, 5], [0.2, 0.2, 0.55])  # at most 0.55, not the first
+
+
+def test_only_a_token_committed_at_or_above_the_threshold_can_fall() -> None:
+    assert not verify(block_being_verified(0.4), [3, 7], [0.9, 0.1])  # committed below it: kept, not revised
+    assert verify(block_being_verified(0.5), [3, 7], [0.9, 0.1])  # committed exactly at it: it can fall
+
+
+def test_re_masking_stops_when_the_blocks_budget_is_spent() -> None:
+    assert not verify(block_being_verified(0.9, max_remasks=0), [3, 7], [0.9, 0.1])
+    seq = block_being_verified(0.9, max_remasks=2, remasks=1)  # one left
+    assert verify(seq, [3, 7], [0.9, 0.1]) and seq.block_remasks == 2
+    seq = block_being_verified(0.9, remasks=3)  # no max_remasks: the block length (4), one left
+    assert verify(seq, [3, 7], [0.9, 0.1]) and seq.block_remasks == 4
+
+
+# --- what penalties see (Sequence.history) ------------------------------------------------------------------------
+def test_a_bidirectional_row_sees_every_committed_answer_token_and_no_mask() -> None:
+    seq = Sequence([5, 6], GenerationParams("diffusion", 16, presence_penalty=1.0), SPEC)
+    seq.tokens = [8, 9]  # the answer so far; 9 seeds the open block
+    start_block(seq, 9, 3)
+    seq.phase = "denoise"
+    assert seq.block is not None
+    seq.block[2] = 4  # committed in an earlier pass; positions 1 and 3 still masked
+    plan = BlockDiffusion.plan(seq)
+    history = seq.history(plan)
+    assert history.answer.tolist() == [8, 9, 4] and history.visible.tolist() == [3, 3]
+    assert history.prompt.tolist() == [5, 6]
+
+
+# --- constrained diffusion's frontier (BlockDiffusion._denoise_constrained), under a scripted grammar --------------
+class ScriptedMatcher:
+    """llguidance's matcher over a fixed script: at each step the set of tokens allowed, or one forced token (an
+    int: `compute_ff_tokens` returns the run of them from the current step). Stopped at the script's end."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script, self.at = script, 0
+
+    def is_stopped(self) -> bool:
+        return self.at >= len(self.script)
+
+    def compute_ff_tokens(self) -> list[int]:
+        run = []
+        for step in self.script[self.at:]:
+            if not isinstance(step, int):
+                break
+            run.append(step)
+        return run
+
+    def allowed(self) -> set[int]:
+        if self.is_stopped():
+            return {1}  # only the end token
+        step = self.script[self.at]
+        return {step} if isinstance(step, int) else set(step)
+
+    def consume_token(self, token: int) -> None:
+        assert token in self.allowed(), f"the grammar refuses {token} at step {self.at}"
+        self.at += 1
+
+
+class ScriptedConstraint:
+    """`dlm.grammar.Constraint`'s interface over a ScriptedMatcher (token ids below 31: one mask word)."""
+
+    words = 1
+    allows = staticmethod(Constraint.allows)
+
+    def __init__(self, script: list[Any]) -> None:
+        self.matcher = ScriptedMatcher(script)
+        self.consumed = 0
+        self.tokens: list[int] = []
+
+    def mask(self) -> np.ndarray:
+        return np.array([sum(1 << t for t in self.matcher.allowed())], dtype=np.uint32).view(np.int32)
+
+    def consume(self, token: int) -> None:
+        if not self.matcher.is_stopped():
+            self.matcher.consume_token(int(token))
+        self.consumed += 1
+        self.tokens.append(int(token))
+
+    def advance(self, tokens: list[int]) -> None:
+        for token in tokens[self.consumed:]:
+            self.consume(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptedGuide:
+    script: tuple[Any, ...]
+
+    def start(self) -> ScriptedConstraint:
+        return ScriptedConstraint(list(self.script))
+
+
+GUIDED = TokenSpec(mask_token_id=0, eos_token_ids=frozenset({1}), block_size=8, max_position_embeddings=4096)
+
+
+def guided_block(script: list[Any], **params: Any) -> Sequence:
+    """A guided diffusion sequence whose prefill chose the seed 9 (the script's first step): its first block open
+    at positions 2..9, every position but the seed masked."""
+    seq = Sequence([5, 6], GenerationParams("diffusion", **{"max_tokens": 32, **params},
+                                            guide=ScriptedGuide(tuple(script))), GUIDED)
+    seq.tokens = [9]
+    start_block(seq, 9, 2)
+    seq.phase = "denoise"
+    return seq
+
+
+def denoise(seq: Sequence, first: int, rows: list[tuple[list[int], list[float]]]) -> None:
+    """One denoising pass as `step` runs it: the plan, the grammar advanced along the committed frontier (the mask
+    of the first open position), then the pass's picks: `first` chosen under that mask at the first open position,
+    and each position's candidates with their probabilities (position j's row is rows[j])."""
+    plan = BlockDiffusion.plan(seq)
+    seq.allowed_masks(plan)
+    assert seq.pending is not None and len(seq.pending) == len(plan.predict)
+    n, k = len(seq.pending), max(len(t) for t, _ in rows)
+    tokens = np.full((n, k), 2, dtype=np.int64)
+    log_probs = np.full((n, k), math.log(1e-6))
+    for j, (candidates, probs) in enumerate(rows[:n]):
+        tokens[j, : len(candidates)], log_probs[j, : len(probs)] = candidates, np.log(probs)
+    chosen = np.array([first] + [int(t) for t in tokens[1:, 0]])
+    chosen_log_probs = np.array([log_probs[0][list(tokens[0]).index(first)]] + list(log_probs[1:, 0]))
+    assert BlockDiffusion.update(seq, Picks(chosen, chosen_log_probs, tokens[:, 0], tokens, log_probs)) == 0
+
+
+def block_of(seq: Sequence) -> list[int]:
+    assert seq.block is not None
+    return seq.block.tolist()
+
+
+M = GUIDED.mask_token_id
+ANY: tuple[list[int], list[float]] = ([2], [0.99])  # a position the frontier does not reach
+
+
+def test_the_tokens_the_grammar_forces_are_committed_without_a_pass() -> None:
+    seq = guided_block([9, {3, 4}, 5, 6, {7, 8}], threshold=0.9, logprobs=1)
+    denoise(seq, 3, [([3, 4, 2], [0.6, 0.3, 0.1])] + [ANY] * 6)
+    assert block_of(seq) == [9, 3, 5, 6, M, M, M, M]
+    assert seq.forced_tokens == 2 and seq.block_steps == 1 and seq.phase == "denoise" and not seq.done
+    assert seq.block_scores[1] == (pytest.approx(math.log(0.6)), [(3, pytest.approx(math.log(0.6)))])
+    assert seq.block_scores[2] is None and seq.block_scores[3] is None  # forced: no prediction behind them
+    assert isinstance(seq.constraint, ScriptedConstraint) and seq.constraint.tokens == [9, 3, 5, 6]
+
+
+def test_the_frontier_goes_on_while_an_allowed_candidate_meets_the_threshold() -> None:
+    seq = guided_block([9, {3, 4}, {3, 4}, {7, 8}, {3, 4}, {7, 8}], threshold=0.9, logprobs=2)
+    denoise(seq, 3, [([3], [0.5]),
+                     ([4, 3, 2], [0.95, 0.04, 0.01]),  # allowed and confident: committed
+                     ([2, 7, 8], [0.92, 0.05, 0.03]),  # 2 is confident but refused; 7 allowed but unsure: stop
+                     ([3], [0.99])] + [ANY] * 3)
+    assert block_of(seq) == [9, 3, 4, M, M, M, M, M] and seq.forced_tokens == 0 and seq.block_steps == 1
+    assert seq.block_scores[2] == (pytest.approx(math.log(0.95)),
+                                   [(4, pytest.approx(math.log(0.95))), (3, pytest.approx(math.log(0.04)))])
+    # the next pass starts where this one stopped
+    denoise(seq, 7, [([7], [0.4]), ([3], [0.5])] + [ANY] * 3)
+    assert block_of(seq) == [9, 3, 4, 7, M, M, M, M] and seq.block_steps == 2
+
+
+def test_a_candidate_exactly_at_the_threshold_is_committed() -> None:
+    seq = guided_block([9, {3, 4}, {3, 4}, {7, 8}], threshold=0.5)
+    denoise(seq, 3, [([3], [0.5]), ([4], [0.5]), ([2], [0.9])] + [ANY] * 4)
+    assert block_of(seq)[:4] == [9, 3, 4, M] and seq.block_scores[2] is None  # not asked for log probs
+
+
+def test_with_fixed_steps_one_position_is_committed_per_pass() -> None:
+    seq = guided_block([9, {3, 4}, {3, 4}, {7, 8}], threshold=None, steps=8)
+    denoise(seq, 4, [([4], [0.9]), ([3], [0.999]), ([7], [0.999])] + [ANY] * 4)
+    assert block_of(seq)[:3] == [9, 4, M] and seq.block_steps == 1
+
+
+def test_an_end_token_ends_the_frontier_and_the_answer() -> None:
+    seq = guided_block([9, {3, 1}, {3, 4}], threshold=0.9)
+    denoise(seq, 1, [([1, 3], [0.8, 0.2]), ([3], [0.99])] + [ANY] * 5)
+    assert seq.done and seq.finish_reason == "eos" and seq.tokens == [9, 1] and seq.output == [9]
+    assert block_of(seq)[:3] == [9, 1, M] and seq.block_steps == 1
+
+
+def test_forced_tokens_stop_at_max_tokens() -> None:
+    seq = guided_block([9, {3, 4}, 5, 6, 7], threshold=0.9, max_tokens=3)  # the seed and two more
+    denoise(seq, 3, [([3], [0.7]), ([5], [0.9])])
+    assert block_of(seq) == [9, 3, 5, M, M, M, M, M] and seq.forced_tokens == 1
+    assert seq.done and seq.finish_reason == "length" and seq.tokens == [9, 3, 5] and seq.block_steps == 1
