@@ -13,7 +13,7 @@ import pytest
 
 from dlm.candidates import Picks
 from dlm.grammar import Constraint
-from dlm.refine import BlockDiffusion, GenerationParams, Pass, Sequence, TokenSpec, start_block
+from dlm.refine import BlockDiffusion, GenerationParams, Pass, SelfSpeculative, Sequence, TokenSpec, start_block
 
 EDGES: list[dict[str, Any]] = [
     {"max_tokens": 1}, {"block_length": 2}, {"threshold": 1.0}, {"threshold": 1e-9}, {"steps": 1},
@@ -302,3 +302,28 @@ def test_forced_tokens_stop_at_max_tokens() -> None:
     denoise(seq, 3, [([3], [0.7]), ([5], [0.9])])
     assert block_of(seq) == [9, 3, 5, M, M, M, M, M] and seq.forced_tokens == 1
     assert seq.done and seq.finish_reason == "length" and seq.tokens == [9, 3, 5] and seq.block_steps == 1
+
+
+# --- self-speculation's look-ahead row, and prefix reuse ----------------------------------------------------------
+def test_the_look_ahead_row_drafts_the_next_block_bidirectionally() -> None:
+    seq = Sequence([5, 6], GenerationParams("speculative", 32), SPEC)  # blocks of 4
+    seq.tokens = [9, 3]  # 9 committed earlier; 3 seeds the block being verified
+    start_block(seq, 3, 7)
+    assert seq.block is not None
+    seq.block[1:] = [4, 5, 6]  # its drafts
+    row = SelfSpeculative._look_ahead_pass(seq)
+    assert row.tokens.tolist() == [3, 4, 5, 6, 0, 0, 0, 0] and row.positions.tolist() == list(range(7, 15))
+    assert row.causal is False and row.draft is True and row.extra == []
+    assert row.predict.tolist() == [4, 5, 6, 7]  # the masks: the next block's seed (the bonus token) and drafts
+    assert row.targets.tolist() == [5, 6, 7, 8]  # answer indices: the block being verified holds 1..4
+    assert all(a.dtype == np.int64 for a in (row.tokens, row.positions, row.predict, row.targets))
+
+
+def test_a_prefix_is_reused_only_before_the_prefill_and_never_the_last_prompt_token() -> None:
+    seq = Sequence([5, 6, 7], GenerationParams("ar", 4), SPEC)
+    seq.reuse(2)
+    assert (seq.cache_length, seq.cached_tokens) == (2, 2)
+    with pytest.raises(AssertionError):
+        seq.reuse(1)  # part of the prompt is in the cache already
+    with pytest.raises(AssertionError):
+        Sequence([5, 6, 7], GenerationParams("ar", 4), SPEC).reuse(3)  # the last token's prediction must run
