@@ -13,7 +13,8 @@ import pytest
 
 from dlm.candidates import Picks
 from dlm.grammar import Constraint
-from dlm.refine import BlockDiffusion, GenerationParams, Pass, SelfSpeculative, Sequence, TokenSpec, start_block
+from dlm.planner import PassLimits
+from dlm.refine import AutoRegressive, BlockDiffusion, GenerationParams, Pass, SelfSpeculative, Sequence, TokenSpec, start_block
 
 EDGES: list[dict[str, Any]] = [
     {"max_tokens": 1}, {"block_length": 2}, {"threshold": 1.0}, {"threshold": 1e-9}, {"steps": 1},
@@ -327,3 +328,38 @@ def test_a_prefix_is_reused_only_before_the_prefill_and_never_the_last_prompt_to
         seq.reuse(1)  # part of the prompt is in the cache already
     with pytest.raises(AssertionError):
         Sequence([5, 6, 7], GenerationParams("ar", 4), SPEC).reuse(3)  # the last token's prediction must run
+
+
+def test_an_ar_decoding_pass_runs_the_last_token_causally_for_the_next() -> None:
+    seq = Sequence([5, 6], GenerationParams("ar", 8), SPEC)
+    seq.tokens, seq.cache_length, seq.phase = [7, 8, 3], 4, "decode"
+    row = AutoRegressive.plan(seq)
+    assert row.tokens.tolist() == [3] and row.positions.tolist() == [4] and row.causal is True
+    assert row.predict.tolist() == [0] and row.targets.tolist() == [3] and row.extra == [] and row.draft is False
+
+
+LOOK_AHEAD_LIMITS = PassLimits(max_batch=2, max_tokens=8, max_context=64, max_block=4, token_budget=16)
+
+
+def look_ahead_fits(max_tokens: int = 32, committed: int = 2, block_start: int = 10,
+                    limits: PassLimits | None = LOOK_AHEAD_LIMITS) -> bool:
+    seq = Sequence([5, 6], GenerationParams("speculative", max_tokens), SPEC)  # blocks of 4
+    seq.tokens, seq.lookahead, seq.limits = list(range(3, 3 + committed)), True, limits
+    start_block(seq, seq.tokens[-1], block_start)
+    return SelfSpeculative._look_ahead_fits(seq)
+
+
+def test_the_look_ahead_row_runs_only_where_a_next_block_follows_and_fits() -> None:
+    assert look_ahead_fits() and look_ahead_fits(limits=None)
+    # the block being verified holds answer tokens 2..5 (the seed is the 2nd): a 6th token can follow it or not
+    assert look_ahead_fits(max_tokens=6) and not look_ahead_fits(max_tokens=5)
+    assert not look_ahead_fits(max_tokens=4)
+    # each limit at its edge: two rows of twice the block (8 tokens each), 16 tokens in all, 4 predicted positions
+    assert look_ahead_fits(block_start=56)  # 56 + 8 = the 64 positions of the context
+    assert not look_ahead_fits(block_start=57)
+    for changed in ({"max_batch": 1}, {"max_tokens": 7}, {"token_budget": 15}, {"max_block": 3}):
+        limits = dataclasses.replace(LOOK_AHEAD_LIMITS, **changed)
+        assert not look_ahead_fits(limits=limits), changed
+    seq = Sequence([5, 6], GenerationParams("speculative", 32), SPEC)
+    start_block(seq, 3, 10)
+    assert not SelfSpeculative._look_ahead_fits(seq)  # a request without a draft adapter does not look ahead
