@@ -15,22 +15,21 @@ DEEP_PROMPT = "2+" * 200  # 400 characters, then 200 tokens of ar: the cache pas
 
 def test_a_long_prompt_beside_a_deep_answer_fails_neither(triton):
     results: dict = {}
+    answering = threading.Event()  # the deep request's first token came: its prefill is done
 
     def deep() -> None:
         try:
-            # ignore_eos: all 200 tokens, so the answer is still being decoded when the long prompt arrives
+            # ignore_eos: all 200 tokens, so 199 are still to come when the long prompt is sent
             results["deep"] = grpc_generate(triton.grpc_url, DEEP_PROMPT, mode="ar", max_tokens=200,
-                                            ignore_eos=True, stream=True, timeout=300)
+                                            ignore_eos=True, stream=True, timeout=300,
+                                            on_response=lambda response: answering.set())
         except Exception as e:  # noqa: BLE001 - reported by the asserts below
             results["deep"] = e
         results["deep_ended"] = time.monotonic()
 
     thread = threading.Thread(target=deep)
     thread.start()
-    deadline = time.monotonic() + 60
-    while triton.metrics().get("dlm_live_slots", 0) < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # its prefill is done: it decodes with a cache of 400+ positions
+    assert answering.wait(120), "the deep request never answered"  # it decodes with a cache of 400+ positions
     sent = time.monotonic()
     long_answer = grpc_generate(triton.grpc_url, LONG_PROMPT, mode="diffusion", max_tokens=16, timeout=300)
     thread.join(300)

@@ -229,11 +229,12 @@ def grpc_inputs(text: str, **values) -> list:
 
 
 def grpc_generate(url: str, text: str, inputs: list | None = None, cancel_after: int | None = None,
-                  timeout: float = 120, **values) -> list[dict]:
+                  timeout: float = 120, on_response=None, **values) -> list[dict]:
     """Responses of one request over a gRPC stream, each {'text', 'num_forwards', 'num_tokens', 'finish_reason'}
     (the last only in the final response), and the log prob outputs present in it ('output_log_probs',
     'output_tokens', 'output_top_log_probs', 'output_top_tokens': numpy arrays); raises the server's error. With
-    `cancel_after`, closes the stream (cancelling the request) after that many responses."""
+    `cancel_after`, closes the stream (cancelling the request) after that many responses; `on_response` is called
+    with each response as it arrives."""
     client = grpcclient.InferenceServerClient(url)
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -260,6 +261,8 @@ def grpc_generate(url: str, text: str, inputs: list | None = None, cancel_after:
                     if result.as_numpy(name) is not None:
                         response[name] = result.as_numpy(name)
                 responses.append(response)
+                if on_response is not None:
+                    on_response(response)
             if final or (cancel_after is not None and len(responses) >= cancel_after):
                 return responses
     finally:
