@@ -36,8 +36,12 @@
   {"schema": ..., "strict": true}}` map to the model's guided decoding inputs (json / json_schema; the answer is
   decoded under the grammar, in every mode); a schema the compiler refuses
   comes back as a 400 with its message.
+- Tool calls (chat, `client/tool_calls.py`): `tools` go to the chat template; the answer, in the template's
+  `<tool_call>{json}</tool_call>` syntax (`--tool-call-parser`), comes back as `tool_calls` with `finish_reason`
+  `tool_calls`, streamed as deltas; `tool_choice` `required` or a named function is decoded under a grammar of the
+  calls (every mode), `parallel_tool_calls: false` allows one; `"none"` leaves the answer as text.
 - Fields not honoured are refused with a 400 that names them (`NOT_HONOURED`: `logit_bias`,
-  `tools`, `tool_choice`, ...; `echo`, `best_of`, `suffix`, `n` > 1), and so is
+  `functions`, `function_call`, ...; `echo`, `best_of`, `suffix`, `n` > 1), and so is
   any field neither OpenAI nor vLLM defines; identifiers and hints (`user`, `metadata`, ...) are accepted.
 - Errors are OpenAI error objects: 400 for a malformed body or a value the server refuses (with Triton's message),
   401 for a missing or wrong API key (when `--api-key` or `DLM_GATEWAY_API_KEY` is set), 404 for an unknown model,
@@ -65,6 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
+from client import tool_calls
 from client.chat_template import ChatTemplate, TemplateError
 from dlm.tokenizer_files import load_tokenizer
 from client.gateway_metrics import GatewayMetrics, MetricsMiddleware
@@ -89,9 +94,6 @@ ACCEPTED_AS_IS = frozenset({"user", "safety_identifier", "prompt_cache_key", "me
 # OpenAI fields not honoured yet, with the value that asks for nothing (accepted): any other value is refused by name
 NOT_HONOURED = {
     "logit_bias": ({}, "logit_bias is not supported (send {} or leave it out)"),
-    "tools": ([], "tools are not supported yet: tool calls would come back as plain text, not as tool_calls"),
-    "tool_choice": ("none", "tool_choice other than \"none\" is not supported yet: tool calls are not implemented"),
-    "parallel_tool_calls": (None, "parallel_tool_calls is not supported yet: tool calls are not implemented"),
     "functions": ([], "functions (the deprecated tools) are not supported"),
     "function_call": ("none", "function_call (the deprecated tool_choice) is not supported"),
     "store": (False, "store: true is not supported: this gateway stores no completions"),
@@ -254,9 +256,18 @@ class ChatRequest(GenerationFields):
     # structured outputs: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema":
     # {"name": ..., "schema": {...}, "strict": true}}, decoded under the grammar (guided decoding)
     response_format: dict[str, Any] | None = None
+    # tool calls (client/tool_calls.py): tools rendered by the chat template, the answer parsed into tool_calls;
+    # "required" or a named function decoded under a grammar of the calls
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def parses_tool_calls(self) -> bool:
+        """Whether the answer is read for tool calls: tools given and tool_choice not "none"."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def unsupported(self) -> tuple[str, str] | None:
         kind = None if self.response_format is None else self.response_format.get("type")
@@ -271,9 +282,15 @@ class ChatRequest(GenerationFields):
             return problem
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
+        if tool_calls.enforced(self.tool_choice) and kind in ("json_object", "json_schema"):
+            return "response_format", "response_format json_object or json_schema cannot be combined with " \
+                                      "tool_choice \"required\" or a named function: the answer is the tool calls"
         return super().unsupported()
 
     def guide(self) -> dict[str, str]:
+        if self.tools and tool_calls.enforced(self.tool_choice):
+            return {"guided_decoding_guide_type": "lark", "guided_decoding_guide": tool_calls.grammar(
+                self.tools, self.tool_choice, parallel=self.parallel_tool_calls is not False)}
         kind = None if self.response_format is None else self.response_format.get("type")
         if kind == "json_object":
             return {"guided_decoding_guide_type": "json"}
@@ -326,11 +343,13 @@ class Gateway:
     """State shared by the endpoints: the Triton client, the tokenizer and chat template, the request defaults."""
 
     def __init__(self, triton_url: str, model: str, served_name: str, tokenizer: Path | None,
-                 timeout: float | None, triton_metrics: str | None = None, drain_seconds: float = 30.0):
+                 timeout: float | None, triton_metrics: str | None = None, drain_seconds: float = 30.0,
+                 tool_call_parser: str = "auto"):
         self.triton_url, self.model, self.served_name, self.timeout = triton_url, model, served_name, timeout
         self.triton_metrics = triton_metrics or triton_metrics_url(triton_url)
         self.drain = Drain(drain_seconds)
         self.template = ChatTemplate.from_directory(tokenizer)
+        self.tool_call_parser = tool_calls.parser_for(self.template.source, tool_call_parser)
         self.metrics = GatewayMetrics()
         self.tokenizer = None
         if tokenizer is not None and (Path(tokenizer) / "tokenizer.json").is_file():
@@ -405,9 +424,9 @@ class BodyLimit:
 def create_app(triton_url: str, model: str = "dlm", served_name: str | None = None,
                tokenizer: str | Path | None = DEFAULT_TOKENIZER, api_key: str | None = None,
                timeout: float | None = None, max_body_bytes: int = 1 << 20, triton_metrics: str | None = None,
-               drain_seconds: float = 30.0) -> FastAPI:
+               drain_seconds: float = 30.0, tool_call_parser: str = "auto") -> FastAPI:
     gateway = Gateway(triton_url, model, served_name or model, Path(tokenizer) if tokenizer else None, timeout,
-                      triton_metrics, drain_seconds)
+                      triton_metrics, drain_seconds, tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -498,8 +517,13 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(sorted(reserved))}: give them as "
                                 f"their own fields", param="chat_template_kwargs")
         try:
-            prompt = gateway.template.render([m.as_dict() for m in body.messages], documents=body.documents,
-                                             **(body.chat_template_kwargs or {}))
+            tool_calls.check_tools(body.tools, body.tool_choice, body.parallel_tool_calls, gateway.tool_call_parser,
+                                   gateway.template.source)
+        except tool_calls.ToolCallError as error:
+            raise APIError(400, str(error), param=error.param) from error
+        try:
+            prompt = gateway.template.render([m.as_dict() for m in body.messages], tools=body.tools or None,
+                                             documents=body.documents, **(body.chat_template_kwargs or {}))
         except TemplateError as error:
             raise APIError(400, str(error), param="messages") from error
         # a prompt the checkpoint's template rendered holds its special tokens; the plain fallback's gets them added
@@ -508,9 +532,15 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
         if body.stream:
             return await reply.stream(prompt, request)
         result = await unless_disconnected(request, reply.generate(prompt))
-        message = {"role": "assistant", "content": result.text}
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        finish_reason = reply.finish_reason(result)
+        if body.parses_tool_calls():
+            content, calls = tool_calls.parse(result.text)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         choice = {"index": 0, "message": message, "logprobs": reply.logprobs(result.tokens),
-                  "finish_reason": reply.finish_reason(result)}
+                  "finish_reason": finish_reason}
         return reply.answer([choice], [prompt], [result])
 
     return app
@@ -553,6 +583,9 @@ class Reply:
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.completion_logprobs = CompletionLogprobs()  # a streamed completion's text offsets run across chunks
+        # a streamed chat answer read for tool calls: its text split into content and tool-call deltas
+        parses = isinstance(body, ChatRequest) and body.parses_tool_calls()
+        self.tool_stream = tool_calls.ToolCallStream() if parses else None
         self.endpoint = "/v1/chat/completions" if self.chat else "/v1/completions"  # for the metrics
 
     async def generate(self, prompt: str) -> Result:
@@ -586,8 +619,10 @@ class Reply:
         return {**self.envelope(self.kind), "choices": choices, "usage": self.usage(prompts, results), "dlm": dlm}
 
     def chunk(self, block: Block | None, finish_reason: str | None = None, first: bool = False,
-              usage: dict[str, int] | None = None) -> dict[str, Any]:
-        text = block.text if block is not None else None
+              usage: dict[str, int] | None = None, text: str | None = None,
+              calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """A chunk with `block`'s text (or `text`), log probs, and tool-call deltas `calls`."""
+        text = block.text if text is None and block is not None else text
         logprobs = None
         if block is not None and self.body.alternatives() is not None:
             logprobs = chat_logprobs(block.tokens) if self.chat else self.completion_logprobs.chunk(block.tokens)
@@ -595,6 +630,8 @@ class Reply:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = calls
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
@@ -636,9 +673,21 @@ class Reply:
                         if block.text and not timed:
                             timed = True
                             self.gateway.metrics.first_text(self.endpoint, time.perf_counter() - arrived)
-                        yield json.dumps(self.chunk(block, usage=so_far(block.num_tokens)))
+                        if self.tool_stream is None:
+                            yield json.dumps(self.chunk(block, usage=so_far(block.num_tokens)))
+                        else:
+                            content, calls = self.tool_stream.feed(block.text or "")
+                            yield json.dumps(self.chunk(block, usage=so_far(block.num_tokens), text=content,
+                                                        calls=calls))
                 result = stream.result
-                yield json.dumps(self.chunk(None, self.finish_reason(result), usage=so_far(result.num_tokens)))
+                finish_reason = self.finish_reason(result)
+                if self.tool_stream is not None:
+                    content, calls = self.tool_stream.feed("", final=True)
+                    if content or calls:
+                        yield json.dumps(self.chunk(None, usage=so_far(result.num_tokens), text=content, calls=calls))
+                    if self.tool_stream.count and finish_reason == "stop":
+                        finish_reason = "tool_calls"
+                yield json.dumps(self.chunk(None, finish_reason, usage=so_far(result.num_tokens)))
                 usage = self.usage([prompt], [result])
                 if include_usage:
                     yield json.dumps({**self.envelope(self.chunk_kind), "choices": [], "usage": usage})
@@ -698,6 +747,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, help="seconds one request may take at Triton")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
                         help="largest request body accepted (default 1 MiB); a larger one gets 413")
+    parser.add_argument("--tool-call-parser", choices=tool_calls.PARSERS, default="auto",
+                        help="the syntax the model writes tool calls in (default auto: hermes when the chat "
+                             "template writes <tool_call>; else requests with tools are refused)")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
@@ -707,7 +759,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     app = create_app(args.triton, args.model, args.served_model_name, args.tokenizer, args.api_key, args.timeout,
-                     args.max_body_bytes, args.triton_metrics, args.drain_seconds)
+                     args.max_body_bytes, args.triton_metrics, args.drain_seconds, args.tool_call_parser)
     gateway: Gateway = app.state.gateway
     # the drain has waited for the running requests; uvicorn's own wait only closes idle connections
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -12,10 +12,12 @@ import pytest
 REFUSED = [  # (endpoint, field, a value that asks for something, words of the message)
     ("chat", "response_format", {"type": "xml"}, "expected text, json_object or json_schema"),  # json: honoured
     ("chat", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}, "schema"),
+    # honoured where the chat template renders tools; the miniature has no chat template
     ("chat", "tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-     "tool_calls"),
-    ("chat", "tool_choice", "required", "tool calls"),
-    ("chat", "parallel_tool_calls", False, "tool calls"),
+     "does not render tools"),
+    ("chat", "tool_choice", "required", "tool_choice needs tools"),
+    ("chat", "parallel_tool_calls", False, "parallel_tool_calls needs tools"),
+    ("completions", "tools", [{"type": "function", "function": {"name": "f"}}], "unknown field 'tools'"),
     ("chat", "functions", [{"name": "f", "parameters": {}}], "functions"),
     ("chat", "function_call", "auto", "function_call"),
     ("chat", "logit_bias", {"1097": 5}, "logit_bias"),

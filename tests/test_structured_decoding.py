@@ -95,7 +95,12 @@ def test_remasking_and_ignore_eos_with_a_guide_are_refused(miniature_compiler):
 
 @pytest.fixture(scope="module")
 def real_vocabulary(tmp_path_factory):
-    """A random checkpoint of the real vocabulary (131,072 ids), one narrow layer, and its byte-level tokenizer."""
+    return build_real_vocabulary(tmp_path_factory.mktemp("real_vocab"))
+
+
+def build_real_vocabulary(directory):
+    """A random checkpoint of the real vocabulary (131,072 ids), one narrow layer, and its byte-level tokenizer,
+    written into `directory`: its runtime, token spec, grammar compiler and codec."""
     import dataclasses
 
     from dlm.runtime import CacheLayout, TorchRuntime
@@ -103,7 +108,7 @@ def real_vocabulary(tmp_path_factory):
     from export.random_checkpoint import real_scale_config, write_random_checkpoint
 
     config = real_scale_config(num_hidden_layers=1, hidden_size=64, intermediate_size=128)
-    directory = write_random_checkpoint(tmp_path_factory.mktemp("real_vocab"), config, dtype="float32")
+    directory = write_random_checkpoint(directory, config, dtype="float32")
     model = load_checkpoint(directory)
     runtime = TorchRuntime(model.float().eval(), CacheLayout.from_config(config))
     spec = dataclasses.replace(TokenSpec.from_config(config))
