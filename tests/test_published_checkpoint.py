@@ -1,7 +1,8 @@
 """End to end on a checkpoint in the layout NVIDIA publishes (tests/published_checkpoint.py: real vocabulary,
 Tekken-derived tokenizer with the instruct special tokens and chat template, sharded bf16 with an index, `auto_map`
 and remote-code files, generation_config.json, a PEFT draft adapter): `python -m export repository` → tritonserver
-→ the OpenAI gateway → the `openai` package's chat and completions, streamed and not, in every mode.
+→ the OpenAI gateway → the `openai` package's chat and completions, streamed and not, in every mode, and tool calls
+(the artifact is exported with --structured, so `tool_choice` "required" is decoded under the calls' grammar).
 
 Random weights never pick the end token by themselves, so the fixture plants one: the head's row of `<|im_end|>`
 (id 11) is set to the embedding of the third token the model answers the chat prompt with, so greedy decoding says
@@ -68,7 +69,7 @@ def deployment(tmp_path_factory):
     answer = plant_end_token(checkpoint, prompt_ids)
     repository = root / "repository"
     assert main(["repository", "--checkpoint", str(checkpoint), "--out", str(repository), "--max-batch", "4",
-                 "--max-context", "256"]) == 0
+                 "--max-context", "256", "--structured"]) == 0
     server = start_server(root / "server.log", repository=repository)
     gateway = Gateway(server.grpc_url, root / "gateway.log", tokenizer=repository / "dlm" / "1" / "tokenizer")
     try:
@@ -129,3 +130,61 @@ def test_completions_in_every_mode_streamed_and_not(deployment, client, mode):
     assert not any("\ufffd" in c.choices[0].text for c in chunks if c.choices) or "\ufffd" in unary.choices[0].text
     # a completion prompt gets what the tokenizer adds (Tekken: nothing), as transformers encodes it
     assert unary.usage is not None and unary.usage.prompt_tokens == len(deployment["tokenizer"](prompt).input_ids)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city", "unit"],
+    "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["C", "F"]}}}}}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "streamed"])
+def test_a_required_tool_call_round_trips_through_the_openai_package(deployment, client, mode, stream):
+    request = {"model": "dlm", "messages": MESSAGES, "max_tokens": 64, "tools": [WEATHER], "tool_choice": NAMED,
+               "parallel_tool_calls": False, "extra_body": {"mode": mode}}
+    if stream:
+        chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+        deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+        usage = chunks[-1].usage
+        assert len(deltas) == 1 and deltas[0].index == 0 and deltas[0].type == "function"
+        call_id, name, arguments = deltas[0].id, deltas[0].function.name, deltas[0].function.arguments
+    else:
+        completion = client.chat.completions.create(**request)
+        message, finish, usage = completion.choices[0].message, completion.choices[0].finish_reason, completion.usage
+        content = message.content or ""
+        assert message.tool_calls is not None and len(message.tool_calls) == 1
+        call = message.tool_calls[0]
+        call_id, name, arguments = call.id, call.function.name, call.function.arguments
+    assert finish == "tool_calls" and content == ""
+    assert name == "get_weather" and isinstance(arguments, str)
+    parsed = json.loads(arguments)
+    assert parsed["city"] in ("Paris", "Oslo") and parsed["unit"] in ("C", "F")
+    # the tools reached the prompt as the checkpoint's template renders them (transformers counts the same tokens)
+    expected = deployment["tokenizer"].apply_chat_template(MESSAGES, tools=[WEATHER], tokenize=True,
+                                                           add_generation_prompt=True)["input_ids"]
+    assert usage is not None and usage.prompt_tokens == len(expected)
+    # the call and its result go back in the conversation, rendered by the template
+    follow_up = client.chat.completions.create(model="dlm", max_tokens=4, tools=[WEATHER], messages=[
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": "18 degrees"}])
+    assert follow_up.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_choice_auto_leaves_an_answer_without_calls_as_text(deployment, client):
+    # random weights never write <tool_call>: what they write comes back as content
+    completion = client.chat.completions.create(model="dlm", messages=MESSAGES, max_tokens=16, tools=[WEATHER],
+                                                extra_body={"mode": "ar"})
+    choice = completion.choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason in ("stop", "length")
+    assert choice.message.content and "<tool_call>" not in choice.message.content
+
+
+def test_a_named_function_not_in_tools_is_refused(client):
+    with pytest.raises(openai.BadRequestError, match="which is not in tools"):
+        client.chat.completions.create(model="dlm", messages=MESSAGES, max_tokens=4, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
