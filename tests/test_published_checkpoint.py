@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import openai
+import pydantic
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -188,3 +190,23 @@ def test_a_named_function_not_in_tools_is_refused(client):
     with pytest.raises(openai.BadRequestError, match="which is not in tools"):
         client.chat.completions.create(model="dlm", messages=MESSAGES, max_tokens=4, tools=[WEATHER],
                                        tool_choice={"type": "function", "function": {"name": "get_time"}})
+
+
+class Weather(pydantic.BaseModel):
+    """What the openai package turns into a strict json_schema response_format, and parses the answer into."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    city: Literal["Paris", "Oslo"]
+    unit: Literal["C", "F"]
+    rain: bool
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_structured_outputs_round_trip_through_the_openai_packages_parse(client, mode, temperature):
+    completion = client.chat.completions.parse(model="dlm", messages=MESSAGES, max_tokens=48, response_format=Weather,
+                                               temperature=temperature, seed=7, extra_body={"mode": mode})
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice  # the grammar ends the answer: the end token, not the limit
+    assert isinstance(choice.message.parsed, Weather)  # the package validated the answer against the model
+    assert choice.message.parsed == Weather.model_validate_json(choice.message.content or "")
