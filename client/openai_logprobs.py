@@ -6,7 +6,8 @@
 
 A token whose bytes are not whole UTF-8 characters (byte-level BPE splits rare characters) is written, as OpenAI
 writes it, `bytes:\\xe6\\x97`; its exact bytes are in the chat format's `bytes`. A log prob JSON cannot hold (-inf)
-is written -9999.0, as vLLM does.
+is written -9999.0, as vLLM does, and so is one below it: under a grammar, a candidate the grammar excludes has a log
+prob of about -1e30 (its logit masked in the graph), shown when fewer tokens than asked for are allowed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def token_string(token: bytes) -> str:
 
 
 def _logprob(value: float) -> float:
-    return value if math.isfinite(value) else FLOOR
+    return value if math.isfinite(value) and value > FLOOR else FLOOR
 
 
 class CompletionLogprobs:

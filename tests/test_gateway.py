@@ -411,3 +411,15 @@ def test_metrics_count_requests_errors_latency_and_tokens(gateway):
     assert after[bucket] == after[count] and after['dlm_gateway_requests_in_flight'] >= 1  # this scrape itself
     # the model-server gauges of the Triton beside it (client/replica_gauges.py; their meaning: test_replica_protocol)
     assert after["dlm_gateway_triton_metrics_up"] == 1 and "dlm:num_requests_waiting" in after
+
+
+def test_log_probs_json_cannot_hold_or_a_grammar_excluded_are_written_as_vllm_floors_them():
+    from client.openai_logprobs import CompletionLogprobs, chat_logprobs
+    from client.result import Alternative, Token
+
+    excluded = Alternative(b"x", -1e30)  # a candidate the grammar masked out in the graph
+    token = Token(b"a", -0.5, top_logprobs=(Alternative(b"a", -0.5), excluded, Alternative(b"y", float("-inf"))))
+    chat = chat_logprobs([token])["content"][0]
+    assert chat["logprob"] == -0.5 and [a["logprob"] for a in chat["top_logprobs"]] == [-0.5, -9999.0, -9999.0]
+    completion = CompletionLogprobs().chunk([token])
+    assert completion["top_logprobs"] == [{"a": -0.5, "x": -9999.0, "y": -9999.0}]
