@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing of the decoding core with mutmut 3 (docs/mutation.md). Long (hours on 2 cores), so not part of CI.
 #
-#   scripts/mutation.sh [--head] [--keep] [MODULE ...]   mutate and test MODULEs (default: all seven), then write the
+#   scripts/mutation.sh [--head [--work DIR]] [--keep] [MODULE ...]
+#                                                        mutate and test MODULEs (default: all seven), then write the
 #                                                        summary docs/mutation/mutation.json
 #   scripts/mutation.sh [--head] --summary [MODULE ...]  rewrite the summary from the results already there
 #   scripts/mutation.sh [--head] --mutmut ARG ...        mutmut itself with this project's module names, e.g.
@@ -24,9 +25,9 @@ MUTMUT_VERSION=3.8.1
 
 usage() {
   cat <<EOF
-usage: scripts/mutation.sh [--head] [--keep] [MODULE ...]
-       scripts/mutation.sh [--head] --summary [MODULE ...]
-       scripts/mutation.sh [--head] --mutmut ARG ...
+usage: scripts/mutation.sh [--head [--work DIR]] [--keep] [MODULE ...]
+       scripts/mutation.sh [--head [--work DIR]] --summary [MODULE ...]
+       scripts/mutation.sh [--head [--work DIR]] --mutmut ARG ...
 
 Mutation testing (mutmut $MUTMUT_VERSION, one worker) of the decoding core's modules against their fast unit tests;
 writes killed / survived / timeout / total per module to docs/mutation/mutation.json (other modules' entries kept).
@@ -34,6 +35,8 @@ MODULE is one of: ${MODULES_ALL[*]} (default: all, in that order).
 
   --head      test the committed HEAD (git archive into build/mutation/head, mutants/ under it) rather than the
               working tree, so that edits in progress neither enter nor disturb the run
+  --work DIR  with --head: the folder of that copy (default build/mutation/head); two runs of different modules in
+              two folders can go on side by side, each adding its modules to the summary
   --keep      reuse mutants/ from an earlier run (its stats and results; the named modules are retested)
               instead of starting from an empty mutants/
   --summary   only rewrite docs/mutation/mutation.json from the results under mutants/
@@ -48,6 +51,7 @@ EOF
 
 keep=0
 head=0
+work=""
 mode=run
 modules=()
 mutmut_args=()
@@ -56,6 +60,7 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --keep) keep=1 ;;
     --head) head=1 ;;
+    --work) shift; work="$1" ;;
     --summary) mode=summary ;;
     --mutmut) mode=mutmut; shift; mutmut_args=("$@"); break ;;
     -*) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -78,7 +83,8 @@ fi
 export MUTATION_REPORT="$ROOT/docs/mutation/mutation.json" MUTATION_EQUIVALENT="$ROOT/docs/mutation/equivalent.txt"
 WORK="$ROOT"
 if [ "$head" = 1 ]; then
-  WORK="$ROOT/build/mutation/head"
+  WORK="${work:-$ROOT/build/mutation/head}"
+  case "$WORK" in /*) ;; *) WORK="$ROOT/$WORK" ;; esac
   export MUTATION_HEAD="$(git rev-parse --short HEAD)"
   if [ "$mode" = run ] && [ "$keep" = 0 ]; then
     rm -rf "$WORK" && mkdir -p "$WORK"
