@@ -50,6 +50,7 @@ def test_the_guided_decoding_inputs_are_parsed_and_checked():
         ({"guided_decoding_guide_type": "regex"}, "needs input 'guided_decoding_guide'"),
         ({"guided_decoding_guide": "[a-z]+"}, "needs 'guided_decoding_guide_type'"),
         ({"guided_decoding_guide_type": "json", "ignore_eos": True}, "ignore_eos cannot"),
+        ({"guided_decoding_guide_type": "json", "min_tokens": 40}, "min_tokens cannot"),
         ({"guided_decoding_guide_type": "json", "remask_threshold": 0.5}, "remask_threshold cannot"),
     ]
     for inputs, words in cases:

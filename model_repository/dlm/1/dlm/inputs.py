@@ -399,6 +399,9 @@ def parse_request(
     if guide is not None and params.ignore_eos:
         raise InvalidInput("ignore_eos cannot be combined with guided decoding: the grammar decides where the "
                            "answer ends")
+    if guide is not None and params.min_tokens:
+        raise InvalidInput("min_tokens cannot be combined with guided decoding: the grammar decides where the "
+                           "answer ends")
     if guide is not None and params.remask_threshold is not None:
         raise InvalidInput("remask_threshold cannot be combined with guided decoding: a constrained block is "
                            "committed left to right and never re-masked")
