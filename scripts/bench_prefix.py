@@ -30,7 +30,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ from dlm.refine import GenerationParams, TokenSpec  # noqa: E402
 from dlm.runtime import OnnxRuntime  # noqa: E402
 from dlm.scheduler import Job, Scheduler  # noqa: E402
 from dlm.special_tokens import end_token_ids  # noqa: E402
-from inprocess_bench import Done, machine, parameter, run_one, ttfb  # noqa: E402
+from inprocess_bench import Done, export_once, machine, parameter, run_one, ttfb  # noqa: E402
 
 VERSION = ROOT / "model_repository" / "dlm" / "1"
 TARGETS = {"ttfb_ratio": 0.3, "ttfb_prefix": 1000, "chat_prefill_share": 0.25}  # issue 24
@@ -80,15 +79,11 @@ def miniature() -> Artifact:
 def real_vocabulary(work: Path, context: int) -> Artifact:
     """The random real-vocabulary checkpoint and its ONNX export (`python -m export onnx`), built once in `work`."""
     checkpoint, out = work / "checkpoint", work / f"onnx-{context}"
-    if not (out / "manifest.json").is_file():
+    if not (checkpoint / "config.json").is_file():
         from export.random_checkpoint import write_random_checkpoint
 
-        start = time.perf_counter()
-        if not (checkpoint / "config.json").is_file():
-            write_random_checkpoint(checkpoint)
-        subprocess.run([sys.executable, "-m", "export", "onnx", "--checkpoint", str(checkpoint), "--out", str(out),
-                        "--max-context", str(context), "--max-batch", "4"], check=True, cwd=ROOT)
-        print(f"real-vocabulary checkpoint and export: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        write_random_checkpoint(checkpoint)
+    export_once(checkpoint, out, "--max-context", str(context), "--max-batch", "4")
     config = json.loads((checkpoint / "config.json").read_text())
     spec = TokenSpec.from_config(config, end_token_ids(checkpoint))
     return Artifact("real-vocabulary", out, config, spec, range(1000, int(config["vocab_size"])))
