@@ -6,6 +6,8 @@
 
     python -m client "57+8=" --temperature 0.8 --top-k 5 --top-p 0.9 --logprobs 3
     python -m client "57+8=" --ignore-eos --max-tokens 32 --echo   # decode to max_tokens, the prompt first
+    python -m client "57+8=" --json-schema schema.json --mode diffusion   # an answer that validates (or: inline JSON)
+    python -m client "57+8=" --regex "(yes|no), [0-9]+" --repetition-penalty 1.2
 
 The text goes to stdout (block by block with --stream), then one line of statistics to stderr; with --logprobs N,
 each generated token's log prob and its N best alternatives go to stderr before that line. With --json, stdout gets one
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -61,12 +64,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logprobs", type=int, metavar="N",
                         help="report each token's log prob and its N best alternatives (0: the token's only)")
     parser.add_argument("--stop", action="append", metavar="WORD", help="stop word (repeatable)")
+    penalties = parser.add_argument_group("penalties", "on the engine's candidates, in every mode")
+    penalties.add_argument("--frequency-penalty", type=float, metavar="F",
+                           help="[-2, 2] (OpenAI's): a candidate's logit loses F for each time it occurs in the answer")
+    penalties.add_argument("--presence-penalty", type=float, metavar="P",
+                           help="[-2, 2] (OpenAI's): a candidate's logit loses P once it occurs in the answer")
+    penalties.add_argument("--repetition-penalty", type=float, metavar="R",
+                           help="(0, 2] (vLLM's; 1: off): a candidate in the prompt or the answer has its logit "
+                                "divided by R when positive, multiplied by R otherwise")
+    guided = parser.add_argument_group(
+        "guided decoding", "one grammar the answer follows in every mode (sent as guided_decoding_guide_type and "
+                           "guided_decoding_guide; the artifact must be exported with --structured)")
+    guide = guided.add_mutually_exclusive_group()
+    guide.add_argument("--json-schema", metavar="FILE_OR_JSON",
+                       help="a JSON schema the answer validates against: a file, or the schema's JSON itself")
+    guide.add_argument("--json-object", action="store_true", help="any JSON object (OpenAI's json_object)")
+    guide.add_argument("--regex", metavar="RE", help="a regular expression the whole answer matches")
+    guide.add_argument("--lark", metavar="FILE_OR_GRAMMAR", help="a Lark grammar: a file, or the grammar itself")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--url", help="server address (default localhost:8001 for grpc, localhost:8000 for http)")
     parser.add_argument("--model", default="dlm", help="Triton model name")
     parser.add_argument("--timeout", type=float, help="seconds a request may take")
     parser.add_argument("--json", action="store_true", help="print one JSON object per request")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.guide = guide_inputs(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def guide_inputs(args: argparse.Namespace) -> dict[str, str]:
+    """The guided decoding inputs of --json-schema, --json-object, --regex or --lark (none without one). A value
+    that names a file is read; the server compiles the guide and refuses a bad one with the compiler's message."""
+    if args.json_object:
+        return {"guided_decoding_guide_type": "json"}
+    if args.regex is not None:
+        return {"guided_decoding_guide_type": "regex", "guided_decoding_guide": args.regex}
+    if args.json_schema is not None:
+        text = args.json_schema
+        if os.path.isfile(text):
+            text = read_guide("--json-schema", text)
+        else:
+            try:
+                json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"--json-schema: '{text}' is neither a file nor JSON ({e})") from e
+        return {"guided_decoding_guide_type": "json_schema", "guided_decoding_guide": text}
+    if args.lark is not None:
+        text = read_guide("--lark", args.lark) if os.path.isfile(args.lark) else args.lark
+        return {"guided_decoding_guide_type": "lark", "guided_decoding_guide": text}
+    return {}
+
+
+def read_guide(flag: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag}: cannot read {path}: {e}") from e
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,6 +133,8 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
         "max_remasks": args.max_remasks, "min_tokens": args.min_tokens, "ignore_eos": args.ignore_eos or None,
         "exclude_input_in_output": False if args.echo else None, "sampling_parameters": args.sampling_parameters,
         "draft_adapter": False if args.no_draft_adapter else None,
+        "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty,
+        "repetition_penalty": args.repetition_penalty, **getattr(args, "guide", {}),
     }
     if args.logprobs is not None:
         values.update(return_log_probs=True, top_logprobs=args.logprobs)

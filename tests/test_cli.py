@@ -1,5 +1,6 @@
 """`python -m client` against a real tritonserver: streamed text then a statistics line, `--json` that parses, prompts
-from stdin, and the server's message with exit status 1 on a refused request."""
+from stdin, and the server's message with exit status 1 on a refused request; the guided decoding flags
+(`--json-schema`, `--json-object`, `--regex`, `--lark`) and the penalties mapped onto the model's inputs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+from client.__main__ import options, parse_args
 from conftest import ROOT
 from export.tasks import held_out_set
 
@@ -103,3 +107,67 @@ def test_min_tokens_ignore_eos_echo_remasking_and_sampling_parameters_flags(trit
     run = cli(problem.prompt, "--url", triton.grpc_url, "--min-tokens", "-1")
     assert run.returncode == 1
     assert run.stderr.strip() == "error (InvalidRequest): min_tokens must be in [0, 64] (at most max_tokens), got -1"
+
+
+SCHEMA = {"type": "object", "properties": {"sum": {"type": "integer"}}, "required": ["sum"]}
+
+
+def test_guided_decoding_flags_map_onto_the_guide_inputs(tmp_path):
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMA, indent=2))
+    grammar_file = tmp_path / "answer.lark"
+    grammar_file.write_text('start: "yes" | "no"\n')
+    cases = [
+        (["--json-schema", str(schema_file)], {"guided_decoding_guide_type": "json_schema",
+                                               "guided_decoding_guide": schema_file.read_text()}),
+        (["--json-schema", json.dumps(SCHEMA)], {"guided_decoding_guide_type": "json_schema",
+                                                 "guided_decoding_guide": json.dumps(SCHEMA)}),
+        (["--json-object"], {"guided_decoding_guide_type": "json"}),
+        (["--regex", "(yes|no), [0-9]+"], {"guided_decoding_guide_type": "regex",
+                                           "guided_decoding_guide": "(yes|no), [0-9]+"}),
+        (["--lark", str(grammar_file)], {"guided_decoding_guide_type": "lark",
+                                         "guided_decoding_guide": 'start: "yes" | "no"\n'}),
+        (["--lark", 'start: "a"+'], {"guided_decoding_guide_type": "lark", "guided_decoding_guide": 'start: "a"+'}),
+        ([], {}),
+    ]
+    for flags, inputs in cases:
+        values = options(parse_args(["12+30=", "--mode", "ar", *flags]))
+        assert values == {"mode": "ar", **inputs}, flags
+    # --json is the output format, not a guide
+    assert options(parse_args(["12+30=", "--json"])) == {}
+
+
+def test_penalty_flags_map_onto_their_inputs():
+    values = options(parse_args(["12+30=", "--frequency-penalty", "0.5", "--presence-penalty", "-1",
+                                 "--repetition-penalty", "1.2"]))
+    assert values == {"frequency_penalty": 0.5, "presence_penalty": -1.0, "repetition_penalty": 1.2}
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--json-schema", "{}", "--regex", "a"], "not allowed with argument"),
+    (["--json-object", "--lark", "start: x"], "not allowed with argument"),
+    (["--json-schema", "missing-schema.json"], "--json-schema: 'missing-schema.json' is neither a file nor JSON"),
+    (["--frequency-penalty", "high"], "invalid float value"),
+])
+def test_bad_guide_and_penalty_flags_are_refused_before_any_request(flags, words, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["12+30=", *flags])
+    assert exited.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_guide_reaches_the_model_which_refuses_it_on_a_version_2_artifact(triton):
+    """The session's server runs the shipped artifact (engine contract version 2, no allowed-token mask): the guide
+    arrives as the model's inputs and is refused with the command that rebuilds the artifact; the penalties arrive
+    and are range-checked by the server."""
+    run = cli("12+30=", "--url", triton.grpc_url, "--json-schema", json.dumps(SCHEMA), "--mode", "ar")
+    assert run.returncode == 1
+    assert "engine contract version 2" in run.stderr and "--structured" in run.stderr, run.stderr
+    run = cli("12+30=", "--protocol", "http", "--url", triton.http_url, "--regex", "[0-9]+", "--json")
+    assert run.returncode == 1 and "--structured" in json.loads(run.stdout)["error"]
+    run = cli("12+30=", "--url", triton.grpc_url, "--frequency-penalty", "3")
+    assert run.returncode == 1
+    assert run.stderr.strip() == "error (InvalidRequest): frequency_penalty must be in [-2, 2], got 3.0"
+    problem = PROBLEMS[0]
+    run = cli(problem.prompt, "--url", triton.grpc_url, "--mode", "ar", "--max-tokens", "48",
+              "--presence-penalty", "0", "--repetition-penalty", "1")
+    assert run.returncode == 0 and run.stdout == problem.answer + "\n", run.stderr
