@@ -58,7 +58,7 @@ def test_streamed_in_any_split_the_deltas_add_up_to_the_whole_parse(text):
     splits = [[text], list(text)] + [[text[:i], text[i:]] for i in range(1, len(text))]
     for pieces in splits:
         stream = ToolCallStream()
-        content, calls = "", []
+        content, calls = "", list[dict]()
         for piece in pieces:
             part, done = stream.feed(piece)
             content, calls = content + part, calls + done
