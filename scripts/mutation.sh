@@ -81,16 +81,19 @@ if ! python -c "import mutmut, sys; sys.exit(mutmut.__version__ != '$MUTMUT_VERS
   python -m pip install --quiet "mutmut==$MUTMUT_VERSION"
 fi
 export MUTATION_REPORT="$ROOT/docs/mutation/mutation.json" MUTATION_EQUIVALENT="$ROOT/docs/mutation/equivalent.txt"
+export MUTATION_PAGE="$ROOT/docs/mutation.md"
 WORK="$ROOT"
 if [ "$head" = 1 ]; then
   WORK="${work:-$ROOT/build/mutation/head}"
   case "$WORK" in /*) ;; *) WORK="$ROOT/$WORK" ;; esac
-  export MUTATION_HEAD="$(git rev-parse --short HEAD)"
   if [ "$mode" = run ] && [ "$keep" = 0 ]; then
     rm -rf "$WORK" && mkdir -p "$WORK"
     git archive HEAD | tar -x -C "$WORK"
-    echo "testing HEAD $MUTATION_HEAD in $WORK"
+    git rev-parse --short HEAD > "$WORK/TESTED_COMMIT"  # what the summary records, whenever it is written
+    echo "testing HEAD $(cat "$WORK/TESTED_COMMIT") in $WORK"
   fi
+  MUTATION_HEAD="$(cat "$WORK/TESTED_COMMIT" 2>/dev/null || echo "unknown commit")"
+  export MUTATION_HEAD
 fi
 cd "$WORK"
 
@@ -265,6 +268,18 @@ for module in sys.argv[1:]:
           f"score {entry['score']}")
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps(report, indent=2) + "\n")
+# the results table of docs/mutation.md, between its markers, from the whole report
+page = Path(os.environ["MUTATION_PAGE"])
+start, end = "<!-- mutation-table: generated from docs/mutation/mutation.json -->", "<!-- end mutation-table -->"
+rows = ["| module | killed | timeout | survived (equivalent) | total | score | without equivalent | commit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+for module, e in sorted(report["modules"].items()):
+    rows.append(f"| `{module}.py` | {e['killed']} | {e['timeout']} | {e['survived']} ({e['survived_equivalent']}) | "
+                f"{e['total']} | {e['score']:.1%} | {e['score_without_equivalent']:.1%} | {e['tested']} |")
+text = page.read_text()
+before, _, rest = text.partition(start)
+_, _, after = rest.partition(end)
+page.write_text(before + start + "\n" + "\n".join(rows) + "\n" + end + after)
 PY
 }
 

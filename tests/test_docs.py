@@ -357,3 +357,24 @@ def test_links_inside_the_repository_lead_to_files_and_headings(document: Path) 
         assert file.exists(), f"{document.relative_to(ROOT)} links to {target}, which does not exist"
         if anchor and file.suffix == ".md":
             assert anchor in anchors(file), f"{document.relative_to(ROOT)} links to {target}: no such heading"
+
+
+def test_the_mutation_scores_on_the_page_are_the_summarys() -> None:
+    """docs/mutation.md's table is what `scripts/mutation.sh --summary` writes from docs/mutation/mutation.json: a
+    row per module there, with its figures, and no row of a module it lacks."""
+    import json
+
+    report = json.loads((DOCS / "mutation" / "mutation.json").read_text())["modules"]
+    page = (DOCS / "mutation.md").read_text()
+    table = page.split("<!-- mutation-table: generated from docs/mutation/mutation.json -->")[1]
+    table = table.split("<!-- end mutation-table -->")[0]
+    rows = {cells[0].strip("`").removesuffix(".py"): cells[1:]
+            for line in table.strip().splitlines()[2:]
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert set(rows) == set(report)
+    for module, entry in report.items():
+        assert rows[module] == [str(entry["killed"]), str(entry["timeout"]),
+                                f"{entry['survived']} ({entry['survived_equivalent']})", str(entry["total"]),
+                                f"{entry['score']:.1%}", f"{entry['score_without_equivalent']:.1%}", entry["tested"]]
+        # the equivalent survivors are those listed with a reason, and the others are named
+        assert entry["survived"] == len(entry["survivors_equivalent"]) + len(entry["survivors_not_equivalent"])
