@@ -188,3 +188,60 @@ def test_add_special_tokens() -> None:
 
 def test_json_stop_words_apply_without_a_tensor() -> None:
     assert parse(text_input="a", sampling_parameters=json.dumps({"stop": ["x", "y"]})).stop_words == ["x", "y"]
+
+
+# --- guided decoding (guided_decoding_guide_type, guided_decoding_guide) ------------------------------------------
+SCHEMA = '{"type": "object"}'
+
+
+def test_each_guide_type_reaches_the_request_with_its_guide() -> None:
+    assert parse(text_input="a").guide is None
+    assert parse(text_input="a", guided_decoding_guide_type="json").guide == ("json", "")  # any JSON object
+    assert parse(text_input="a", guided_decoding_guide_type="json",
+                 guided_decoding_guide=SCHEMA).guide == ("json", SCHEMA)
+    for kind, guide in [("json_schema", SCHEMA), ("regex", "[0-9]+"), ("lark", 'start: "x"')]:
+        assert parse(text_input="a", guided_decoding_guide_type=kind,
+                     guided_decoding_guide=guide).guide == (kind, guide)
+
+
+def test_a_guide_without_its_type_or_of_an_unknown_type_is_refused_with_the_types() -> None:
+    refused(r"input 'guided_decoding_guide' needs 'guided_decoding_guide_type' \(one of json, json_schema, regex, "
+            r"lark\)", text_input="a", guided_decoding_guide=SCHEMA)
+    refused(r"guided_decoding_guide_type 'yaml' is unknown: expected one of json, json_schema, regex, lark",
+            text_input="a", guided_decoding_guide_type="yaml", guided_decoding_guide=SCHEMA)
+    refused(r"guided_decoding_guide_type 'JSON' is unknown: expected one of json, json_schema, regex, lark",
+            text_input="a", guided_decoding_guide_type="JSON")
+
+
+def test_guide_inputs_that_are_not_utf8_are_named() -> None:
+    refused(r"input 'guided_decoding_guide_type' is not valid UTF-8 \(invalid start byte at byte 0\)",
+            text_input="a", guided_decoding_guide_type=b"\xff", guided_decoding_guide=SCHEMA)
+    refused(r"input 'guided_decoding_guide' is not valid UTF-8 \(invalid start byte at byte 0\)",
+            text_input="a", guided_decoding_guide_type="regex", guided_decoding_guide=b"\xff")
+
+
+@pytest.mark.parametrize("kind, what", [("json_schema", "schema"), ("regex", "regular expression"),
+                                        ("lark", "grammar")])
+def test_a_guide_type_other_than_json_needs_a_guide_that_is_not_blank(kind: str, what: str) -> None:
+    message = rf"guided_decoding_guide_type '{kind}' needs input 'guided_decoding_guide' \(the {what}\)"
+    refused(message, text_input="a", guided_decoding_guide_type=kind)
+    refused(message, text_input="a", guided_decoding_guide_type=kind, guided_decoding_guide=" \n")
+
+
+def test_a_guide_may_hold_64_kib_of_utf8() -> None:
+    most = "é" * (1 << 15)  # 65,536 bytes in 32,768 characters
+    assert parse(text_input="a", guided_decoding_guide_type="regex", guided_decoding_guide=most).guide == \
+        ("regex", most)
+    refused(r"guided_decoding_guide is 65537 bytes, more than 65536", text_input="a",
+            guided_decoding_guide_type="regex", guided_decoding_guide=most + "x")
+
+
+# --- penalties ----------------------------------------------------------------------------------------------------
+def test_penalty_ranges_include_their_ends_but_repetitions_zero() -> None:
+    for name in ("frequency_penalty", "presence_penalty"):
+        for end in (-2.0, 2.0):
+            assert getattr(parse(text_input="a", **{name: np.array([end], dtype=np.float32)}).params, name) == end
+        refused(rf"{name} must be in \[-2, 2\], got 2.5", text_input="a", **{name: np.array([2.5], dtype=np.float32)})
+    assert parse(text_input="a", repetition_penalty=np.array([2.0], dtype=np.float32)).params.repetition_penalty == 2.0
+    refused(r"repetition_penalty must be in \(0, 2\], got 0.0", text_input="a",
+            repetition_penalty=np.array([0.0], dtype=np.float32))
