@@ -60,3 +60,10 @@ def test_a_shared_part_is_copied_from_min_copy_tokens(shared: int, copied: bool)
     slot, reused = kv.claim([0, 1], list(range(10, 10 + shared)) + [5, 6])
     assert slot == 1 and reused == (shared if copied else 0)
     assert (kv.cache[1, ..., :shared, :] == 0).all() == copied
+
+
+def test_forgetting_a_slot_with_nothing_resident_is_a_no_op() -> None:
+    kv = cache()
+    kv.retain(0, [1] * 20)
+    kv.forget(3)
+    assert list(kv.resident) == [0]
