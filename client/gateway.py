@@ -173,11 +173,12 @@ class GenerationFields(BaseModel):
         """Alternatives per token the request asks for, or None for no log probs."""
         return None
 
-    def guide(self) -> dict[str, str]:
-        """The guided decoding inputs of `response_format` (chat only; none for text)."""
+    def guide(self, syntax: tool_calls.Syntax | None = None) -> dict[str, str]:
+        """The guided decoding inputs of `response_format` or of an enforced tool_choice in `syntax` (chat only)."""
         return {}
 
-    def options(self, max_tokens: int | None = None, add_special_tokens: bool = True) -> dict[str, Any]:
+    def options(self, max_tokens: int | None = None, add_special_tokens: bool = True,
+                syntax: tool_calls.Syntax | None = None) -> dict[str, Any]:
         values = {
             "mode": self.mode, "max_tokens": max_tokens or self.max_tokens, "temperature": self.temperature,
             "top_p": self.top_p, "top_k": self.top_k if self.top_k is not None and self.top_k > 0 else None,
@@ -188,7 +189,7 @@ class GenerationFields(BaseModel):
             "frequency_penalty": self.frequency_penalty or None, "presence_penalty": self.presence_penalty or None,
             "repetition_penalty": None if self.repetition_penalty in (None, 1.0) else self.repetition_penalty,
         }
-        values.update(self.guide())
+        values.update(self.guide(syntax))
         alternatives = self.alternatives()
         if alternatives is not None:
             values.update(return_log_probs=True, top_logprobs=alternatives)
@@ -287,10 +288,10 @@ class ChatRequest(GenerationFields):
                                       "tool_choice \"required\" or a named function: the answer is the tool calls"
         return super().unsupported()
 
-    def guide(self) -> dict[str, str]:
-        if self.tools and tool_calls.enforced(self.tool_choice):
+    def guide(self, syntax: tool_calls.Syntax | None = None) -> dict[str, str]:
+        if self.tools and syntax is not None and tool_calls.enforced(self.tool_choice):
             return {"guided_decoding_guide_type": "lark", "guided_decoding_guide": tool_calls.grammar(
-                self.tools, self.tool_choice, parallel=self.parallel_tool_calls is not False)}
+                syntax, self.tools, self.tool_choice, parallel=self.parallel_tool_calls is not False)}
         kind = None if self.response_format is None else self.response_format.get("type")
         if kind == "json_object":
             return {"guided_decoding_guide_type": "json"}
@@ -535,7 +536,8 @@ def create_app(triton_url: str, model: str = "dlm", served_name: str | None = No
         message: dict[str, Any] = {"role": "assistant", "content": result.text}
         finish_reason = reply.finish_reason(result)
         if body.parses_tool_calls():
-            content, calls = tool_calls.parse(result.text)
+            assert gateway.tool_call_parser is not None  # check_tools refused tools without one
+            content, calls = tool_calls.parse(gateway.tool_call_parser, result.text)
             if calls:
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
@@ -584,12 +586,17 @@ class Reply:
         self.created = int(time.time())
         self.completion_logprobs = CompletionLogprobs()  # a streamed completion's text offsets run across chunks
         # a streamed chat answer read for tool calls: its text split into content and tool-call deltas
-        parses = isinstance(body, ChatRequest) and body.parses_tool_calls()
-        self.tool_stream = tool_calls.ToolCallStream() if parses else None
+        syntax = gateway.tool_call_parser
+        parses = isinstance(body, ChatRequest) and body.parses_tool_calls() and syntax is not None
+        self.tool_stream = tool_calls.ToolCallStream(syntax) if parses and syntax is not None else None
         self.endpoint = "/v1/chat/completions" if self.chat else "/v1/completions"  # for the metrics
 
     async def generate(self, prompt: str) -> Result:
-        return await self.gateway.client.generate(prompt, **self.body.options(self.max_tokens, self.add_special_tokens))
+        return await self.gateway.client.generate(prompt, **self.options())
+
+    def options(self) -> dict[str, Any]:
+        """The model's inputs for this request (an enforced tool_choice's grammar in the template's syntax)."""
+        return self.body.options(self.max_tokens, self.add_special_tokens, self.gateway.tool_call_parser)
 
     @staticmethod
     def finish_reason(result: Result) -> str:
@@ -644,8 +651,7 @@ class Reply:
         """Server-sent events; the first block is awaited before answering, so a refused request gets its HTTP
         error status rather than an error event."""
         try:
-            stream: AsyncBlockStream = self.gateway.client.generate_stream(prompt,
-                                                                            **self.body.options(self.max_tokens, self.add_special_tokens))
+            stream: AsyncBlockStream = self.gateway.client.generate_stream(prompt, **self.options())
         except DLMError as error:
             raise api_error(error) from None
         try:
@@ -748,8 +754,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
                         help="largest request body accepted (default 1 MiB); a larger one gets 413")
     parser.add_argument("--tool-call-parser", choices=tool_calls.PARSERS, default="auto",
-                        help="the syntax the model writes tool calls in (default auto: hermes when the chat "
-                             "template writes <tool_call>; else requests with tools are refused)")
+                        help="the syntax the model writes tool calls in (default auto: the one whose opening tag "
+                             "the chat template writes, hermes <tool_call> or llama_nemotron_json <TOOLCALL>; with "
+                             "none, requests with tools are refused)")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 

@@ -1,6 +1,7 @@
-"""Tool calls (client/tool_calls.py): the `<tool_call>{json}</tool_call>` syntax parsed into OpenAI tool_calls, whole
-and streamed in any split; the checks of `tools` / `tool_choice`; and the grammar of `tool_choice` "required" or a
-named function, which makes even random weights of the real vocabulary answer with a call in every mode."""
+"""Tool calls (client/tool_calls.py): the `<tool_call>{json}</tool_call>` (hermes) and `<TOOLCALL>[json, ...]
+</TOOLCALL>` (NVIDIA's llama_nemotron_json) syntaxes parsed into OpenAI tool_calls, whole and streamed in any split;
+the checks of `tools` / `tool_choice`; and the grammar of `tool_choice` "required" or a named function, which makes
+even random weights of the real vocabulary answer with a call in every mode, in either syntax."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 import pytest
 
 from client import tool_calls
-from client.tool_calls import ToolCallError, ToolCallStream, check_tools, parse, parser_for
+from client.tool_calls import HERMES, NEMOTRON, ToolCallError, ToolCallStream, check_tools, parse, parser_for
 from dlm.refine import GenerationParams, generate
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -22,14 +23,17 @@ TEMPLATE = "{% for tool in tools %}{{ tool | tojson }}{% endfor %}<tool_call>"  
 
 TEXT = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
         '<tool_call>{"name": "get_time", "arguments": "{\\"zone\\": \\"UTC\\"}"}</tool_call>')
+NEMOTRON_TEXT = ('Let me look.\n<TOOLCALL>[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}, '
+                 '{"name": "get_time", "arguments": "{\\"zone\\": \\"UTC\\"}"}]</TOOLCALL>')
 
 
 def calls_of(calls: list[dict]) -> list[tuple[str, dict]]:
     return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
 
 
-def test_calls_are_parsed_out_of_the_text_with_arguments_as_a_json_string():
-    content, calls = parse(TEXT)
+@pytest.mark.parametrize("syntax, text", [(HERMES, TEXT), (NEMOTRON, NEMOTRON_TEXT)], ids=["hermes", "nemotron"])
+def test_calls_are_parsed_out_of_the_text_with_arguments_as_a_json_string(syntax, text):
+    content, calls = parse(syntax, text)
     assert content == "Let me look."
     assert calls_of(calls) == [("get_weather", {"city": "Paris", "unit": "C"}), ("get_time", {"zone": "UTC"})]
     assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
@@ -46,18 +50,36 @@ def test_calls_are_parsed_out_of_the_text_with_arguments_as_a_json_string():
     ("a<tool_call>{\"name\": \"f\", \"argu", "a<tool_call>{\"name\": \"f\", \"argu", []),  # cut mid-JSON
 ])
 def test_what_is_and_is_not_a_call(text, content, names):
-    parsed_content, calls = parse(text)
+    parsed_content, calls = parse(HERMES, text)
     assert parsed_content == content
     assert [c["function"]["name"] for c in calls] == names
 
 
-@pytest.mark.parametrize("text", [TEXT, "plain <tool text> with < signs", "x<tool_call>{\"name\": \"f\"}"
-                                  "</tool_call>y<tool_call>bad</tool_call>z", "a<tool_call>{\"name\": \"f\"}"])
-def test_streamed_in_any_split_the_deltas_add_up_to_the_whole_parse(text):
-    whole_content, whole_calls = parse(text)
+@pytest.mark.parametrize("what, text, content, names", [
+    ("a list", '<TOOLCALL>[{"name": "f", "arguments": {}}]</TOOLCALL>', None, ["f"]),
+    ("not a list", '<TOOLCALL>{"name": "f", "arguments": {}}</TOOLCALL>',
+     '<TOOLCALL>{"name": "f", "arguments": {}}</TOOLCALL>', []),
+    ("an element that is no call", '<TOOLCALL>[{"name": "f"}, 3]</TOOLCALL>', '<TOOLCALL>[{"name": "f"}, 3]</TOOLCALL>',
+     []),
+    ("an empty list", "<TOOLCALL>[]</TOOLCALL>", "<TOOLCALL>[]</TOOLCALL>", []),
+    ("cut off, whole", 'x <TOOLCALL>[{"name": "f"}, {"name": "g"}]', "x", ["f", "g"]),
+])
+def test_what_is_and_is_not_a_nemotron_call(what, text, content, names):
+    parsed_content, calls = parse(NEMOTRON, text)
+    assert parsed_content == content, what
+    assert [c["function"]["name"] for c in calls] == names, what
+
+
+@pytest.mark.parametrize("syntax, text", [
+    (HERMES, TEXT), (HERMES, "plain <tool text> with < signs"),
+    (HERMES, "x<tool_call>{\"name\": \"f\"}</tool_call>y<tool_call>bad</tool_call>z"),
+    (HERMES, "a<tool_call>{\"name\": \"f\"}"), (NEMOTRON, NEMOTRON_TEXT), (NEMOTRON, "a <TOOL b <TOOLCALL>[1]</TOOLCALL>"),
+])
+def test_streamed_in_any_split_the_deltas_add_up_to_the_whole_parse(syntax, text):
+    whole_content, whole_calls = parse(syntax, text)
     splits = [[text], list(text)] + [[text[:i], text[i:]] for i in range(1, len(text))]
     for pieces in splits:
-        stream = ToolCallStream()
+        stream = ToolCallStream(syntax)
         content, calls = "", list[dict]()
         for piece in pieces:
             part, done = stream.feed(piece)
@@ -70,7 +92,7 @@ def test_streamed_in_any_split_the_deltas_add_up_to_the_whole_parse(text):
 
 
 def test_text_that_may_open_a_call_is_held_back_until_it_is_decided():
-    stream = ToolCallStream()
+    stream = ToolCallStream(HERMES)
     assert stream.feed("Hi <tool_") == ("Hi ", [])
     assert stream.feed("box>") == ("<tool_box>", [])  # not a call after all: sent
     assert stream.feed("<tool_call>{\"name\": \"f\", \"arguments\": {}}") == ("", [])  # inside a call: held
@@ -79,9 +101,10 @@ def test_text_that_may_open_a_call_is_held_back_until_it_is_decided():
 
 
 def test_the_parser_comes_from_the_template():
-    assert parser_for(TEMPLATE) == "hermes"
+    assert parser_for(TEMPLATE) == HERMES
+    assert parser_for("{{ tools }}<TOOLCALL>{{ calls }}</TOOLCALL>") == NEMOTRON
     assert parser_for("[TOOL_CALLS]{{ tools }}") is None and parser_for(None) is None
-    assert parser_for(None, "hermes") == "hermes"
+    assert parser_for(None, "hermes") == HERMES and parser_for(TEMPLATE, "llama_nemotron_json") == NEMOTRON
 
 
 @pytest.mark.parametrize("tools, choice, parallel, source, param, words", [
@@ -105,7 +128,7 @@ def test_tools_and_tool_choice_that_cannot_be_honoured_are_refused(tools, choice
 
 def test_tools_that_can_be_honoured_pass():
     for choice in (None, "none", "auto", "required", {"type": "function", "function": {"name": "get_time"}}):
-        check_tools([WEATHER, TIME], choice, True, "hermes", TEMPLATE)
+        check_tools([WEATHER, TIME], choice, True, HERMES, TEMPLATE)
     assert tool_calls.enforced("required") and tool_calls.enforced({"type": "function", "function": {"name": "f"}})
     assert not tool_calls.enforced("auto") and not tool_calls.enforced(None) and not tool_calls.enforced("none")
 
@@ -118,21 +141,25 @@ def real_vocabulary(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("choice, parallel, names", [
-    ("required", False, {"get_weather", "get_time"}),
-    ({"type": "function", "function": {"name": "get_weather"}}, False, {"get_weather"}),
-    ("required", True, {"get_weather", "get_time"}),
-])
-def test_the_grammar_makes_random_weights_call_a_tool_in_every_mode(real_vocabulary, choice, parallel, names):
+@pytest.mark.parametrize("syntax, choice, parallel, names", [
+    (HERMES, "required", False, {"get_weather", "get_time"}),
+    (HERMES, {"type": "function", "function": {"name": "get_weather"}}, False, {"get_weather"}),
+    (HERMES, "required", True, {"get_weather", "get_time"}),
+    (NEMOTRON, "required", False, {"get_weather", "get_time"}),
+    (NEMOTRON, {"type": "function", "function": {"name": "get_time"}}, True, {"get_time"}),
+], ids=["hermes-required", "hermes-named", "hermes-parallel", "nemotron-required", "nemotron-named-parallel"])
+def test_the_grammar_makes_random_weights_call_a_tool_in_every_mode(real_vocabulary, syntax, choice, parallel, names):
     runtime, spec, compiler, codec = real_vocabulary
-    grammar = compiler.compile("lark", tool_calls.grammar([WEATHER, TIME], choice, parallel))
+    grammar = compiler.compile("lark", tool_calls.grammar(syntax, [WEATHER, TIME], choice, parallel))
     prompt = codec.encode("What is the weather in Paris?")
     outputs = {}
     for mode in ("ar", "speculative", "diffusion"):
         result = generate(runtime, [prompt], GenerationParams(mode, 96, guide=grammar), spec)[0]
         text = codec.decode(result.tokens)
-        content, calls = parse(text)
+        content, calls = parse(syntax, text)
         assert calls, (mode, text)
+        if not parallel:
+            assert len(calls) == 1, (mode, text)
         assert content is None, (mode, text)
         if not parallel or result.finish_reason == "eos":
             assert result.finish_reason == "eos", (mode, text)  # the grammar ends after the call(s)
@@ -145,4 +172,4 @@ def test_the_grammar_makes_random_weights_call_a_tool_in_every_mode(real_vocabul
         outputs[mode] = result.tokens
     assert outputs["ar"] == outputs["speculative"]
     unconstrained = codec.decode(generate(runtime, [prompt], GenerationParams("ar", 16), spec)[0].tokens)
-    assert parse(unconstrained)[1] == []  # the grammar did the work, not the weights
+    assert parse(syntax, unconstrained)[1] == []  # the grammar did the work, not the weights
