@@ -37,8 +37,9 @@
   decoded under the grammar, in every mode); a schema the compiler refuses
   comes back as a 400 with its message.
 - Tool calls (chat, `client/tool_calls.py`): `tools` go to the chat template; the answer, in the template's
-  `<tool_call>{json}</tool_call>` syntax (`--tool-call-parser`), comes back as `tool_calls` with `finish_reason`
-  `tool_calls`, streamed as deltas; `tool_choice` `required` or a named function is decoded under a grammar of the
+  `<tool_call>{json}</tool_call>` or `<TOOLCALL>[json, ...]</TOOLCALL>` syntax (`--tool-call-parser`), comes back
+  as `tool_calls` with `finish_reason` `tool_calls`, streamed as deltas; `tool_choice` `required` or a named
+  function is decoded under a grammar of the
   calls (every mode), `parallel_tool_calls: false` allows one; `"none"` leaves the answer as text.
 - Fields not honoured are refused with a 400 that names them (`NOT_HONOURED`: `logit_bias`,
   `functions`, `function_call`, ...; `echo`, `best_of`, `suffix`, `n` > 1), and so is
