@@ -218,7 +218,8 @@ out = Path(os.environ["MUTATION_REPORT"])
 report = json.loads(out.read_text()) if out.exists() else {}
 report = {"tool": f"mutmut {mutmut.__version__}", "command": "scripts/mutation.sh [--head] [MODULE ...]",
           "tests": "[tool.mutmut] pytest_add_cli_args_test_selection in pyproject.toml",
-          "score": "(killed + timeout) / total; survivors killed by the recheck count as killed",
+          "score": "(killed + timeout) / checked (total less the mutants a stopped run had not reached); "
+                   "survivors killed by the recheck count as killed",
           "modules": report.get("modules", {})}
 equivalent = {}
 for line in Path(os.environ["MUTATION_EQUIVALENT"]).read_text().splitlines():
@@ -243,6 +244,8 @@ for module in sys.argv[1:]:
     survived = sorted(by_status.get("survived", []))
     survived_equivalent = [n for n in survived if n in equivalent]
     total = len(codes)
+    not_checked = count.get("not checked", 0)  # a run stopped before it reached them
+    checked = total - not_checked
     detected = count.get("killed", 0) + count.get("timeout", 0)
     entry = {
         "killed": count.get("killed", 0),
@@ -251,10 +254,11 @@ for module in sys.argv[1:]:
         "survived": len(survived),
         "survived_equivalent": len(survived_equivalent),
         "total": total,
-        "other": {s: c for s, c in count.items() if s not in {"killed", "survived", "timeout"}},
-        "score": round(detected / total, 4) if total else None,
-        "score_without_equivalent": round(detected / (total - len(survived_equivalent)), 4)
-        if total > len(survived_equivalent) else None,
+        "not_checked": not_checked,
+        "other": {s: c for s, c in count.items() if s not in {"killed", "survived", "timeout", "not checked"}},
+        "score": round(detected / checked, 4) if checked else None,
+        "score_without_equivalent": round(detected / (checked - len(survived_equivalent)), 4)
+        if checked > len(survived_equivalent) else None,
         "survivors_not_equivalent": [n for n in survived if n not in equivalent],
         "survivors_equivalent": survived_equivalent,
         "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
@@ -271,11 +275,12 @@ out.write_text(json.dumps(report, indent=2) + "\n")
 # the results table of docs/mutation.md, between its markers, from the whole report
 page = Path(os.environ["MUTATION_PAGE"])
 start, end = "<!-- mutation-table: generated from docs/mutation/mutation.json -->", "<!-- end mutation-table -->"
-rows = ["| module | killed | timeout | survived (equivalent) | total | score | without equivalent | commit |",
+rows = ["| module | killed | timeout | survived (equivalent) | checked / total | score | without equivalent | commit |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 for module, e in sorted(report["modules"].items()):
+    checked = e["total"] - e.get("not_checked", 0)
     rows.append(f"| `{module}.py` | {e['killed']} | {e['timeout']} | {e['survived']} ({e['survived_equivalent']}) | "
-                f"{e['total']} | {e['score']:.1%} | {e['score_without_equivalent']:.1%} | {e['tested']} |")
+                f"{checked} / {e['total']} | {e['score']:.1%} | {e['score_without_equivalent']:.1%} | {e['tested']} |")
 text = page.read_text()
 before, _, rest = text.partition(start)
 _, _, after = rest.partition(end)
