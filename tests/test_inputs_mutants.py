@@ -245,3 +245,17 @@ def test_penalty_ranges_include_their_ends_but_repetitions_zero() -> None:
     assert parse(text_input="a", repetition_penalty=np.array([2.0], dtype=np.float32)).params.repetition_penalty == 2.0
     refused(r"repetition_penalty must be in \(0, 2\], got 0.0", text_input="a",
             repetition_penalty=np.array([0.0], dtype=np.float32))
+
+
+def test_settings_a_guide_cannot_honour_are_refused_by_name() -> None:
+    guided = dict(text_input="a", guided_decoding_guide_type="json")
+    refused(r"ignore_eos cannot be combined with guided decoding: the grammar decides where the answer ends",
+            ignore_eos=True, **guided)
+    refused(r"min_tokens cannot be combined with guided decoding: the grammar decides where the answer ends",
+            min_tokens=np.array([4], dtype=np.int32), **guided)
+    refused(r"remask_threshold cannot be combined with guided decoding: a constrained block is committed left to "
+            r"right and never re-masked", remask_threshold=np.array([0.3], dtype=np.float32), **guided)
+    # their neutral values are not refused
+    r = parse(ignore_eos=False, min_tokens=np.array([0], dtype=np.int32), **guided)
+    assert (r.guide, r.params.ignore_eos, r.params.min_tokens, r.params.remask_threshold) == (("json", ""), False, 0,
+                                                                                              None)
