@@ -363,3 +363,23 @@ def test_the_look_ahead_row_runs_only_where_a_next_block_follows_and_fits() -> N
     seq = Sequence([5, 6], GenerationParams("speculative", 32), SPEC)
     start_block(seq, 3, 10)
     assert not SelfSpeculative._look_ahead_fits(seq)  # a request without a draft adapter does not look ahead
+
+
+@pytest.mark.parametrize("draft_adapter", [True, False])
+def test_a_speculative_block_is_drafted_bidirectionally_and_verified_causally(draft_adapter: bool) -> None:
+    seq = Sequence([5, 6], GenerationParams("speculative", 32, draft_adapter=draft_adapter), SPEC)  # blocks of 4
+    seq.tokens, seq.cache_length = [9, 3], 7
+    start_block(seq, 3, 7)
+    seq.phase = "draft"
+    drafting = SelfSpeculative.plan(seq)
+    assert drafting.tokens.tolist() == [3, M, M, M] and drafting.positions.tolist() == [7, 8, 9, 10]
+    assert drafting.causal is False and drafting.draft is draft_adapter  # a bool per row, as the runtime takes it
+    assert drafting.predict.tolist() == [1, 2, 3] and drafting.targets.tolist() == [2, 3, 4]  # the masks
+    assert seq.block is not None
+    seq.block[1:] = [4, 5, 6]
+    seq.phase = "verify"
+    verifying = SelfSpeculative.plan(seq)
+    assert verifying.tokens.tolist() == [3, 4, 5, 6] and verifying.causal is True and verifying.draft is False
+    # prediction i checks draft i + 1; the last one is the bonus token
+    assert verifying.predict.tolist() == [0, 1, 2, 3] and verifying.targets.tolist() == [2, 3, 4, 5]
+    assert all(a.dtype == np.int64 for p in (drafting, verifying) for a in (p.tokens, p.positions, p.predict))
