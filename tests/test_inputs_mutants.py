@@ -240,15 +240,17 @@ def test_a_guide_may_hold_64_kib_of_utf8() -> None:
 def test_penalty_ranges_include_their_ends_but_repetitions_zero() -> None:
     for name in ("frequency_penalty", "presence_penalty"):
         for end in (-2.0, 2.0):
-            assert getattr(parse(text_input="a", **{name: np.array([end], dtype=np.float32)}).params, name) == end
-        refused(rf"{name} must be in \[-2, 2\], got 2.5", text_input="a", **{name: np.array([2.5], dtype=np.float32)})
+            given: dict[str, Any] = {name: np.array([end], dtype=np.float32)}
+            assert getattr(parse(text_input="a", **given).params, name) == end
+        given = {name: np.array([2.5], dtype=np.float32)}
+        refused(rf"{name} must be in \[-2, 2\], got 2.5", text_input="a", **given)
     assert parse(text_input="a", repetition_penalty=np.array([2.0], dtype=np.float32)).params.repetition_penalty == 2.0
     refused(r"repetition_penalty must be in \(0, 2\], got 0.0", text_input="a",
             repetition_penalty=np.array([0.0], dtype=np.float32))
 
 
 def test_settings_a_guide_cannot_honour_are_refused_by_name() -> None:
-    guided = dict(text_input="a", guided_decoding_guide_type="json")
+    guided: dict[str, Any] = dict(text_input="a", guided_decoding_guide_type="json")
     refused(r"ignore_eos cannot be combined with guided decoding: the grammar decides where the answer ends",
             ignore_eos=True, **guided)
     refused(r"min_tokens cannot be combined with guided decoding: the grammar decides where the answer ends",
