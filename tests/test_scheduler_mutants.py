@@ -1,14 +1,19 @@
 """`dlm.scheduler` behaviours that mutation testing (scripts/mutation.sh, docs/mutation.md) found unguarded: the
-bounds a scheduler is built with, and its refusals word for word."""
+bounds a scheduler is built with, its refusals word for word, how a request leaves (its outcome, a cancellation and
+a consumer that cannot tell), and a failed pass that leaves the rest of its step to run."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import numpy as np
 import pytest
 
-from dlm.refine import TokenSpec
-from dlm.scheduler import Scheduler
+from dlm.candidates import Candidates
+from dlm.planner import PassLimits
+from dlm.refine import GenerationParams, TokenSpec
+from dlm.scheduler import Cancelled, Job, Scheduler
 
 SPEC = TokenSpec(mask_token_id=0, eos_token_ids=frozenset({1}), block_size=8, max_position_embeddings=4096)
 
@@ -46,3 +51,116 @@ def test_one_slot_and_no_queue_are_enough() -> None:
     finally:
         scheduler.stop()
     assert not scheduler._thread.is_alive()  # stop joined the scheduler's thread
+
+
+class ScriptedRuntime(IdleRuntime):
+    """A runtime whose every prediction is `token` (one other candidate far behind); the forward calls numbered in
+    `fail_on` (from 1) raise."""
+
+    def __init__(self, token: int = 5, fail_on: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.token, self.fail_on, self.calls = token, fail_on, 0
+
+    def forward(self, slots: Any, input_ids: Any, position_ids: Any, new_mask: Any, cache_lengths: Any, causal: Any,
+                logit_positions: np.ndarray, draft: Any = None, token_bitmask: Any = None) -> Candidates:
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError("injected fault")
+        b, n = logit_positions.shape
+        tokens = np.stack([np.full((b, n), self.token), np.full((b, n), self.token + 1)], axis=-1).astype(np.int64)
+        logits = np.zeros((b, n, 2), np.float32)
+        logits[..., 0] = 10.0
+        return Candidates(tokens, logits, np.full((b, n), np.logaddexp(10.0, 0.0), np.float32))
+
+    def commit(self, slots: Any, starts: Any, counts: Any) -> None:
+        pass
+
+
+class Recorder:
+    """A consumer that records its updates and errors; `cancelled` is what it answers when asked (an exception is
+    raised)."""
+
+    def __init__(self, cancelled: bool | Exception = False) -> None:
+        self.answer = cancelled
+        self.updates: list[list[int]] = []
+        self.errors: list[Exception] = []
+        self.done = threading.Event()
+
+    def cancelled(self) -> bool:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def update(self, job: Job) -> bool:
+        self.updates.append(list(job.seq.output))
+        if job.finished:
+            self.done.set()
+        return False
+
+    def fail(self, job: Job, error: Exception) -> None:
+        self.errors.append(error)
+        self.done.set()
+
+
+def finish(runtime: IdleRuntime, consumer: Recorder, params: GenerationParams = GenerationParams("ar", 3)) -> Job:
+    scheduler = Scheduler(runtime, SPEC, max_live=2, max_queue=2, context=64)  # type: ignore[arg-type]
+    try:
+        job = scheduler.submit([2, 3, 4], params, consumer)
+        assert consumer.done.wait(30), "the request never finished"
+        return job
+    finally:
+        scheduler.stop()
+
+
+def test_a_request_ending_on_an_end_token_leaves_as_eos_and_one_at_max_tokens_as_length() -> None:
+    consumer = Recorder()
+    job = finish(ScriptedRuntime(token=1), consumer)  # 1 is SPEC's end token
+    assert (job.outcome, consumer.updates[-1], consumer.errors) == ("eos", [], [])
+    consumer = Recorder()
+    job = finish(ScriptedRuntime(token=5), consumer)
+    assert (job.outcome, consumer.updates[-1], consumer.errors) == ("length", [5, 5, 5], [])
+
+
+def test_a_cancelled_request_is_failed_with_cancelled_word_for_word() -> None:
+    consumer = Recorder(cancelled=True)
+    job = finish(ScriptedRuntime(), consumer)
+    assert job.outcome == "cancelled" and consumer.updates == []
+    assert [(type(e), str(e)) for e in consumer.errors] == [(Cancelled, "the request was cancelled")]
+
+
+def test_a_consumer_that_cannot_tell_whether_it_was_cancelled_is_treated_as_gone() -> None:
+    consumer = Recorder(cancelled=ConnectionError("the client went away"))
+    job = finish(ScriptedRuntime(), consumer)
+    assert job.outcome == "cancelled" and consumer.updates == []
+    assert [(type(e), str(e)) for e in consumer.errors] == [(Cancelled, "the request was cancelled")]
+
+
+class Events:
+    """An observer that records the events' names in order (with the job for admissions)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, Any]] = []
+
+    def __getattr__(self, event: str) -> Any:
+        return lambda *args: self.log.append((event, args[0] if event == "admitted" else None))
+
+
+def test_a_failed_pass_leaves_the_other_passes_of_its_step_to_run_before_a_new_admission() -> None:
+    """Two live requests in passes of their own (a batch of one row); the first pass fails: the second runs in the
+    same step, before the slot the failure freed takes the waiting third request."""
+    runtime, events = ScriptedRuntime(fail_on=(1,)), Events()
+    scheduler = Scheduler(runtime, SPEC, max_live=2, max_queue=2, context=64,  # type: ignore[arg-type]
+                          observer=events, limits=PassLimits(1, 8, 64, 8, 8))
+    consumers = [Recorder() for _ in range(3)]
+    try:
+        with scheduler._lock:  # all three submitted before the scheduler admits any: two live, one waiting
+            jobs = [scheduler.submit([2, 3, 4], GenerationParams("ar", 2), c) for c in consumers]
+        for consumer in consumers:
+            assert consumer.done.wait(30), "a request never finished"
+    finally:
+        scheduler.stop()
+    assert sorted(str(e) for c in consumers for e in c.errors) == ["the engine pass failed: injected fault"]
+    assert sorted(job.outcome or "" for job in jobs) == ["error", "length", "length"]
+    names = [name for name, _ in events.log]
+    third = names.index("admitted", names.index("finished"))  # the first admission after the failure
+    assert events.log[third][1] is jobs[2] and "step" in names[names.index("finished"):third]
