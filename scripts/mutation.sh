@@ -5,6 +5,7 @@
 #                                                        mutate and test MODULEs (default: all seven), then write the
 #                                                        summary docs/mutation/mutation.json
 #   scripts/mutation.sh [--head] --summary [MODULE ...]  rewrite the summary from the results already there
+#   scripts/mutation.sh [--head] --recheck [MODULE ...]  the survivors again, against the tests committed now
 #   scripts/mutation.sh [--head] --mutmut ARG ...        mutmut itself with this project's module names, e.g.
 #                                                        `--mutmut show dlm.text.x_f__mutmut_1`
 #
@@ -27,6 +28,7 @@ usage() {
   cat <<EOF
 usage: scripts/mutation.sh [--head [--work DIR]] [--keep] [MODULE ...]
        scripts/mutation.sh [--head [--work DIR]] --summary [MODULE ...]
+       scripts/mutation.sh [--head [--work DIR]] --recheck [MODULE ...]
        scripts/mutation.sh [--head [--work DIR]] --mutmut ARG ...
 
 Mutation testing (mutmut $MUTMUT_VERSION, one worker) of the decoding core's modules against their fast unit tests;
@@ -40,6 +42,9 @@ MODULE is one of: ${MODULES_ALL[*]} (default: all, in that order).
   --keep      reuse mutants/ from an earlier run (its stats and results; the named modules are retested)
               instead of starting from an empty mutants/
   --summary   only rewrite docs/mutation/mutation.json from the results under mutants/
+  --recheck   run the survivors of an earlier run again against the tests committed now (copied into mutants/),
+              then rewrite the summary: tests written against survivors after the run started count; a test file
+              that fails without any mutant (it tests code changed since) is not used
   --mutmut    run mutmut itself with the arguments that follow (show NAME, results, run NAME ...); names are
               dlm.MODULE.FUNCTION__mutmut_N
   -h, --help  this help
@@ -62,6 +67,7 @@ while [ $# -gt 0 ]; do
     --head) head=1 ;;
     --work) shift; work="$1" ;;
     --summary) mode=summary ;;
+    --recheck) mode=recheck ;;
     --mutmut) mode=mutmut; shift; mutmut_args=("$@"); break ;;
     -*) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
     *)
@@ -177,15 +183,37 @@ tests_by_function = stats["tests_by_mangled_function_name"]
 env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath("mutants/model_repository/dlm/1"),
                                                     os.path.abspath("mutants")]))
 only_for = {f: set(ms.split(",")) for f, _, ms in (e.partition(":") for e in os.environ["MUTATION_ONLY_FOR"].split())}
+clean_results: dict[str, bool] = {}
+
+
+def clean(test_file: str) -> bool:
+    """Whether the file's tests pass without a mutant; one that fails (it tests code changed since the run's
+    commit) could not tell a mutant apart, so it is left out."""
+    if test_file not in clean_results:
+        done = subprocess.run([sys.executable, "-m", "pytest", "--rootdir=.", "-x", "-q", "-p", "no:randomly",
+                               test_file, *config.get("pytest_add_cli_args", [])], cwd="mutants",
+                              env=dict(env, MUTANT_UNDER_TEST=""), capture_output=True)
+        clean_results[test_file] = done.returncode == 0
+        if done.returncode != 0:
+            print(f"recheck: {test_file} fails without a mutant, left out", flush=True)
+    return clean_results[test_file]
+
+
 for module in sys.argv[1:]:
     meta = Path(f"mutants/model_repository/dlm/1/dlm/{module}.py.meta")
     if not meta.exists():
         continue
     survivors = [n for n, code in json.loads(meta.read_text())["exit_code_by_key"].items() if code == 0]
     result = {}
+    pointed = f"tests/test_{module}_mutants.py"  # the tests written against this module's survivors
     for name in survivors:
         files = sorted({f for t in tests_by_function.get(name.partition("__mutmut_")[0], [])
-                        if module in only_for.get(f := t.split("::")[0], {module})})
+                        if module in only_for.get(f := t.split("::")[0], {module})}
+                       | ({pointed} if Path("mutants", pointed).exists() else set()))
+        files = [f for f in files if clean(f)]
+        if not files:  # no test that passes without the mutant: it stays a survivor
+            result[name] = 0
+            continue
         start = time.time()
         try:
             done = subprocess.run([sys.executable, "-m", "pytest", "--rootdir=.", "-x", "-q", "-p", "no:randomly",
@@ -235,7 +263,8 @@ for module in sys.argv[1:]:
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     recheck_path = meta.with_suffix(".py.recheck")
     rechecked = json.loads(recheck_path.read_text()) if recheck_path.exists() else {}
-    killed_by_recheck = sorted(n for n, code in rechecked.items() if codes.get(n) == 0 and code != 0)
+    # a test failed (1) or ran past its time (36); another exit (a collection error) tells nothing
+    killed_by_recheck = sorted(n for n, code in rechecked.items() if codes.get(n) == 0 and code in (1, 36))
     by_status: dict[str, list[str]] = {}
     for name, code in codes.items():
         status = "killed" if name in killed_by_recheck else status_by_exit_code[code]
@@ -263,6 +292,8 @@ for module in sys.argv[1:]:
         "survivors_equivalent": survived_equivalent,
         "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
         "tested": os.environ.get("MUTATION_HEAD", "working tree"),
+        "survivors_rechecked_with": Path("RECHECKED_WITH").read_text().strip() if Path("RECHECKED_WITH").exists()
+        else os.environ.get("MUTATION_HEAD", "working tree"),
         "run_seconds": int(seconds) if seconds else report["modules"].get(module, {}).get("run_seconds"),
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -291,6 +322,14 @@ PY
 case "$mode" in
   mutmut) run_mutmut "${mutmut_args[@]}" ;;
   summary) summary "${modules[@]}" ;;
+  recheck)
+    # the tests committed now, in place of the run's copy of them
+    rm -rf mutants/tests && git -C "$ROOT" archive HEAD tests | tar -x -C mutants
+    git -C "$ROOT" rev-parse --short HEAD > RECHECKED_WITH
+    echo "recheck of the survivors against the tests of $(cat RECHECKED_WITH), started $(date -u +%FT%TZ)"
+    recheck "${modules[@]}"
+    summary "${modules[@]}"
+    ;;
   run)
     [ "$keep" = 1 ] || rm -rf mutants
     patterns=()
