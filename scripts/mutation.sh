@@ -26,7 +26,7 @@ MUTMUT_VERSION=3.8.1
 
 usage() {
   cat <<EOF
-usage: scripts/mutation.sh [--head [--work DIR]] [--keep] [MODULE ...]
+usage: scripts/mutation.sh [--head [--work DIR]] [--keep | --resume] [MODULE ...]
        scripts/mutation.sh [--head [--work DIR]] --summary [MODULE ...]
        scripts/mutation.sh [--head [--work DIR]] --recheck [MODULE ...]
        scripts/mutation.sh [--head [--work DIR]] --mutmut ARG ...
@@ -41,6 +41,8 @@ MODULE is one of: ${MODULES_ALL[*]} (default: all, in that order).
               two folders can go on side by side, each adding its modules to the summary
   --keep      reuse mutants/ from an earlier run (its stats and results; the named modules are retested)
               instead of starting from an empty mutants/
+  --resume    go on with a run that was stopped: the named modules' mutants not tested yet, in the same copy
+              (with --head, the commit it tested), the results already there kept
   --summary   only rewrite docs/mutation/mutation.json from the results under mutants/
   --recheck   run the survivors of an earlier run again against the tests committed now (copied into mutants/),
               then rewrite the summary: tests written against survivors after the run started count; a test file
@@ -55,6 +57,7 @@ EOF
 }
 
 keep=0
+resume=0
 head=0
 work=""
 mode=run
@@ -64,6 +67,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --keep) keep=1 ;;
+    --resume) keep=1; resume=1 ;;
     --head) head=1 ;;
     --work) shift; work="$1" ;;
     --summary) mode=summary ;;
@@ -334,6 +338,24 @@ case "$mode" in
     [ "$keep" = 1 ] || rm -rf mutants
     patterns=()
     for m in "${modules[@]}"; do patterns+=("dlm.$m.*"); done
+    if [ "$resume" = 1 ]; then  # by name, the mutants without a result (mutmut retests every one a pattern names)
+      mapfile -t patterns < <(python - "${modules[@]}" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+for module in sys.argv[1:]:
+    meta = Path(f"mutants/model_repository/dlm/1/dlm/{module}.py.meta")
+    codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+    if not codes:
+        print(f"dlm.{module}.*")  # never generated: all of it
+    print("\n".join(name for name, code in codes.items() if code is None))
+PY
+)
+      mapfile -t patterns < <(printf '%s\n' "${patterns[@]}" | sed '/^$/d')
+      echo "resuming: ${#patterns[@]} mutants not tested yet"
+      [ ${#patterns[@]} -gt 0 ] || { echo "nothing left to test"; exit 0; }
+    fi
     start=$(date +%s)
     echo "mutation testing ${modules[*]} (mutmut $MUTMUT_VERSION, one worker), started $(date -u +%FT%TZ)"
     run_mutmut run --max-children 1 "${patterns[@]}"
