@@ -67,3 +67,16 @@ def test_forgetting_a_slot_with_nothing_resident_is_a_no_op() -> None:
     kv.retain(0, [1] * 20)
     kv.forget(3)
     assert list(kv.resident) == [0]
+
+
+def test_a_one_token_content_that_begins_the_prompt_is_taken_over() -> None:
+    kv = cache()
+    kv.retain(0, [7])
+    assert kv.claim([0, 1], [7, 8]) == (0, 1)  # slot 1 is empty, but slot 0's one token is the prompt's first
+
+
+def test_equal_one_token_matches_go_to_the_most_recently_released_slot() -> None:
+    kv = cache()
+    kv.retain(0, [7])
+    kv.retain(2, [7])  # released later, and later among the free slots: preferred among equals all the same
+    assert kv.claim([0, 1, 2, 3], [7, 8]) == (2, 1)

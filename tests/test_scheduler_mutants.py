@@ -13,7 +13,7 @@ import pytest
 from dlm.candidates import Candidates
 from dlm.planner import PassLimits
 from dlm.refine import GenerationParams, TokenSpec
-from dlm.scheduler import Cancelled, Job, Scheduler
+from dlm.scheduler import Cancelled, Job, Scheduler, pass_tokens
 
 SPEC = TokenSpec(mask_token_id=0, eos_token_ids=frozenset({1}), block_size=8, max_position_embeddings=4096)
 
@@ -136,13 +136,20 @@ def test_a_consumer_that_cannot_tell_whether_it_was_cancelled_is_treated_as_gone
 
 
 class Events:
-    """An observer that records the events' names in order (with the job for admissions)."""
+    """An observer that records the events' names in order (with the job for admissions); `ended` is set at
+    each request's end."""
 
     def __init__(self) -> None:
         self.log: list[tuple[str, Any]] = []
+        self.ended = threading.Event()
 
     def __getattr__(self, event: str) -> Any:
-        return lambda *args: self.log.append((event, args[0] if event == "admitted" else None))
+        def record(*args: Any) -> None:
+            self.log.append((event, args[0] if event == "admitted" else None))
+            if event == "finished":
+                self.ended.set()
+
+        return record
 
 
 def test_a_failed_pass_leaves_the_other_passes_of_its_step_to_run_before_a_new_admission() -> None:
@@ -164,3 +171,28 @@ def test_a_failed_pass_leaves_the_other_passes_of_its_step_to_run_before_a_new_a
     names = [name for name, _ in events.log]
     third = names.index("admitted", names.index("finished"))  # the first admission after the failure
     assert events.log[third][1] is jobs[2] and "step" in names[names.index("finished"):third]
+
+
+class Gone(Recorder):
+    """A consumer whose client has gone: every update raises."""
+
+    def update(self, job: Job) -> bool:
+        self.updates.append(list(job.seq.output))
+        raise ConnectionError("the client went away")
+
+
+def test_a_consumer_that_cannot_be_told_has_gone_and_is_told_nothing_more() -> None:
+    consumer, events = Gone(), Events()
+    scheduler = Scheduler(ScriptedRuntime(), SPEC, max_live=2, max_queue=2, context=64,  # type: ignore[arg-type]
+                          observer=events)
+    try:
+        job = scheduler.submit([2, 3, 4], GenerationParams("ar", 3), consumer)
+        assert events.ended.wait(30), "the request never finished"
+    finally:
+        scheduler.stop()
+    # its first token's update failed: cancelled there, with no last update and no error sent
+    assert (job.outcome, consumer.updates, consumer.errors) == ("cancelled", [[5]], [])
+
+
+def test_no_plans_are_no_tokens() -> None:
+    assert pass_tokens([]) == (0, 0)
