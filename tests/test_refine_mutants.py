@@ -383,3 +383,34 @@ def test_a_speculative_block_is_drafted_bidirectionally_and_verified_causally(dr
     # prediction i checks draft i + 1; the last one is the bonus token
     assert verifying.predict.tolist() == [0, 1, 2, 3] and verifying.targets.tolist() == [2, 3, 4, 5]
     assert all(a.dtype == np.int64 for p in (drafting, verifying) for a in (p.tokens, p.positions, p.predict))
+
+
+def verified(predicted: list[int], foreseen: list[int] | None) -> Sequence:
+    """A speculative block [3, 4, 5, 6] (seed 3, drafts 4 5 6) verified by `predicted` (the causal token for each
+    next position), the look-ahead row having drafted `foreseen` for the block after it."""
+    seq = Sequence([5, 6], GenerationParams("speculative", 32), SPEC)  # blocks of 4
+    seq.tokens, seq.cache_length = [9, 3], 7
+    start_block(seq, 3, 7)
+    assert seq.block is not None
+    seq.block[1:] = [4, 5, 6]
+    seq.phase = "verify"
+    seq.lookahead_draft = None if foreseen is None else np.array(foreseen)
+    tokens = np.array(predicted)
+    log_probs = np.zeros(len(predicted))
+    SelfSpeculative.update(seq, Picks(tokens, log_probs, tokens, tokens[:, None], log_probs[:, None]))
+    return seq
+
+
+def test_the_look_ahead_draft_is_used_only_when_the_whole_block_was_accepted_and_its_bonus_foreseen() -> None:
+    # all three drafts accepted, bonus 8, foreseen by the look-ahead row: the next block is verified at once
+    seq = verified([4, 5, 6, 8], foreseen=[8, 20, 21, 22])
+    assert seq.tokens == [9, 3, 4, 5, 6, 8] and seq.phase == "verify"
+    assert seq.block is not None and seq.block.tolist() == [8, 20, 21, 22]
+    # a bonus the look-ahead did not foresee: drafted again
+    seq = verified([4, 5, 6, 8], foreseen=[7, 20, 21, 22])
+    assert seq.phase == "draft" and seq.block is not None and seq.block.tolist() == [8, M, M, M]
+    # a draft refused (5 for 6): the look-ahead drafted past a block that did not happen, so it is not used,
+    # even where its first token equals the new seed
+    seq = verified([4, 5, 7, 8], foreseen=[7, 20, 21, 22])
+    assert seq.tokens == [9, 3, 4, 5, 7] and seq.phase == "draft"
+    assert seq.block is not None and seq.block.tolist() == [7, M, M, M]
