@@ -414,3 +414,15 @@ def test_the_look_ahead_draft_is_used_only_when_the_whole_block_was_accepted_and
     seq = verified([4, 5, 7, 8], foreseen=[7, 20, 21, 22])
     assert seq.tokens == [9, 3, 4, 5, 7] and seq.phase == "draft"
     assert seq.block is not None and seq.block.tolist() == [7, M, M, M]
+
+
+def test_a_two_token_block_takes_the_look_ahead_draft_too() -> None:
+    seq = Sequence([5, 6], GenerationParams("speculative", 32, block_length=2), SPEC)  # the smallest block
+    seq.tokens, seq.cache_length = [9, 3], 7
+    start_block(seq, 3, 7)
+    assert seq.block is not None
+    seq.block[1] = 4
+    seq.phase, seq.lookahead_draft = "verify", np.array([8, 20])
+    tokens, log_probs = np.array([4, 8]), np.zeros(2)
+    SelfSpeculative.update(seq, Picks(tokens, log_probs, tokens, tokens[:, None], log_probs[:, None]))
+    assert seq.tokens == [9, 3, 4, 8] and seq.phase == "verify" and seq.block.tolist() == [8, 20]
