@@ -215,9 +215,10 @@ for module in sys.argv[1:]:
     result = {}
     pointed = f"tests/test_{module}_mutants.py"  # the tests written against this module's survivors
     for name in survivors:
-        files = sorted({f for t in tests_by_function.get(name.partition("__mutmut_")[0], [])
-                        if module in only_for.get(f := t.split("::")[0], {module})}
-                       | ({pointed} if Path("mutants", pointed).exists() else set()))
+        # the pointed tests first: with -x, a mutant they kill dies at once
+        files = ([pointed] if Path("mutants", pointed).exists() else []) + sorted(
+            {f for t in tests_by_function.get(name.partition("__mutmut_")[0], [])
+             if module in only_for.get(f := t.split("::")[0], {module})} - {pointed})
         files = [f for f in files if clean(f)]
         if not files:  # no test that passes without the mutant: it stays a survivor
             result[name] = 0

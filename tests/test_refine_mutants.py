@@ -426,3 +426,43 @@ def test_a_two_token_block_takes_the_look_ahead_draft_too() -> None:
     tokens, log_probs = np.array([4, 8]), np.zeros(2)
     SelfSpeculative.update(seq, Picks(tokens, log_probs, tokens, tokens[:, None], log_probs[:, None]))
     assert seq.tokens == [9, 3, 4, 8] and seq.phase == "verify" and seq.block.tolist() == [8, 20]
+
+
+def test_verify_counts_the_tokens_each_verifying_pass_commits() -> None:
+    seq = Sequence([5, 6], GenerationParams("speculative", 32), SPEC)  # blocks of 4
+    seq.tokens, seq.cache_length, seq.verify_passes, seq.verified_tokens = [9, 3], 7, 2, 10  # two passes before
+    start_block(seq, 3, 7)
+    assert seq.block is not None
+    seq.block[1:] = [4, 5, 6]
+    seq.phase = "verify"
+    tokens, log_probs = np.array([4, 5, 7, 8]), np.zeros(4)  # 4 and 5 accepted, 7 for 6: the bonus
+    SelfSpeculative.update(seq, Picks(tokens, log_probs, tokens, tokens[:, None], log_probs[:, None]))
+    assert seq.tokens == [9, 3, 4, 5, 7]
+    assert (seq.verify_passes, seq.verified_tokens) == (3, 13)  # three tokens more: 4, 5 and the bonus 7
+
+
+def test_the_remasking_budget_is_what_is_left_of_max_remasks_or_of_the_block() -> None:
+    seq = Sequence([5, 6], GenerationParams("diffusion", 16, remask_threshold=0.5, max_remasks=3), SPEC)
+    start_block(seq, 9, 2)
+    seq.block_remasks = 1
+    assert BlockDiffusion._remask_budget(seq) == 2
+    seq = Sequence([5, 6], GenerationParams("diffusion", 16, remask_threshold=0.5), SPEC)  # at most the block
+    start_block(seq, 9, 2)
+    seq.block_remasks = 1
+    assert BlockDiffusion._remask_budget(seq) == seq.block_length - 1
+    seq = Sequence([5, 6], GenerationParams("diffusion", 16, max_remasks=3), SPEC)  # no re-masking asked
+    assert BlockDiffusion._remask_budget(seq) == 0
+
+
+def test_the_last_pass_of_a_block_is_the_max_block_passes_th() -> None:
+    seq = Sequence([5, 6], GenerationParams("diffusion", 16, threshold=0.9, max_block_passes=3), SPEC)
+    start_block(seq, 9, 2)
+    last = []
+    for steps in range(4):
+        seq.block_steps = steps
+        last.append(BlockDiffusion._last_pass(seq))
+    assert last == [False, False, True, True]  # the pass after two is the third
+    seq = Sequence([5, 6], GenerationParams("diffusion", 16, threshold=0.9), SPEC)  # no limit: never
+    start_block(seq, 9, 2)
+    seq.block_steps = 1000
+    assert not BlockDiffusion._last_pass(seq)
