@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import time
+import urllib.parse
 
 import httpx
 import openai
@@ -190,11 +193,19 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(triton, gatewa
 
 
 def test_a_client_that_disconnects_before_the_answer_cancels_its_request(triton, grpc, gateway):
-    slow = {"prompt": ENDLESS_PROMPT, "mode": "ar", "max_tokens": ENDLESS_TOKENS}
-    assert grpc.generate(ENDLESS_PROMPT, mode="ar", max_tokens=ENDLESS_TOKENS).num_tokens == ENDLESS_TOKENS
+    # 900 tokens of ar (seconds): the request is surely still being decoded when the client goes
+    slow = {"prompt": ENDLESS_PROMPT, "mode": "ar", "max_tokens": 900, "ignore_eos": True}
     before = triton.metrics().get(CANCELLED, 0.0)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{gateway}/v1/completions", json={"model": "dlm", **slow}, timeout=0.1)
+    body = json.dumps({"model": "dlm", **slow}).encode()
+    address = urllib.parse.urlsplit(gateway)
+    with socket.create_connection((address.hostname, address.port)) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        # the request reached Triton and is being decoded; then the client closes the connection, unanswered
+        deadline = time.monotonic() + 60
+        while triton.metrics().get("dlm_live_slots", 0.0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert triton.metrics().get("dlm_live_slots", 0.0) >= 1
     assert wait_for_metric(triton, CANCELLED, lambda v: v >= before + 1) == before + 1
 
 
