@@ -466,3 +466,20 @@ def test_the_last_pass_of_a_block_is_the_max_block_passes_th() -> None:
     start_block(seq, 9, 2)
     seq.block_steps = 1000
     assert not BlockDiffusion._last_pass(seq)
+
+
+def test_the_pass_cap_commits_every_open_position_with_its_log_prob() -> None:
+    # max_block_passes=1: the first pass is the last, so all three open positions are committed whatever their
+    # confidence (0.3, under the threshold), each with its own score
+    seq = Sequence([5, 6], GenerationParams("diffusion", 16, threshold=0.9, max_block_passes=1, logprobs=1), SPEC)
+    seq.tokens = [9]
+    start_block(seq, 9, 2)
+    seq.phase = "denoise"
+    plan = BlockDiffusion.plan(seq)
+    assert seq.pending is not None and seq.pending.tolist() == [1, 2, 3] == plan.predict.tolist()
+    tokens = np.array([4, 5, 6])
+    log_probs = np.log(np.array([0.3, 0.2, 0.1]))
+    picks = Picks(tokens, log_probs, tokens, tokens[:, None], log_probs[:, None])
+    assert BlockDiffusion.update(seq, picks) == 0
+    assert block_of(seq) == [9, 4, 5, 6]
+    assert seq.block_scores[1:] == [(float(v), [(t, float(v))]) for t, v in zip(tokens.tolist(), log_probs)]
