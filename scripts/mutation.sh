@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of the decoding core with mutmut 3 (docs/mutation.md). Long (hours on 2 cores), so not part of CI.
 #
-#   scripts/mutation.sh [--head [--work DIR]] [--keep] [MODULE ...]
+#   scripts/mutation.sh [--head [--work DIR]] [--keep] [--jobs N] [MODULE ...]
 #                                                        mutate and test MODULEs (default: all seven), then write the
 #                                                        summary docs/mutation/mutation.json
 #   scripts/mutation.sh [--head] --summary [MODULE ...]  rewrite the summary from the results already there
@@ -12,7 +12,7 @@
 # The configuration is [tool.mutmut] in pyproject.toml: the seven modules of model_repository/dlm/1/dlm and the fast
 # unit tests that decode in process (no tritonserver). mutmut copies them into mutants/ (git-ignored) and, for each
 # mutant, runs the tests that reached the mutated function during a first instrumented run, one worker at a time
-# (--max-children 1). Three things the few lines of Python below add to mutmut:
+# (--max-children 1, or --jobs N). Three things the few lines of Python below add to mutmut:
 # - mutmut names a module after its path (model_repository.dlm.1.dlm.text) while the tests import it as dlm.text:
 #   mutmut is given the imported name, and the mutated copy goes first on sys.path (ahead of the editable install);
 # - a mutant's tests run in collection order, so a file's module fixtures (an ONNX export) are set up once;
@@ -26,7 +26,7 @@ MUTMUT_VERSION=3.8.1
 
 usage() {
   cat <<EOF
-usage: scripts/mutation.sh [--head [--work DIR]] [--keep | --resume] [MODULE ...]
+usage: scripts/mutation.sh [--head [--work DIR]] [--keep | --resume] [--jobs N] [MODULE ...]
        scripts/mutation.sh [--head [--work DIR]] --summary [MODULE ...]
        scripts/mutation.sh [--head [--work DIR]] --recheck [MODULE ...]
        scripts/mutation.sh [--head [--work DIR]] --mutmut ARG ...
@@ -43,6 +43,8 @@ MODULE is one of: ${MODULES_ALL[*]} (default: all, in that order).
               instead of starting from an empty mutants/
   --resume    go on with a run that was stopped: the named modules' mutants not tested yet, in the same copy
               (with --head, the commit it tested), the results already there kept
+  --jobs N    test N mutants at a time (default 1, since the tests' torch and ONNX Runtime take several cores;
+              more on a machine with cores to spare)
   --summary   only rewrite docs/mutation/mutation.json from the results under mutants/
   --recheck   run the survivors of an earlier run again against the tests committed now (copied into mutants/),
               then rewrite the summary: tests written against survivors after the run started count; a test file
@@ -57,6 +59,7 @@ EOF
 }
 
 keep=0
+jobs=1
 resume=0
 head=0
 work=""
@@ -70,6 +73,7 @@ while [ $# -gt 0 ]; do
     --resume) keep=1; resume=1 ;;
     --head) head=1 ;;
     --work) shift; work="$1" ;;
+    --jobs) shift; jobs="$1" ;;
     --summary) mode=summary ;;
     --recheck) mode=recheck ;;
     --mutmut) mode=mutmut; shift; mutmut_args=("$@"); break ;;
@@ -362,8 +366,8 @@ PY
       [ ${#patterns[@]} -gt 0 ] || { echo "nothing left to test"; exit 0; }
     fi
     start=$(date +%s)
-    echo "mutation testing ${modules[*]} (mutmut $MUTMUT_VERSION, one worker), started $(date -u +%FT%TZ)"
-    run_mutmut run --max-children 1 "${patterns[@]}"
+    echo "mutation testing ${modules[*]} (mutmut $MUTMUT_VERSION, $jobs worker(s)), started $(date -u +%FT%TZ)"
+    run_mutmut run --max-children "$jobs" "${patterns[@]}"
     echo "recheck of the survivors, started $(date -u +%FT%TZ)"
     recheck "${modules[@]}"
     MUTATION_SECONDS=$(( $(date +%s) - start )) summary "${modules[@]}"
