@@ -483,3 +483,48 @@ def test_the_pass_cap_commits_every_open_position_with_its_log_prob() -> None:
     assert BlockDiffusion.update(seq, picks) == 0
     assert block_of(seq) == [9, 4, 5, 6]
     assert seq.block_scores[1:] == [(float(v), [(t, float(v))]) for t, v in zip(tokens.tolist(), log_probs)]
+
+
+def denoising_block(params: GenerationParams, spec: TokenSpec = SPEC) -> Sequence:
+    """A diffusion sequence whose first block (seed 9) is open and planned: every position but the seed masked."""
+    seq = Sequence([5, 6], params, spec)
+    seq.tokens = [9]
+    start_block(seq, 9, 2)
+    seq.phase = "denoise"
+    BlockDiffusion.plan(seq)
+    return seq
+
+
+def denoise_with(seq: Sequence, probs: list[float]) -> None:
+    """One unguided denoising pass whose choice at open position j is token 100 + j with probability probs[j]."""
+    tokens = 100 + np.arange(len(probs))
+    log_probs = np.log(np.array(probs))
+    assert BlockDiffusion.update(seq, Picks(tokens, log_probs, tokens, tokens[:, None], log_probs[:, None])) == 0
+
+
+def test_a_confidence_exactly_at_the_threshold_is_committed() -> None:
+    seq = denoising_block(GenerationParams("diffusion", 16, threshold=0.5))
+    denoise_with(seq, [0.9, 0.5, 0.3])  # position 2 exactly at 0.5, and not the best (always committed)
+    assert block_of(seq) == [9, 100, 101, MASK]
+
+
+def test_with_fixed_steps_ties_go_to_the_earlier_positions() -> None:
+    # 31 open positions, 4 steps: 8 committed by the first pass, the most confident; the probability 0.5 is at 12
+    # positions, so ties decide: the earlier positions first, whatever the sort's algorithm (numpy's default,
+    # unstable, takes position 22 for 21 here)
+    spec = dataclasses.replace(SPEC, block_size=32)
+    seq = denoising_block(GenerationParams("diffusion", 64, threshold=None, steps=4), spec)
+    probs = [(0.5, 0.25, 0.125)[int(c)] for c in "1100110002102202221200211201220"]
+    denoise_with(seq, probs)
+    assert [j for j, t in enumerate(block_of(seq)) if t not in (MASK, 9)] == [3, 4, 7, 8, 9, 12, 15, 21]
+
+
+@pytest.mark.parametrize("max_remasks, verify_rows, tentative", [(1, 1, True), (0, 1, False), (1, 0, False)])
+def test_a_commit_is_tentative_while_the_block_has_re_masking_budget_and_verifying_rows(
+        max_remasks: int, verify_rows: int, tentative: bool) -> None:
+    seq = denoising_block(GenerationParams("diffusion", 16, threshold=0.5, remask_threshold=0.4,
+                                           max_remasks=max_remasks))
+    seq.verify_rows = verify_rows  # what the planner left this sequence
+    denoise_with(seq, [0.9, 0.2, 0.2])
+    assert seq.tentative is not None and block_of(seq) == [9, 100, MASK, MASK]
+    assert seq.tentative.tolist() == [False, tentative, False, False]
