@@ -528,3 +528,14 @@ def test_a_commit_is_tentative_while_the_block_has_re_masking_budget_and_verifyi
     denoise_with(seq, [0.9, 0.2, 0.2])
     assert seq.tentative is not None and block_of(seq) == [9, 100, MASK, MASK]
     assert seq.tentative.tolist() == [False, tentative, False, False]
+
+
+def test_each_verifying_row_is_bidirectional_with_only_its_own_token_masked() -> None:
+    seq = denoising_block(GenerationParams("diffusion", 16, threshold=0.5, remask_threshold=0.4))
+    denoise_with(seq, [0.9, 0.8, 0.2])  # 100 and 101 committed, tentative: the next pass verifies them
+    plan = BlockDiffusion.plan(seq)
+    assert [int(row.predict[0]) for row in plan.extra] == [1, 2]
+    for row in plan.extra:
+        j = int(row.predict[0])
+        assert not row.causal  # it reads the whole block, as the denoising pass that committed the token did
+        assert row.tokens.tolist() == [9 if i == 0 else MASK if i in (j, 3) else 99 + i for i in range(4)]
