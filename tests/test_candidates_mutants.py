@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from dlm.candidates import Candidates, Picks, sample
+from dlm.candidates import Candidates, Picks, pick, sample
 
 N = 40_000
 
@@ -86,3 +86,20 @@ def test_candidates_take_the_contract_dtypes_whatever_the_engine_returns() -> No
         np.int64, np.float32, np.float32)
     assert candidates.tokens.tolist() == [[[5, 3]]] and candidates.logits.tolist() == [[[2.5, -1.25]]]
     assert candidates.logsumexp.tolist() == [[3.0]]
+
+
+@dataclass
+class Row:
+    params: Params
+    rng: np.random.Generator
+
+
+def test_pick_samples_at_any_temperature_above_zero_and_is_greedy_at_zero() -> None:
+    # two equally likely candidates at 2,000 positions: a sample takes the second about half the time, greedy never
+    n = 2_000
+    candidates = Candidates(np.tile(np.array([7, 8]), (2, n, 1)), np.zeros((2, n, 2), dtype=np.float32),
+                            np.full((2, n), np.log(2), dtype=np.float32))
+    rows = [Row(Params(temperature=t), np.random.default_rng(0)) for t in (0.5, 0.0)]
+    sampled, greedy = pick(candidates, rows, [n, n])
+    assert abs(float(np.mean(sampled.tokens == 8)) - 0.5) < 0.05
+    assert (greedy.tokens == 7).all() and (sampled.greedy == 7).all()
