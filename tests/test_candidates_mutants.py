@@ -78,9 +78,9 @@ def test_a_subset_of_picks_keeps_every_field_in_the_order_asked() -> None:
 def test_candidates_take_the_contract_dtypes_whatever_the_engine_returns() -> None:
     # an FP16 engine's half-precision logits and int32 token ids become the contract's float32 and int64, so the
     # host's arithmetic (log-softmax, the sums of log probs) is the same for every runtime and precision
-    outputs = {"top_tokens": np.array([[[5, 3]]], dtype=np.int32),
-               "top_logits": np.array([[[2.5, -1.25]]], dtype=np.float16),
-               "logsumexp": np.array([[3.0]], dtype=np.float16)}
+    outputs: dict[str, np.ndarray] = {"top_tokens": np.array([[[5, 3]]], dtype=np.int32),
+                                      "top_logits": np.array([[[2.5, -1.25]]], dtype=np.float16),
+                                      "logsumexp": np.array([[3.0]], dtype=np.float16)}
     candidates = Candidates.from_outputs(outputs)
     assert (candidates.tokens.dtype, candidates.logits.dtype, candidates.logsumexp.dtype) == (
         np.int64, np.float32, np.float32)
