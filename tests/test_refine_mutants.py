@@ -14,7 +14,10 @@ import pytest
 from dlm.candidates import Picks
 from dlm.grammar import Constraint
 from dlm.planner import PassLimits
-from dlm.refine import AutoRegressive, BlockDiffusion, GenerationParams, Pass, SelfSpeculative, Sequence, TokenSpec, start_block
+from dlm.contract import Profile
+from dlm.refine import (AutoRegressive, BlockDiffusion, GenerationParams, Pass, SelfSpeculative, Sequence, TokenSpec,
+                         generate, start_block)
+from dlm.runtime import CacheLayout, TorchRuntime
 
 EDGES: list[dict[str, Any]] = [
     {"max_tokens": 1}, {"block_length": 2}, {"threshold": 1.0}, {"threshold": 1e-9}, {"steps": 1},
@@ -539,3 +542,58 @@ def test_each_verifying_row_is_bidirectional_with_only_its_own_token_masked() ->
         j = int(row.predict[0])
         assert not row.causal  # it reads the whole block, as the denoising pass that committed the token did
         assert row.tokens.tolist() == [9 if i == 0 else MASK if i in (j, 3) else 99 + i for i in range(4)]
+
+
+# --- generate, the batch entry point of the tools and tests: its parameters, limits and runtime ------------------------
+
+
+@pytest.fixture
+def tiny_runtime(tiny_model: Any, tiny_config_dict: dict[str, Any]) -> TorchRuntime:
+    return TorchRuntime(tiny_model, CacheLayout.from_config(tiny_config_dict))
+
+
+@pytest.fixture
+def never_ending(tiny_config_dict: dict[str, Any]) -> TokenSpec:
+    return dataclasses.replace(TokenSpec.from_config(tiny_config_dict), eos_token_ids=frozenset())
+
+
+def test_generate_gives_each_prompt_its_own_parameters(tiny_runtime: TorchRuntime, never_ending: TokenSpec) -> None:
+    params = [GenerationParams(mode="ar", max_tokens=3), GenerationParams(mode="diffusion", max_tokens=5)]
+    assert [len(g.tokens) for g in generate(tiny_runtime, [[1, 5, 6], [1, 9]], params, never_ending)] == [3, 5]
+
+
+def test_generate_takes_a_request_that_fills_max_position_embeddings_exactly(
+    tiny_runtime: TorchRuntime, never_ending: TokenSpec
+) -> None:
+    limit, block = never_ending.max_position_embeddings, never_ending.block_size
+    params = GenerationParams(mode="ar", max_tokens=2)
+    prompt = [1] + [5] * (limit - block - params.max_tokens - 1)  # prompt + answer + one block of look-ahead = limit
+    assert len(generate(tiny_runtime, [prompt], params, never_ending)[0].tokens) == 2
+    with pytest.raises(ValueError) as raised:
+        generate(tiny_runtime, [prompt + [5]], params, never_ending)
+    assert str(raised.value) == (f"prompt + max_tokens + block_length = {limit + 1} positions exceeds the model's "
+                                 f"max_position_embeddings ({limit})")
+
+
+def test_generate_reuses_a_cache_that_is_already_large_enough(
+    tiny_runtime: TorchRuntime, never_ending: TokenSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts, params = [[1, 5, 6], [1, 9]], GenerationParams(mode="ar", max_tokens=3)
+    first = generate(tiny_runtime, prompts, params, never_ending)
+    assert (tiny_runtime.slots, tiny_runtime.context) == (2, 3 + 3 + never_ending.block_size)  # exactly the need
+    allocations: list[tuple[int, int]] = []
+    allocate = tiny_runtime.allocate
+    monkeypatch.setattr(tiny_runtime, "allocate", lambda slots, context: (allocations.append((slots, context)),
+                                                                          allocate(slots, context)))
+    assert [g.tokens for g in generate(tiny_runtime, prompts, params, never_ending)] == [g.tokens for g in first]
+    assert allocations == []
+
+
+def test_generate_keeps_each_pass_within_the_runtimes_profile(tiny_runtime: TorchRuntime, never_ending: TokenSpec) -> None:
+    block = never_ending.block_size
+    prompt, params = list(range(1, 3 * block)), GenerationParams(mode="ar", max_tokens=4)
+    whole = generate(tiny_runtime, [prompt], params, never_ending)[0]
+    tiny_runtime.profile = Profile.from_limits(block, max_batch=2, max_context=64, max_tokens=block)
+    chunked = generate(tiny_runtime, [prompt], params, never_ending)[0]  # passes of more than `block` tokens refused
+    assert chunked.tokens == whole.tokens
+    assert chunked.num_forwards == whole.num_forwards + 2  # the prompt prefilled in three passes instead of one
