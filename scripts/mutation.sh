@@ -142,16 +142,27 @@ for module in (format_utils, file_mutation, mutmut_main):
     module.get_mutant_name = get_mutant_name
 
 # mutmut hands pytest a mutant's tests in set order; interleaved files set their module fixtures up again at every
-# switch. In collection order (the instrumented run's) each is set up once.
+# switch. File by file, each file's tests in collection order (the instrumented run's), each is set up once; the
+# files whose tests (of this mutant's) take least time go first, so that a mutant dies early (pytest runs with -x).
 regular_run = harness.PytestRunner._pytest_args_regular_run
 
 
-def in_collection_order(self, tests):
-    order = {name: i for i, name in enumerate(state().duration_by_test)}
-    return regular_run(self, sorted(tests, key=lambda name: (order.get(name, len(order)), name)))
+def fastest_files_first(self, tests):
+    durations = state().duration_by_test
+    order = {name: i for i, name in enumerate(durations)}
+    file_time: dict[str, float] = {}
+    for name in tests:
+        file = name.split("::")[0]
+        file_time[file] = file_time.get(file, 0.0) + durations.get(name, 0.0)
+
+    def key(name):
+        file = name.split("::")[0]
+        return (file_time[file], file, order.get(name, len(order)), name)
+
+    return regular_run(self, sorted(tests, key=key))
 
 
-harness.PytestRunner._pytest_args_regular_run = in_collection_order
+harness.PytestRunner._pytest_args_regular_run = fastest_files_first
 
 # test files that only some modules' mutants run (MUTATION_ONLY_FOR, see below): each mutant runs the tests that
 # reached its function, minus those

@@ -597,3 +597,31 @@ def test_generate_keeps_each_pass_within_the_runtimes_profile(tiny_runtime: Torc
     chunked = generate(tiny_runtime, [prompt], params, never_ending)[0]  # passes of more than `block` tokens refused
     assert chunked.tokens == whole.tokens
     assert chunked.num_forwards == whole.num_forwards + 2  # the prompt prefilled in three passes instead of one
+
+
+class ProtocolOnly:
+    """A `dlm.runtime.Runtime` with the protocol's members and nothing else (no profile, no draft adapter)."""
+
+    def __init__(self, inner: TorchRuntime) -> None:
+        self.inner, self.layout = inner, inner.layout
+
+    slots = property(lambda self: self.inner.slots)
+    context = property(lambda self: self.inner.context)
+
+    def allocate(self, slots: int, context: int, pass_tokens: int | None = None) -> None:
+        self.inner.allocate(slots, context, pass_tokens)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.forward(*args, **kwargs)
+
+    def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
+        self.inner.commit(slots, starts, counts)
+
+
+@pytest.mark.parametrize("mode", ["ar", "speculative", "diffusion"])
+def test_generate_runs_on_a_runtime_with_only_the_protocols_members(
+    tiny_runtime: TorchRuntime, never_ending: TokenSpec, mode: str
+) -> None:
+    prompts, params = [[1, 5, 6], [1, 9]], GenerationParams(mode=mode, max_tokens=5)
+    want = [g.tokens for g in generate(tiny_runtime, prompts, params, never_ending)]
+    assert [g.tokens for g in generate(ProtocolOnly(tiny_runtime), prompts, params, never_ending)] == want
