@@ -625,3 +625,11 @@ def test_generate_runs_on_a_runtime_with_only_the_protocols_members(
     prompts, params = [[1, 5, 6], [1, 9]], GenerationParams(mode=mode, max_tokens=5)
     want = [g.tokens for g in generate(tiny_runtime, prompts, params, never_ending)]
     assert [g.tokens for g in generate(ProtocolOnly(tiny_runtime), prompts, params, never_ending)] == want
+
+
+def test_generate_reports_the_tokens_speculative_verifying_passes_committed(
+    tiny_runtime: TorchRuntime, never_ending: TokenSpec
+) -> None:
+    out = generate(tiny_runtime, [[1, 5, 6]], GenerationParams(mode="speculative", max_tokens=12), never_ending)[0]
+    # the prefill commits the first token, every other one is committed by a verifying pass
+    assert out.verify_passes >= 1 and out.verified_tokens == out.num_tokens - 1
