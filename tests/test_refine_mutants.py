@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dlm.candidates import Picks
+from dlm.candidates import Candidates, Picks
 from dlm.grammar import Constraint
 from dlm.planner import PassLimits
 from dlm.contract import Profile
@@ -633,3 +633,41 @@ def test_generate_reports_the_tokens_speculative_verifying_passes_committed(
     out = generate(tiny_runtime, [[1, 5, 6]], GenerationParams(mode="speculative", max_tokens=12), never_ending)[0]
     # the prefill commits the first token, every other one is committed by a verifying pass
     assert out.verify_passes >= 1 and out.verified_tokens == out.num_tokens - 1
+
+
+class EndTokenFirst:
+    """A runtime whose every prediction ranks `eos` first (the model's own candidates permuted): an answer then
+    ends at the first position where an end token may be chosen."""
+
+    def __init__(self, inner: TorchRuntime, eos: int) -> None:
+        self.inner, self.layout, self.eos = inner, inner.layout, eos
+
+    slots = property(lambda self: self.inner.slots)
+    context = property(lambda self: self.inner.context)
+
+    def allocate(self, slots: int, context: int, pass_tokens: int | None = None) -> None:
+        self.inner.allocate(slots, context, pass_tokens)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Candidates:
+        got = self.inner.forward(*args, **kwargs)
+        tokens = got.tokens.copy()
+        where_eos = tokens == self.eos
+        tokens[where_eos] = tokens[..., :1].repeat(tokens.shape[-1], axis=-1)[where_eos]  # eos swaps with the top
+        tokens[..., 0] = self.eos
+        return Candidates(tokens, got.logits, got.logsumexp)
+
+    def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
+        self.inner.commit(slots, starts, counts)
+
+
+@pytest.mark.parametrize("mode", ["ar", "speculative", "diffusion"])
+def test_an_end_token_the_model_prefers_everywhere_comes_right_after_min_tokens(
+    tiny_runtime: TorchRuntime, never_ending: TokenSpec, mode: str
+) -> None:
+    eos = 3
+    spec, runtime = dataclasses.replace(never_ending, eos_token_ids=frozenset({eos})), EndTokenFirst(tiny_runtime, eos)
+    block = spec.block_size
+    for min_tokens in (1, 2, block - 1, block, block + 1, 2 * block + 2):
+        out = generate(runtime, [[1, 5, 6]], GenerationParams(mode=mode, max_tokens=40, min_tokens=min_tokens), spec)[0]
+        assert (len(out.tokens), out.finish_reason) == (min_tokens, "eos"), min_tokens
+        assert eos not in out.tokens
