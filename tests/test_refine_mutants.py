@@ -16,7 +16,7 @@ from dlm.grammar import Constraint
 from dlm.planner import PassLimits
 from dlm.contract import Profile
 from dlm.refine import (AutoRegressive, BlockDiffusion, GenerationParams, Pass, SelfSpeculative, Sequence, TokenSpec,
-                         generate, start_block)
+                         generate, look_ahead_for, start_block)
 from dlm.runtime import CacheLayout, TorchRuntime
 
 EDGES: list[dict[str, Any]] = [
@@ -671,3 +671,13 @@ def test_an_end_token_the_model_prefers_everywhere_comes_right_after_min_tokens(
         out = generate(runtime, [[1, 5, 6]], GenerationParams(mode=mode, max_tokens=40, min_tokens=min_tokens), spec)[0]
         assert (len(out.tokens), out.finish_reason) == (min_tokens, "eos"), min_tokens
         assert eos not in out.tokens
+
+
+def test_only_a_runtime_that_has_a_draft_adapter_gets_the_look_ahead_row(tiny_runtime: TorchRuntime) -> None:
+    speculative = GenerationParams(mode="speculative")
+    assert not look_ahead_for(speculative, ProtocolOnly(tiny_runtime))  # says nothing of an adapter: has none
+    assert not look_ahead_for(speculative, tiny_runtime)
+    tiny_runtime.has_draft_adapter = True
+    assert look_ahead_for(speculative, tiny_runtime)
+    assert not look_ahead_for(dataclasses.replace(speculative, draft_adapter=False), tiny_runtime)
+    assert not look_ahead_for(GenerationParams(mode="diffusion"), tiny_runtime)
