@@ -681,3 +681,18 @@ def test_only_a_runtime_that_has_a_draft_adapter_gets_the_look_ahead_row(tiny_ru
     assert look_ahead_for(speculative, tiny_runtime)
     assert not look_ahead_for(dataclasses.replace(speculative, draft_adapter=False), tiny_runtime)
     assert not look_ahead_for(GenerationParams(mode="diffusion"), tiny_runtime)
+
+
+def test_penalised_rows_of_different_modes_in_one_pass_decode_as_they_do_alone(
+    tiny_runtime: TorchRuntime, never_ending: TokenSpec
+) -> None:
+    penalties = {"presence_penalty": 1.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3}
+    block = never_ending.block_size  # the diffusion rows predict more positions than the speculative ones verify
+    params = [GenerationParams(mode="ar", max_tokens=9, **penalties),
+              GenerationParams(mode="diffusion", max_tokens=9, block_length=2 * block, threshold=None,
+                               steps=2 * block - 1, **penalties),
+              GenerationParams(mode="speculative", max_tokens=9, block_length=block, **penalties)]
+    prompts = [[1, 5, 6], [1, 9, 9, 4], [1, 7]]
+    together = generate(tiny_runtime, prompts, params, never_ending)
+    for prompt, p, got in zip(prompts, params, together):
+        assert got.tokens == generate(tiny_runtime, [prompt], p, never_ending)[0].tokens, p.mode
