@@ -583,8 +583,12 @@ def test_generate_reuses_a_cache_that_is_already_large_enough(
     assert (tiny_runtime.slots, tiny_runtime.context) == (2, 3 + 3 + never_ending.block_size)  # exactly the need
     allocations: list[tuple[int, int]] = []
     allocate = tiny_runtime.allocate
-    monkeypatch.setattr(tiny_runtime, "allocate", lambda slots, context: (allocations.append((slots, context)),
-                                                                          allocate(slots, context)))
+
+    def counted(slots: int, context: int, pass_tokens: int | None = None) -> None:
+        allocations.append((slots, context))
+        allocate(slots, context, pass_tokens)
+
+    monkeypatch.setattr(tiny_runtime, "allocate", counted)
     assert [g.tokens for g in generate(tiny_runtime, prompts, params, never_ending)] == [g.tokens for g in first]
     assert allocations == []
 
@@ -686,12 +690,12 @@ def test_only_a_runtime_that_has_a_draft_adapter_gets_the_look_ahead_row(tiny_ru
 def test_penalised_rows_of_different_modes_in_one_pass_decode_as_they_do_alone(
     tiny_runtime: TorchRuntime, never_ending: TokenSpec
 ) -> None:
-    penalties = {"presence_penalty": 1.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3}
+    penalised = GenerationParams(max_tokens=9, presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3)
     block = never_ending.block_size  # the diffusion rows predict more positions than the speculative ones verify
-    params = [GenerationParams(mode="ar", max_tokens=9, **penalties),
-              GenerationParams(mode="diffusion", max_tokens=9, block_length=2 * block, threshold=None,
-                               steps=2 * block - 1, **penalties),
-              GenerationParams(mode="speculative", max_tokens=9, block_length=block, **penalties)]
+    params = [dataclasses.replace(penalised, mode="ar"),
+              dataclasses.replace(penalised, mode="diffusion", block_length=2 * block, threshold=None,
+                                  steps=2 * block - 1),
+              dataclasses.replace(penalised, mode="speculative", block_length=block)]
     prompts = [[1, 5, 6], [1, 9, 9, 4], [1, 7]]
     together = generate(tiny_runtime, prompts, params, never_ending)
     for prompt, p, got in zip(prompts, params, together):
