@@ -639,18 +639,13 @@ def test_generate_reports_the_tokens_speculative_verifying_passes_committed(
     assert out.verify_passes >= 1 and out.verified_tokens == out.num_tokens - 1
 
 
-class EndTokenFirst:
+class EndTokenFirst(ProtocolOnly):
     """A runtime whose every prediction ranks `eos` first (the model's own candidates permuted): an answer then
     ends at the first position where an end token may be chosen."""
 
     def __init__(self, inner: TorchRuntime, eos: int) -> None:
-        self.inner, self.layout, self.eos = inner, inner.layout, eos
-
-    slots = property(lambda self: self.inner.slots)
-    context = property(lambda self: self.inner.context)
-
-    def allocate(self, slots: int, context: int, pass_tokens: int | None = None) -> None:
-        self.inner.allocate(slots, context, pass_tokens)
+        super().__init__(inner)
+        self.eos = eos
 
     def forward(self, *args: Any, **kwargs: Any) -> Candidates:
         got = self.inner.forward(*args, **kwargs)
@@ -659,9 +654,6 @@ class EndTokenFirst:
         tokens[where_eos] = tokens[..., :1].repeat(tokens.shape[-1], axis=-1)[where_eos]  # eos swaps with the top
         tokens[..., 0] = self.eos
         return Candidates(tokens, got.logits, got.logsumexp)
-
-    def commit(self, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
-        self.inner.commit(slots, starts, counts)
 
 
 @pytest.mark.parametrize("mode", ["ar", "speculative", "diffusion"])
