@@ -127,14 +127,19 @@ def test_the_gauges_mean_what_they_say_past_the_slots(replica):
         thread.join()
     assert all(isinstance(r, dict) and r["usage"]["completion_tokens"] == TOKENS for r in results), results
 
-    # past the slots: requests wait while every slot runs one
+    # past the slots: requests wait while every slot runs one. A request is counted waiting from its arrival to
+    # its admission at the scheduler's next turn, so a scrape may catch one waiting beside a free slot: as the
+    # requests arrive, or as the first two end and the next two are admitted. Those moments are brief; the wait is
+    # not.
     full = [s for s in seen if s[0] > 0]
     assert full, seen[:20]
-    assert max(s[0] for s in seen) == SLOTS and all(s[1] == SLOTS for s in full), full[:20]
-    assert max(s[1] for s in seen) == SLOTS  # never more running than slots
+    assert max(s[0] for s in seen) == SLOTS and max(s[1] for s in seen) == SLOTS  # never more running than slots
+    admitting = [s for s in full if s[1] < SLOTS]
+    assert len(admitting) <= max(2, len(full) // 10), (admitting, len(full))
     # while the first two run (2 waiting), the usage is what they hold: their prompts and what they have written,
-    # and it rises as they decode
-    first = [s[2] for s in seen if s[0] == SLOTS and s[1] == SLOTS]
+    # and it rises as they decode (from their first pass on: a scrape between their admission and the end of that
+    # pass finds nothing written yet)
+    first = [s[2] for s in seen if s[0] == SLOTS and s[1] == SLOTS and s[2] > 0]
     assert len(first) >= 5, seen[:20]
     assert first == sorted(first) and first[-1] > first[0], first
     held = [usage * capacity for usage in first]
