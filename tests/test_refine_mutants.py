@@ -186,18 +186,19 @@ class ScriptedMatcher:
 
 
 class ScriptedConstraint:
-    """`dlm.grammar.Constraint`'s interface over a ScriptedMatcher (token ids below 31: one mask word)."""
+    """`dlm.grammar.Constraint`'s interface over a ScriptedMatcher (`words` mask words: token ids below 32 × words)."""
 
-    words = 1
     allows = staticmethod(Constraint.allows)
 
-    def __init__(self, script: list[Any]) -> None:
+    def __init__(self, script: list[Any], words: int = 1) -> None:
         self.matcher = ScriptedMatcher(script)
+        self.words = words
         self.consumed = 0
         self.tokens: list[int] = []
 
     def mask(self) -> np.ndarray:
-        return np.array([sum(1 << t for t in self.matcher.allowed())], dtype=np.uint32).view(np.int32)
+        bits = sum(1 << t for t in self.matcher.allowed())
+        return np.array([(bits >> (32 * w)) & 0xFFFFFFFF for w in range(self.words)], dtype=np.uint32).view(np.int32)
 
     def consume(self, token: int) -> None:
         if not self.matcher.is_stopped():
@@ -213,9 +214,10 @@ class ScriptedConstraint:
 @dataclasses.dataclass(frozen=True)
 class ScriptedGuide:
     script: tuple[Any, ...]
+    words: int = 1
 
     def start(self) -> ScriptedConstraint:
-        return ScriptedConstraint(list(self.script))
+        return ScriptedConstraint(list(self.script), self.words)
 
 
 GUIDED = TokenSpec(mask_token_id=0, eos_token_ids=frozenset({1}), block_size=8, max_position_embeddings=4096)
@@ -679,16 +681,58 @@ def test_only_a_runtime_that_has_a_draft_adapter_gets_the_look_ahead_row(tiny_ru
     assert not look_ahead_for(GenerationParams(mode="diffusion"), tiny_runtime)
 
 
+@pytest.mark.parametrize("planned", [True, False], ids=["planned passes", "one pass"])
 def test_penalised_rows_of_different_modes_in_one_pass_decode_as_they_do_alone(
-    tiny_runtime: TorchRuntime, never_ending: TokenSpec
+    tiny_runtime: TorchRuntime, never_ending: TokenSpec, planned: bool
 ) -> None:
-    penalised = GenerationParams(max_tokens=9, presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3)
+    """With the pass planner (the runtime has a profile) and without (every row in one pass: a causal row of 8
+    predictions beside a row of 16, whose padding predictions the penalties must leave alone)."""
+    runtime = tiny_runtime if planned else ProtocolOnly(tiny_runtime)
+    penalised = GenerationParams(max_tokens=17, presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3)
     block = never_ending.block_size  # the diffusion rows predict more positions than the speculative ones verify
     params = [dataclasses.replace(penalised, mode="ar"),
               dataclasses.replace(penalised, mode="diffusion", block_length=2 * block, threshold=None,
                                   steps=2 * block - 1),
               dataclasses.replace(penalised, mode="speculative", block_length=block)]
     prompts = [[1, 5, 6], [1, 9, 9, 4], [1, 7]]
-    together = generate(tiny_runtime, prompts, params, never_ending)
+    together = generate(runtime, prompts, params, never_ending)
     for prompt, p, got in zip(prompts, params, together):
-        assert got.tokens == generate(tiny_runtime, [prompt], p, never_ending)[0].tokens, p.mode
+        assert got.tokens == generate(runtime, [prompt], p, never_ending)[0].tokens, p.mode
+
+
+# --- a grammar's row beside others in one pass, and sampled ------------------------------------------------------
+ALLOWED = (20, 40, 70, 100)  # in every mask word of the tiny model's 128 tokens
+
+
+def guided(tiny_runtime: TorchRuntime, max_tokens: int, **params: Any) -> GenerationParams:
+    """`ar` under a grammar that allows ALLOWED at every one of `max_tokens` steps."""
+    words = tiny_runtime.bitmask_words
+    return GenerationParams(mode="ar", max_tokens=max_tokens,
+                            guide=ScriptedGuide((set(ALLOWED),) * max_tokens, words), **params)
+
+
+def test_a_penalised_row_keeps_its_penalties_beside_a_grammars_row(
+    tiny_runtime: TorchRuntime, never_ending: TokenSpec
+) -> None:
+    penalised = GenerationParams(mode="ar", max_tokens=8, frequency_penalty=2.0, presence_penalty=2.0)
+    prompts = [[1, 5, 6], [1, 9, 9, 4]]
+    alone = generate(tiny_runtime, prompts[:1], penalised, never_ending)[0].tokens
+    assert alone != generate(tiny_runtime, prompts[:1], GenerationParams(mode="ar", max_tokens=8),
+                             never_ending)[0].tokens  # the penalties change this answer
+    together = generate(tiny_runtime, prompts, [penalised, guided(tiny_runtime, 8)], never_ending)
+    assert together[0].tokens == alone
+    assert set(together[1].tokens) <= set(ALLOWED)
+
+
+def test_a_grammars_row_samples_among_the_allowed_tokens_only_at_any_temperature(
+    tiny_runtime: TorchRuntime, never_ending: TokenSpec
+) -> None:
+    """The graph gives an excluded token a logit of -1e30; at a temperature near 1e30 (any finite one is valid) that
+    no longer rules it out, so the host excludes it too. And sampling under a grammar still samples: not always the
+    best allowed candidate."""
+    greedy = generate(tiny_runtime, [[1, 5, 6]], guided(tiny_runtime, 12), never_ending)[0].tokens
+    for temperature in (1.0, 1e30):
+        sampled = [generate(tiny_runtime, [[1, 5, 6]], guided(tiny_runtime, 12, temperature=temperature, seed=seed),
+                            never_ending)[0].tokens for seed in range(3)]
+        assert all(set(tokens) <= set(ALLOWED) for tokens in sampled), (temperature, sampled)
+        assert any(tokens != greedy for tokens in sampled), (temperature, sampled, greedy)
