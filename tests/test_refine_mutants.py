@@ -16,7 +16,7 @@ from dlm.grammar import Constraint
 from dlm.planner import PassLimits
 from dlm.contract import Profile
 from dlm.refine import (AutoRegressive, BlockDiffusion, GenerationParams, Pass, SelfSpeculative, Sequence, TokenSpec,
-                         generate, look_ahead_for, start_block)
+                         generate, look_ahead_for, plan_step, start_block)
 from dlm.runtime import CacheLayout, TorchRuntime
 
 EDGES: list[dict[str, Any]] = [
@@ -736,3 +736,54 @@ def test_a_grammars_row_samples_among_the_allowed_tokens_only_at_any_temperature
                             never_ending)[0].tokens for seed in range(3)]
         assert all(set(tokens) <= set(ALLOWED) for tokens in sampled), (temperature, sampled)
         assert any(tokens != greedy for tokens in sampled), (temperature, sampled, greedy)
+
+
+# --- plan_step: the planner's limits on each sequence, and which prefill chunks may share a pass ------------------
+def decoding_ar() -> Sequence:
+    seq = Sequence([5, 6], GenerationParams("ar", 8), SPEC)
+    seq.tokens, seq.cache_length, seq.phase = [7], 2, "decode"
+    return seq
+
+
+def test_a_prompts_last_chunk_shares_a_pass_and_its_earlier_chunks_do_not() -> None:
+    limits = PassLimits(max_batch=4, max_tokens=8, max_context=64, max_block=4, token_budget=32, prefill_chunk=8)
+    decoding, short = decoding_ar(), Sequence([5], GenerationParams("ar", 8), SPEC)  # one row of one token each
+    assert [group for group, _ in plan_step([decoding, short], limits)] == [[decoding, short]]
+    # 20 prompt tokens: chunks of 8, 8 and 4; beside it a prompt of 8 (its only chunk), as wide
+    long, last = Sequence(list(range(5, 25)), GenerationParams("ar", 8), SPEC), \
+        Sequence(list(range(5, 13)), GenerationParams("ar", 8), SPEC)
+    passes = plan_step([long, last], limits)
+    assert sorted(([id(s) for s in group] for group, _ in passes), key=len) in ([[id(long)], [id(last)]],
+                                                                               [[id(last)], [id(long)]])
+    assert [len(plans[0].tokens) for _, plans in passes] == [8, 8]
+
+
+def verifying_with_look_ahead() -> Sequence:
+    seq = Sequence([5, 6], GenerationParams("speculative", 32), SPEC)  # blocks of 4
+    seq.tokens, seq.lookahead = [3, 4], True
+    start_block(seq, 4, 3)
+    seq.cache_length, seq.phase = 3, "verify"
+    return seq
+
+
+def test_the_planner_gives_each_sequence_its_limits() -> None:
+    """A look-ahead row runs only where two rows fit a pass: the sequence must know the limits when it plans."""
+    passes = plan_step([verifying_with_look_ahead()], PassLimits(2, 8, 64, 4, 16))
+    assert len(passes[0][1][0].extra) == 1  # room for the look-ahead row
+    passes = plan_step([verifying_with_look_ahead()], PassLimits(1, 8, 64, 4, 16))
+    assert passes[0][1][0].extra == []
+
+
+@pytest.mark.parametrize(("wanted", "max_batch", "budget", "allowed"), [
+    (4, 8, 64, 4),  # within both bounds
+    (4, 3, 64, 2),  # a pass of 3 rows: the row itself and 2 verifying rows
+    (4, 8, 12, 2),  # a budget of 12 tokens: 3 rows of a block of 4
+    (4, 1, 64, 0),  # one row a pass: none
+])
+def test_the_planner_caps_re_maskings_verifying_rows_to_what_fits_a_pass(
+    wanted: int, max_batch: int, budget: int, allowed: int
+) -> None:
+    seq = Sequence([5, 6], GenerationParams("diffusion", 8), SPEC)  # blocks of 4
+    seq.verify_rows = wanted
+    plan_step([seq], PassLimits(max_batch, 8, 64, 4, budget))
+    assert seq.verify_rows == allowed
