@@ -787,3 +787,31 @@ def test_the_planner_caps_re_maskings_verifying_rows_to_what_fits_a_pass(
     seq.verify_rows = wanted
     plan_step([seq], PassLimits(max_batch, 8, 64, 4, budget))
     assert seq.verify_rows == allowed
+
+
+# --- Sequence: an empty prompt, the mask rows a grammar gives, log probs without alternatives ---------------------
+def test_an_empty_prompt_is_refused_with_what_is_needed() -> None:
+    with pytest.raises(ValueError) as refused:
+        Sequence([], GenerationParams("ar", 4), SPEC)
+    assert str(refused.value) == "the prompt is empty: at least one token is needed"
+
+
+def test_a_bidirectional_rows_grammar_mask_goes_to_its_first_prediction_only() -> None:
+    """The grammar can judge the first open position only: it gets the matcher's mask; the predictions after it
+    are left unconstrained (-1: every bit set), for the frontier to check one by one (diffusion) or the verifying
+    pass (speculative drafts)."""
+    allowed = np.array([(1 << 3) | (1 << 4)], dtype=np.int32)
+    diffusion = guided_block([9, {3, 4}, {3, 4}])
+    drafting = Sequence([5, 6], GenerationParams("speculative", 32, guide=ScriptedGuide((9, {3, 4}, {3, 4}))), GUIDED)
+    drafting.tokens = [9]
+    start_block(drafting, 9, 2)
+    drafting.phase = "draft"
+    for seq, plan in ((diffusion, BlockDiffusion.plan(diffusion)), (drafting, SelfSpeculative.plan(drafting))):
+        masks = seq.allowed_masks(plan)
+        assert masks is not None and masks.dtype == np.int32 and masks.shape == (7, 1), seq.params.mode
+        assert masks[0].tolist() == allowed.tolist() and (masks[1:] == -1).all(), seq.params.mode
+
+
+def test_log_probs_without_alternatives(tiny_runtime: TorchRuntime, never_ending: TokenSpec) -> None:
+    out = generate(tiny_runtime, [[1, 5, 6]], GenerationParams("ar", 4, logprobs=0), never_ending)[0]
+    assert len(out.logprobs) == 4 and out.top_logprobs == [[]] * 4
