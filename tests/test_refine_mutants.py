@@ -815,3 +815,16 @@ def test_a_bidirectional_rows_grammar_mask_goes_to_its_first_prediction_only() -
 def test_log_probs_without_alternatives(tiny_runtime: TorchRuntime, never_ending: TokenSpec) -> None:
     out = generate(tiny_runtime, [[1, 5, 6]], GenerationParams("ar", 4, logprobs=0), never_ending)[0]
     assert len(out.logprobs) == 4 and out.top_logprobs == [[]] * 4
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"mode": "diffusion", "remask_threshold": 0.5}, "remask_threshold cannot be combined with guided decoding: a "
+                                                     "constrained block is committed left to right and never "
+                                                     "re-masked"),
+    ({"ignore_eos": True}, "ignore_eos cannot be combined with guided decoding: the grammar decides where the answer "
+                           "ends"),
+])
+def test_what_a_grammar_cannot_be_combined_with_is_refused_with_why(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        GenerationParams(**fields, guide=ScriptedGuide((3,))).validate()
+    assert str(raised.value) == message
