@@ -4,7 +4,9 @@ a consumer that cannot tell), and a failed pass that leaves the rest of its step
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -84,6 +86,7 @@ class Recorder:
         self.answer = cancelled
         self.updates: list[list[int]] = []
         self.errors: list[Exception] = []
+        self.failed: list[Job] = []  # the job each error came with
         self.done = threading.Event()
 
     def cancelled(self) -> bool:
@@ -99,6 +102,7 @@ class Recorder:
 
     def fail(self, job: Job, error: Exception) -> None:
         self.errors.append(error)
+        self.failed.append(job)
         self.done.set()
 
 
@@ -124,7 +128,7 @@ def test_a_request_ending_on_an_end_token_leaves_as_eos_and_one_at_max_tokens_as
 def test_a_cancelled_request_is_failed_with_cancelled_word_for_word() -> None:
     consumer = Recorder(cancelled=True)
     job = finish(ScriptedRuntime(), consumer)
-    assert job.outcome == "cancelled" and consumer.updates == []
+    assert job.outcome == "cancelled" and consumer.updates == [] and consumer.failed == [job]
     assert [(type(e), str(e)) for e in consumer.errors] == [(Cancelled, "the request was cancelled")]
 
 
@@ -136,8 +140,8 @@ def test_a_consumer_that_cannot_tell_whether_it_was_cancelled_is_treated_as_gone
 
 
 class Events:
-    """An observer that records the events' names in order (with the job for admissions); `ended` is set at
-    each request's end."""
+    """An observer that records the events in order: the name, and the job for an admission or the arguments for
+    the others; `ended` is set at each request's end."""
 
     def __init__(self) -> None:
         self.log: list[tuple[str, Any]] = []
@@ -145,7 +149,7 @@ class Events:
 
     def __getattr__(self, event: str) -> Any:
         def record(*args: Any) -> None:
-            self.log.append((event, args[0] if event == "admitted" else None))
+            self.log.append((event, args[0] if event == "admitted" else args))
             if event == "finished":
                 self.ended.set()
 
@@ -196,3 +200,83 @@ def test_a_consumer_that_cannot_be_told_has_gone_and_is_told_nothing_more() -> N
 
 def test_no_plans_are_no_tokens() -> None:
     assert pass_tokens([]) == (0, 0)
+
+
+def test_the_occupancy_is_reported_at_each_arrival_admission_and_end() -> None:
+    """One slot, two requests: (live, waiting) as each arrives, as the first is admitted (the second waits), as it
+    ends, as the second is admitted and as it ends."""
+    events = Events()
+    scheduler = Scheduler(ScriptedRuntime(), SPEC, max_live=1, max_queue=2, context=64,  # type: ignore[arg-type]
+                          observer=events)
+    consumers = [Recorder(), Recorder()]
+    try:
+        with scheduler._lock:  # both submitted before the scheduler admits either
+            for consumer in consumers:
+                scheduler.submit([2, 3, 4], GenerationParams("ar", 2), consumer)
+        for consumer in consumers:
+            assert consumer.done.wait(30), "a request never finished"
+    finally:
+        scheduler.stop()
+    occupancy = [args for name, args in events.log if name == "occupancy"]
+    assert occupancy == [(0, 1), (0, 2), (1, 1), (0, 1), (1, 0), (0, 0)]
+
+
+class Blocking(ScriptedRuntime):
+    """A ScriptedRuntime whose passes wait until `release` is set; `entered` is set when the first one starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Candidates:
+        self.entered.set()
+        self.release.wait(30)
+        return super().forward(*args, **kwargs)
+
+
+def test_stopping_ends_the_waiting_requests_as_well_as_the_running_one() -> None:
+    """A pass that does not return in time: stop ends the request in it and the one waiting for its slot, each
+    with ShuttingDown, and none is left running or waiting."""
+    runtime = Blocking()
+    scheduler = Scheduler(runtime, SPEC, max_live=1, max_queue=2, context=64)  # type: ignore[arg-type]
+    consumers = [Recorder(), Recorder()]
+    jobs = [scheduler.submit([2, 3, 4], GenerationParams("ar", 3), consumer) for consumer in consumers]
+    try:
+        assert runtime.entered.wait(30), "the first request's pass never started"
+        scheduler.stop(timeout=0.2)
+        assert (scheduler.live, scheduler.waiting) == (0, 0)
+        for job, consumer in zip(jobs, consumers):
+            assert job.outcome == "error" and consumer.failed == [job]
+            assert [str(e) for e in consumer.errors] == ["the server shut down before this request finished"]
+    finally:
+        runtime.release.set()
+        scheduler._thread.join(30)
+
+
+class GoneAtTheEnd(Recorder):
+    """A consumer whose client leaves before the last response: the update of a finished job raises."""
+
+    def update(self, job: Job) -> bool:
+        if job.finished:
+            raise ConnectionError("the client went away")
+        return super().update(job)
+
+
+def test_a_last_response_that_cannot_be_sent_is_logged_and_the_request_still_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    consumer, events = GoneAtTheEnd(), Events()
+    with caplog.at_level(logging.DEBUG, logger="dlm.scheduler"):
+        scheduler = Scheduler(ScriptedRuntime(), SPEC, max_live=2, max_queue=2,  # type: ignore[arg-type]
+                              context=64, observer=events)
+        try:
+            job = scheduler.submit([2, 3, 4], GenerationParams("ar", 3), consumer)
+            assert events.ended.wait(30), "the request never finished"
+            deadline = time.monotonic() + 10
+            while not caplog.records and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            scheduler.stop()
+    assert job.outcome == "length" and consumer.errors == []
+    assert [r.getMessage() for r in caplog.records if r.name == "dlm.scheduler"] == [
+        "the last response of a length request could not be sent: the client went away"]
