@@ -80,3 +80,14 @@ def test_equal_one_token_matches_go_to_the_most_recently_released_slot() -> None
     kv.retain(0, [7])
     kv.retain(2, [7])  # released later, and later among the free slots: preferred among equals all the same
     assert kv.claim([0, 1, 2, 3], [7, 8]) == (2, 1)
+
+
+def test_with_no_empty_slot_the_least_recently_released_is_evicted() -> None:
+    kv = cache(slots=3)
+    kv.retain(2, [7] * 20)
+    kv.retain(1, [8] * 20)
+    kv.retain(0, [9] * 20)  # 2 was released first, then 1, then 0
+    assert kv.claim([0, 1, 2], [5, 6, 7]) == (2, 0)  # nothing shared: the least recent goes
+    assert set(kv.resident) == {0, 1}
+    kv.retain(2, [6] * 20)  # now 1 is the least recent
+    assert kv.claim([0, 1, 2], [5, 6, 7]) == (1, 0)
