@@ -280,3 +280,28 @@ def test_a_last_response_that_cannot_be_sent_is_logged_and_the_request_still_end
     assert job.outcome == "length" and consumer.errors == []
     assert [r.getMessage() for r in caplog.records if r.name == "dlm.scheduler"] == [
         "the last response of a length request could not be sent: the client went away"]
+
+
+class Failing:
+    """An observer whose every event raises."""
+
+    def __getattr__(self, event: str) -> Any:
+        def fail(*args: Any) -> None:
+            raise RuntimeError("boom")
+
+        return fail
+
+
+def test_an_observer_that_fails_is_reported_once_and_decoding_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    consumer = Recorder()
+    with caplog.at_level(logging.DEBUG, logger="dlm.scheduler"):
+        scheduler = Scheduler(ScriptedRuntime(), SPEC, max_live=2, max_queue=2,  # type: ignore[arg-type]
+                              context=64, observer=Failing())
+        try:
+            job = scheduler.submit([2, 3, 4], GenerationParams("ar", 3), consumer)
+            assert consumer.done.wait(30), "the request never finished"
+        finally:
+            scheduler.stop()
+    assert job.outcome == "length" and consumer.updates[-1] == [5, 5, 5] and consumer.errors == []
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "dlm.scheduler"] == [
+        ("WARNING", "the scheduler's observer failed (occupancy: boom); decoding goes on")]
