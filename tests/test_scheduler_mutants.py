@@ -298,7 +298,10 @@ def test_an_observer_that_fails_is_reported_once_and_decoding_goes_on(caplog: py
         scheduler = Scheduler(ScriptedRuntime(), SPEC, max_live=2, max_queue=2,  # type: ignore[arg-type]
                               context=64, observer=Failing())
         try:
-            job = scheduler.submit([2, 3, 4], GenerationParams("ar", 3), consumer)
+            # submitted before the scheduler's thread can observe anything: the first failure is the submission's
+            # (the flag is not locked: two threads failing at once could each say it)
+            with scheduler._lock:
+                job = scheduler.submit([2, 3, 4], GenerationParams("ar", 3), consumer)
             assert consumer.done.wait(30), "the request never finished"
         finally:
             scheduler.stop()
