@@ -81,17 +81,24 @@ def test_sigterm_under_load_loses_no_running_request_and_turns_unready_at_once(t
         outcomes: list[dict[str, Any]] = [{} for _ in range(2 * SLOTS)]
         threads = [threading.Thread(target=complete, args=(gateway.url, i % 2 == 0, out))
                    for i, out in enumerate(outcomes)]
-        for thread in threads:
+        # under load: every slot running (a stream past its first chunk among them), the rest waiting in the
+        # model's queue. The first SLOTS requests (streamed and not) go first, so that the running ones are
+        # known, whichever order the server would have taken them in; then the rest queue behind them.
+        def wait_for(condition: Any) -> None:
+            deadline = time.monotonic() + 60
+            while True:
+                gauges = server.metrics()
+                if condition(gauges):
+                    return
+                assert time.monotonic() < deadline, (gauges, outcomes)
+                time.sleep(0.02)
+
+        for thread in threads[:SLOTS]:
             thread.start()
-        # under load: every slot running, the rest waiting in the model's queue, the streams past their first chunk
-        deadline = time.monotonic() + 60
-        while True:
-            gauges = server.metrics()
-            if (gauges["dlm_live_slots"] == SLOTS and gauges["dlm_queue_depth"] == SLOTS
-                    and sum(bool(o.get("started")) for o in outcomes) >= 1):
-                break
-            assert time.monotonic() < deadline, (gauges, outcomes)
-            time.sleep(0.02)
+        wait_for(lambda gauges: gauges["dlm_live_slots"] == SLOTS and any(o.get("started") for o in outcomes))
+        for thread in threads[SLOTS:]:
+            thread.start()
+        wait_for(lambda gauges: gauges["dlm_live_slots"] == SLOTS and gauges["dlm_queue_depth"] == SLOTS)
         assert not any("finish_reason" in o and o["finish_reason"] for o in outcomes), outcomes
 
         # SIGTERM to both, as the kubelet sends it to both containers
