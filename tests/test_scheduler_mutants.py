@@ -15,7 +15,7 @@ import pytest
 from dlm.candidates import Candidates
 from dlm.planner import PassLimits
 from dlm.refine import GenerationParams, TokenSpec
-from dlm.scheduler import Cancelled, Job, Scheduler, pass_tokens
+from dlm.scheduler import Cancelled, Job, QueueFull, Scheduler, ShuttingDown, pass_tokens
 
 SPEC = TokenSpec(mask_token_id=0, eos_token_ids=frozenset({1}), block_size=8, max_position_embeddings=4096)
 
@@ -243,7 +243,9 @@ def test_stopping_ends_the_waiting_requests_as_well_as_the_running_one() -> None
     jobs = [scheduler.submit([2, 3, 4], GenerationParams("ar", 3), consumer) for consumer in consumers]
     try:
         assert runtime.entered.wait(30), "the first request's pass never started"
+        started = time.monotonic()
         scheduler.stop(timeout=0.2)
+        assert time.monotonic() - started < 10  # it did not wait for the stuck pass (that takes 30 s)
         assert (scheduler.live, scheduler.waiting) == (0, 0)
         for job, consumer in zip(jobs, consumers):
             assert job.outcome == "error" and consumer.failed == [job]
@@ -308,3 +310,146 @@ def test_an_observer_that_fails_is_reported_once_and_decoding_goes_on(caplog: py
     assert job.outcome == "length" and consumer.updates[-1] == [5, 5, 5] and consumer.errors == []
     assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "dlm.scheduler"] == [
         ("WARNING", "the scheduler's observer failed (occupancy: boom); decoding goes on")]
+
+
+PROMPT = [2, 3, 4]
+
+
+def test_the_context_refusals_name_the_largest_max_tokens_or_ask_for_a_shorter_prompt() -> None:
+    """context 64, blocks of 8: a 3-token prompt may ask for 53 tokens, not 54; a 55-token prompt for 1 token; a
+    56-token prompt for none."""
+    scheduler = Scheduler(ScriptedRuntime(), SPEC, max_live=2, max_queue=2, context=64)  # type: ignore[arg-type]
+    suffix = " (the limit is config.pbtxt's context, at most the artifact's --max-context)"
+    try:
+        scheduler.submit(PROMPT, GenerationParams("ar", 53), Recorder())  # exactly the context: accepted
+        for prompt, max_tokens, advice in [
+            (PROMPT, 54, "; max_tokens must be at most 53 for this prompt"),
+            ([2] * 55, 2, "; max_tokens must be at most 1 for this prompt"),
+            ([2] * 56, 1, "; shorten the prompt"),
+        ]:
+            with pytest.raises(ValueError) as raised:
+                scheduler.submit(prompt, GenerationParams("ar", max_tokens), Recorder())
+            assert str(raised.value) == (
+                f"the prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) + one block exceeds the 64 positions "
+                f"a request may use here" + advice + suffix)
+    finally:
+        scheduler.stop()
+
+
+def test_a_block_longer_than_a_pass_may_predict_is_refused_word_for_word() -> None:
+    scheduler = Scheduler(ScriptedRuntime(), SPEC, max_live=2, max_queue=2, context=64,  # type: ignore[arg-type]
+                          limits=PassLimits(2, 8, 64, 8, 16))
+    try:
+        with pytest.raises(ValueError) as raised:
+            scheduler.submit(PROMPT, GenerationParams("diffusion", 16, block_length=16), Recorder())
+        assert str(raised.value) == ("block_length 16 exceeds the 8 positions one pass of this artifact may predict; "
+                                     "rebuild it with a larger --max-block")
+    finally:
+        scheduler.stop()
+
+
+class WithDraftAdapter(IdleRuntime):
+    has_draft_adapter = True
+
+
+def test_a_speculative_request_looks_ahead_where_the_runtime_has_a_draft_adapter() -> None:
+    scheduler = Scheduler(WithDraftAdapter(), SPEC, max_live=2, max_queue=2, context=64)  # type: ignore[arg-type]
+    try:
+        with scheduler._lock:  # looked at before the scheduler's thread runs it (this runtime cannot)
+            job = scheduler.submit(PROMPT, GenerationParams("speculative", 8), Recorder())
+            assert job.seq.lookahead is True
+            job = scheduler.submit(PROMPT, GenerationParams("speculative", 8, draft_adapter=False), Recorder())
+            assert job.seq.lookahead is False
+    finally:
+        scheduler.stop()
+
+
+def test_after_stop_a_request_is_refused_word_for_word() -> None:
+    scheduler = Scheduler(IdleRuntime(), SPEC, max_live=1, max_queue=1, context=64)  # type: ignore[arg-type]
+    scheduler.stop()
+    with pytest.raises(ShuttingDown) as raised:
+        scheduler.submit(PROMPT, GenerationParams("ar", 3), Recorder())
+    assert str(raised.value) == "the server is shutting down and accepts no new requests"
+
+
+def test_a_request_refused_for_a_full_queue_is_observed_with_its_parameters() -> None:
+    runtime, events = Blocking(), Events()
+    scheduler = Scheduler(runtime, SPEC, max_live=1, max_queue=0, context=64,  # type: ignore[arg-type]
+                          observer=events)
+    first, refused = GenerationParams("ar", 3), GenerationParams("ar", 4)
+    try:
+        scheduler.submit(PROMPT, first, Recorder())
+        assert runtime.entered.wait(30), "the first request's pass never started"
+        with pytest.raises(QueueFull) as raised:
+            scheduler.submit(PROMPT, refused, Recorder())
+        assert str(raised.value) == "the queue is full (0 requests waiting, 1 running); retry later"
+        rejected = [args for name, args in events.log if name == "rejected"]
+        assert len(rejected) == 1 and rejected[0][0] is refused and len(rejected[0]) == 1
+    finally:
+        runtime.release.set()
+        scheduler.stop()
+
+
+def test_stop_with_a_drain_lets_the_running_request_finish() -> None:
+    """A pass that returns 0.3 s into a drain of 10 s: the request finishes as it would have, with no error."""
+    runtime, consumer = Blocking(), Recorder()
+    scheduler = Scheduler(runtime, SPEC, max_live=1, max_queue=1, context=64)  # type: ignore[arg-type]
+    job = scheduler.submit(PROMPT, GenerationParams("ar", 3), consumer)
+    assert runtime.entered.wait(30), "the request's pass never started"
+    release = threading.Timer(0.3, runtime.release.set)
+    release.start()
+    try:
+        scheduler.stop(drain=10)
+    finally:
+        release.join()
+    assert (job.outcome, consumer.updates[-1], consumer.errors) == ("length", [5, 5, 5], [])
+
+
+class Claims(ScriptedRuntime):
+    """A ScriptedRuntime that records the prompt each claim offers for a prefix match."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offered: list[list[int] | None] = []
+
+    def claim(self, free: list[int], prompt: list[int] | None) -> tuple[int, int]:
+        self.offered.append(None if prompt is None else list(prompt))
+        return super().claim(free, prompt)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_a_claim_offers_the_prompt_for_a_prefix_match_only_with_prefix_caching(prefix_caching: bool) -> None:
+    runtime, consumer = Claims(), Recorder()
+    scheduler = Scheduler(runtime, SPEC, max_live=1, max_queue=1, context=64,  # type: ignore[arg-type]
+                          prefix_caching=prefix_caching)
+    try:
+        scheduler.submit(PROMPT, GenerationParams("ar", 2), consumer)
+        assert consumer.done.wait(30), "the request never finished"
+    finally:
+        scheduler.stop()
+    assert runtime.offered == [PROMPT if prefix_caching else None]
+
+
+def test_a_failure_outside_the_engine_pass_ends_the_live_requests_and_the_scheduler_goes_on() -> None:
+    """Passes of at most 16 positions behind a context of 64 (a misconfiguration the planner refuses when a step
+    needs more): both live requests end with the scheduler's error once their caches are full; the next request,
+    which fits, is served."""
+    scheduler = Scheduler(ScriptedRuntime(), SPEC, max_live=2, max_queue=2, context=64,  # type: ignore[arg-type]
+                          limits=PassLimits(2, 8, 16, 8, 16))
+    consumers = [Recorder(), Recorder()]
+    try:
+        with scheduler._lock:
+            jobs = [scheduler.submit(PROMPT, GenerationParams("ar", 30), c) for c in consumers]
+        for consumer in consumers:
+            assert consumer.done.wait(30), "a request never finished"
+        for job, consumer in zip(jobs, consumers):
+            assert job.outcome == "error" and consumer.failed == [job] and len(consumer.errors) == 1
+            assert type(consumer.errors[0]) is RuntimeError
+            message = str(consumer.errors[0])
+            assert message.startswith("the scheduler failed: ") and "cannot run in any pass of" in message, message
+        last = Recorder()
+        job = scheduler.submit(PROMPT, GenerationParams("ar", 2), last)
+        assert last.done.wait(30), "the scheduler stopped serving"
+        assert (job.outcome, last.updates[-1], last.errors) == ("length", [5, 5], [])
+    finally:
+        scheduler.stop()
