@@ -5,6 +5,8 @@ a consumer that cannot tell), and a failed pass that leaves the rest of its step
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from dlm.candidates import Candidates
+from dlm.contract import Profile
 from dlm.planner import PassLimits
 from dlm.refine import GenerationParams, TokenSpec
 from dlm.scheduler import Cancelled, Job, QueueFull, Scheduler, ShuttingDown, pass_tokens
@@ -417,17 +420,18 @@ class Claims(ScriptedRuntime):
         return super().claim(free, prompt)
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False])
-def test_a_claim_offers_the_prompt_for_a_prefix_match_only_with_prefix_caching(prefix_caching: bool) -> None:
+@pytest.mark.parametrize("prefix_caching", [None, True, False])
+def test_a_claim_offers_the_prompt_for_a_prefix_match_only_with_prefix_caching(prefix_caching: bool | None) -> None:
+    """None: the default, which is on."""
     runtime, consumer = Claims(), Recorder()
-    scheduler = Scheduler(runtime, SPEC, max_live=1, max_queue=1, context=64,  # type: ignore[arg-type]
-                          prefix_caching=prefix_caching)
+    chosen = {} if prefix_caching is None else {"prefix_caching": prefix_caching}
+    scheduler = Scheduler(runtime, SPEC, max_live=1, max_queue=1, context=64, **chosen)  # type: ignore[arg-type]
     try:
         scheduler.submit(PROMPT, GenerationParams("ar", 2), consumer)
         assert consumer.done.wait(30), "the request never finished"
     finally:
         scheduler.stop()
-    assert runtime.offered == [PROMPT if prefix_caching else None]
+    assert runtime.offered == [PROMPT if prefix_caching in (None, True) else None]
 
 
 def test_a_failure_outside_the_engine_pass_ends_the_live_requests_and_the_scheduler_goes_on() -> None:
@@ -453,3 +457,101 @@ def test_a_failure_outside_the_engine_pass_ends_the_live_requests_and_the_schedu
         assert (job.outcome, last.updates[-1], last.errors) == ("length", [5, 5], [])
     finally:
         scheduler.stop()
+
+
+class Profiled(IdleRuntime):
+    """A runtime built with an artifact profile: passes of up to 4 rows and 24 new tokens, blocks of up to 16."""
+
+    profile = Profile.from_limits(block_size=8, max_batch=4, max_context=64, max_tokens=24, max_block=16)
+
+
+def test_the_pass_limits_come_from_the_runtimes_profile_unless_given() -> None:
+    runtime = Profiled()
+    scheduler = Scheduler(runtime, SPEC, max_live=2, max_queue=2, context=64)  # type: ignore[arg-type]
+    scheduler.stop()
+    assert scheduler.limits == PassLimits.from_profile(Profiled.profile) == PassLimits(4, 24, 64, 16, 24)
+    assert runtime.allocated == (2, 64, 24)  # the budget: one longest prefill
+    given = PassLimits(2, 8, 64, 8, 16)
+    scheduler = Scheduler(runtime, SPEC, max_live=3, max_queue=2, context=48, limits=given)  # type: ignore[arg-type]
+    scheduler.stop()
+    assert scheduler.limits is given and runtime.allocated == (3, 48, 16)
+
+
+class Bare:
+    """A runtime with no `profile` attribute at all (a plain module)."""
+
+    def allocate(self, slots: int, context: int, token_budget: int | None = None) -> None:
+        pass
+
+
+def test_a_runtime_without_a_profile_runs_without_pass_limits() -> None:
+    scheduler = Scheduler(Bare(), SPEC, max_live=1, max_queue=1, context=64)  # type: ignore[arg-type]
+    scheduler.stop()
+    assert scheduler.limits is None
+
+
+class Padded(ScriptedRuntime):
+    """A ScriptedRuntime that records each pass's input_ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[np.ndarray] = []
+
+    def forward(self, slots: Any, input_ids: Any, *args: Any, **kwargs: Any) -> Candidates:
+        self.inputs.append(np.array(input_ids))
+        return super().forward(slots, input_ids, *args, **kwargs)
+
+
+@pytest.mark.parametrize("pad_token_id", [None, 7])
+def test_a_shared_pass_pads_its_shorter_rows_with_the_pad_token(pad_token_id: int | None) -> None:
+    """None: the default, 0. Two prompts of 3 and 5 tokens prefilled in one pass: the shorter row's last two."""
+    runtime = Padded()
+    chosen = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
+    scheduler = Scheduler(runtime, SPEC, max_live=2, max_queue=2, context=64, **chosen)  # type: ignore[arg-type]
+    consumers = [Recorder(), Recorder()]
+    try:
+        with scheduler._lock:  # both admitted together
+            for prompt, consumer in zip([PROMPT, [2, 3, 4, 5, 6]], consumers):
+                scheduler.submit(prompt, GenerationParams("ar", 1), consumer)
+        for consumer in consumers:
+            assert consumer.done.wait(30), "a request never finished"
+    finally:
+        scheduler.stop()
+    assert runtime.inputs[0].tolist() == [[2, 3, 4] + [pad_token_id or 0] * 2, [2, 3, 4, 5, 6]]
+
+
+def test_the_kv_positions_are_reported_when_they_change_only() -> None:
+    """A request cancelled before its first pass never moves them: nothing is reported. One that runs reports its
+    cache as it grows, then 0 as it leaves."""
+    events = Events()
+    scheduler = Scheduler(ScriptedRuntime(), SPEC, max_live=1, max_queue=1, context=64,  # type: ignore[arg-type]
+                          observer=events)
+    try:
+        cancelled = Recorder(cancelled=True)
+        scheduler.submit(PROMPT, GenerationParams("ar", 3), cancelled)
+        assert cancelled.done.wait(30), "the cancelled request never ended"
+        assert [args for name, args in events.log if name == "kv_positions"] == []
+        consumer = Recorder()
+        scheduler.submit(PROMPT, GenerationParams("ar", 3), consumer)
+        assert consumer.done.wait(30), "the request never finished"
+    finally:
+        scheduler.stop()
+    reported = [args[0] for name, args in events.log if name == "kv_positions"]
+    assert reported[-1] == 0 and reported[0] >= len(PROMPT)
+    assert all(a != b for a, b in zip(reported, reported[1:]))
+
+
+def test_the_scheduler_runs_in_a_named_daemon_thread_that_never_keeps_a_process_alive() -> None:
+    """A process that never stops its scheduler (a Python backend killed mid-way, a script) still exits."""
+    scheduler = Scheduler(IdleRuntime(), SPEC, max_live=1, max_queue=1, context=64)  # type: ignore[arg-type]
+    try:
+        assert "dlm-scheduler" in [thread.name for thread in threading.enumerate()]  # as thread dumps show it
+    finally:
+        scheduler.stop()
+    script = ("import sys; sys.path[:0] = sys.argv[1:]\n"
+              "from tests.test_scheduler_mutants import IdleRuntime, SPEC\n"
+              "from dlm.scheduler import Scheduler\n"
+              "scheduler = Scheduler(IdleRuntime(), SPEC, max_live=1, max_queue=1, context=64)\n"
+              "print('started', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script, *sys.path], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "started\n"), done.stderr
