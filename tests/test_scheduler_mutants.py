@@ -26,7 +26,7 @@ SPEC = TokenSpec(mask_token_id=0, eos_token_ids=frozenset({1}), block_size=8, ma
 class IdleRuntime:
     """A runtime that only records its allocation (no request is ever run on it)."""
 
-    profile = None
+    profile: Profile | None = None
 
     def __init__(self) -> None:
         self.allocated: tuple[Any, ...] = ()
