@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from conftest import ROOT
 from dlm.text import TextCodec
 from export.tasks import held_out_set
-from triton_server import grpc_generate, grpc_inputs
+from triton_server import grpc_generate, grpc_inputs, wait_until
 
 TOKENIZER = ROOT / "model_repository" / "dlm" / "1" / "tokenizer"
 MODES = ["ar", "diffusion", "speculative"]
@@ -23,17 +23,6 @@ MODES = ["ar", "diffusion", "speculative"]
 
 def delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
-
-
-def wait_until(server, predicate, timeout: float = 20.0) -> dict[str, float]:
-    """The server's metrics once `predicate(metrics)` holds (they are recorded off the engine's path), or at the
-    deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        metrics = server.metrics()
-        if predicate(metrics) or time.monotonic() > deadline:
-            return metrics
-        time.sleep(0.1)
 
 
 def idle(server) -> dict[str, float]:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from conftest import MINIATURE, ROOT
 from export.tasks import held_out_set
 from triton_server import (ENDLESS_PROMPT, ENDLESS_TOKENS, LOG_PROB_OUTPUTS, engine_top_k, grpc_generate,
-                           given_up_until_cancelled, grpc_inputs, http_post)
+                           given_up_until_cancelled, grpc_inputs, http_post, wait_until)
 
 MODES = ["ar", "diffusion", "speculative"]
 ENGINE = ROOT / "model_repository" / "dlm" / "1" / "engine"
@@ -83,20 +83,13 @@ def wait_for_metric(server, name: str, predicate, timeout: float = 20.0) -> floa
         time.sleep(0.2)
 
 
-def settled_metrics(server, timeout: float = 20.0) -> dict[str, float]:
-    """A scrape taken once the metrics thread has caught up: every pass counted and observed, nothing running.
-
-    Metrics are recorded off the hot path, a batch of events at a time, so a scrape can land in the middle of a batch
-    (a step's latency observed, the passes counter not yet raised) or while an earlier test's pass is recorded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = server.metrics()
-        settled = (m.get("dlm_engine_passes_total", 0) >= 3 and m.get("dlm_live_slots") == 0
-                   and m.get("dlm_queue_depth") == 0
-                   and m.get("dlm_step_latency_seconds_count") == m.get("dlm_engine_passes_total"))
-        if settled or time.monotonic() > deadline:
-            return m
-        time.sleep(0.2)
+def settled(m: dict[str, float]) -> bool:
+    """The metrics thread has caught up: every pass counted and observed, nothing running. It records a batch of
+    events at a time, so a scrape can land in the middle of one (a step's latency observed, the passes counter not
+    yet raised) or while an earlier test's pass is recorded."""
+    return (m.get("dlm_engine_passes_total", 0) >= 3 and m.get("dlm_live_slots") == 0
+            and m.get("dlm_queue_depth") == 0
+            and m.get("dlm_step_latency_seconds_count") == m.get("dlm_engine_passes_total"))
 
 
 def test_cancelled_stream_frees_its_slot_and_the_server_keeps_serving(triton):
@@ -183,7 +176,7 @@ def test_wrong_dtype_shape_and_missing_input_are_refused(triton):
 
 def test_metrics_count_requests_tokens_passes_and_latency(triton):
     grpc_generate(triton.grpc_url, LONG, mode="diffusion", max_tokens=40)
-    m = settled_metrics(triton)
+    m = wait_until(triton, settled)
     passes = m["dlm_engine_passes_total"]
     assert m['dlm_requests_total{mode="diffusion",outcome="eos"}'] >= 1
     assert m['dlm_generated_tokens_total{mode="diffusion"}'] >= 37

@@ -39,6 +39,18 @@ def engine_top_k() -> int:
 T = TypeVar("T")
 
 
+def wait_until(server: "TritonServer", predicate: Callable[[dict[str, float]], bool],
+               timeout: float = 20.0) -> dict[str, float]:
+    """The server's metrics once `predicate(metrics)` holds (they are recorded off the engine's path), or at the
+    deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = server.metrics()
+        if predicate(metrics) or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.1)
+
+
 def given_up_until_cancelled(server: "TritonServer", key: str, give_up: Callable[[], T], tries: int = 3) -> T:
     """Runs `give_up` (a request that its client abandons) until `server` counts one more `key` (a cancelled
     request's counter) within 20 s, and returns what it returned that time; fails after `tries` misses. Triton's gRPC
